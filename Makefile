@@ -1,0 +1,46 @@
+# Two commands matter: `make demo` and `make test` (both install first).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= data/shapes
+RUN    ?= runs/tiny
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test data train eval clean
+
+install: $(VENV)/.installed
+
+# torch is pinned first: this machine has the 2.13.0 CPU build locally; an unpinned torch would
+# pull several GB of CUDA packages. llama-cpp-python ([gguf]) builds from source once, then pip
+# reuses the cached wheel.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[all]"
+	touch $@
+
+data: install
+	$(BIN)/python train/make_data.py --out $(DATA)
+
+train: install
+	$(BIN)/python train/train.py --recipe train/configs/tiny.yaml output_dir=$(RUN) \
+		stages.0.data=$(DATA)/captions.json stages.1.data=$(DATA)/train.json
+
+eval: install
+	$(BIN)/edgevlm eval --model $(RUN)/final --data $(DATA) --split test --json $(RUN)/eval_test.json
+
+demo: install
+	$(BIN)/python train/make_data.py --out $(DATA)
+	$(BIN)/python train/train.py --recipe train/configs/tiny.yaml output_dir=$(RUN) \
+		stages.0.data=$(DATA)/captions.json stages.1.data=$(DATA)/train.json
+	$(BIN)/edgevlm eval --model $(RUN)/final --data $(DATA) --split test --json $(RUN)/eval_test.json
+	$(BIN)/edgevlm ask --model $(RUN)/final --image $(DATA)/images/test_000000.png \
+		--prompt "How many shapes are there?" --stream
+	@echo "data: $(DATA)  model: $(RUN)/final  eval: $(RUN)/eval_test.json"
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(RUN) $(DATA)

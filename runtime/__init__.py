@@ -1,0 +1,23 @@
+"""The torch-free on-device runtime: bundles, preprocessing, tokenizer, one generation loop, backends.
+
+Depends only on numpy, Pillow and tokenizers (plus each backend's own library, imported lazily).
+"""
+from __future__ import annotations
+
+__all__ = ["Runtime", "GenerationConfig", "GenerationResult", "EdgeVLMError"]
+
+
+def __getattr__(name: str):
+    if name == "Runtime":
+        from .engine import Runtime
+
+        return Runtime
+    if name in ("GenerationConfig", "GenerationResult"):
+        from . import generate
+
+        return getattr(generate, name)
+    if name == "EdgeVLMError":
+        from .errors import EdgeVLMError
+
+        return EdgeVLMError
+    raise AttributeError(name)

@@ -1,0 +1,53 @@
+"""The interface every backend implements; the shared loop in ``runtime.generate`` drives it.
+
+A backend holds one sequence at a time. ``prefill`` starts it (resetting the KV cache) from an
+ordered list of segments -- token ids or visual token embeddings -- and returns the logits of the
+last position; ``decode`` appends one token using the cache. Sampling, stop rules, streaming and
+timings are not a backend's business.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+import numpy as np
+
+
+class Backend(abc.ABC):
+    """One loaded model on one target (torch, ONNX Runtime, llama.cpp, TensorRT, ...)."""
+
+    name: str = "backend"
+    n_ctx: int = 0  # max positions: visual tokens + prompt tokens + generated tokens
+
+    @abc.abstractmethod
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Visual tokens in the LLM's embedding space.
+
+        pixel_values: float32 [B, 3, H, W] (from ``runtime.preprocess``) -> float32 [B, M, D].
+        """
+
+    @abc.abstractmethod
+    def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
+        """Start a new sequence (reset the KV cache) and run it; return float32 logits [V] of
+        the last position.
+
+        segments, in order: int64 [T] token ids, or float32 [M, D] visual token embeddings.
+        """
+
+    @abc.abstractmethod
+    def decode(self, token_id: int) -> np.ndarray:
+        """Append one token at the next position using the KV cache; return float32 logits [V]."""
+
+    def close(self) -> None:
+        """Release the model's resources (default: nothing to do)."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def is_visual_segment(segment: np.ndarray) -> bool:
+    """True for a [M, D] float embedding segment, False for a [T] integer token-id segment."""
+    return segment.ndim == 2

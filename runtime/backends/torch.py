@@ -1,0 +1,79 @@
+"""Backend ``torch``: the PyTorch model behind the runtime interface (the fidelity reference).
+
+torch is imported lazily; the rest of ``edgevlm.runtime`` never needs it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import BundleError
+from . import BACKENDS
+from .base import Backend, is_visual_segment
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model, device: str | None = None):
+        import torch
+
+        self.torch = torch
+        self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        self.n_ctx = model.cfg.llm.max_position_embeddings
+        self._past = None
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            out = self.model.encode_images(self.torch.from_numpy(np.ascontiguousarray(pixel_values)))
+        return out.float().cpu().numpy()  # [B, M, D]
+
+    def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
+        t = self.torch
+        emb = self.model.llm.get_input_embeddings()
+        dev, dtype = emb.weight.device, emb.weight.dtype
+        with t.inference_mode():
+            parts = [t.from_numpy(np.ascontiguousarray(s)).to(dev, dtype) if is_visual_segment(s)
+                     else emb(t.from_numpy(np.asarray(s, dtype=np.int64)).to(dev)) for s in segments]
+            x = t.cat(parts, dim=0)[None]  # [1, T, D]
+            out = self.model.llm(inputs_embeds=x, use_cache=True)
+        self._past = out.past_key_values
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def decode(self, token_id: int) -> np.ndarray:
+        t = self.torch
+        if self._past is None:
+            raise RuntimeError("decode before prefill")
+        with t.inference_mode():
+            ids = t.tensor([[token_id]], device=self.model.llm.get_input_embeddings().weight.device)
+            out = self.model.llm(input_ids=ids, past_key_values=self._past, use_cache=True)
+        self._past = out.past_key_values
+        return out.logits[0, -1].float().cpu().numpy()
+
+    def close(self) -> None:
+        self._past = None
+
+
+def open_model_dir(root):
+    """(backend, tokenizer, manifest) for an edgevlm model dir or preset: the reference path."""
+    from edgevlm import load_model
+    from edgevlm.export.common import base_manifest
+
+    model = load_model(str(root))
+    return TorchBackend(model), model.tokenizer, base_manifest(model, "torch", [], "edgevlm.torch")
+
+
+def _open_bundle(root, manifest, device: str | None = None, **_: object) -> TorchBackend:
+    """A bundle exported from a model dir records it in target_info['source']; load that."""
+    from edgevlm import load_model
+
+    src = manifest.target_info.get("source") or manifest.exporter.get("source")
+    if not src:
+        raise BundleError(f"{root}: bundle does not record its source model; pass the model dir instead")
+    return TorchBackend(load_model(src), device)
+
+
+BACKENDS.add("torch", _open_bundle)

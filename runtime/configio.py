@@ -1,0 +1,137 @@
+"""Nested dataclasses <-> plain dicts / YAML, and generic ``key=value`` overrides.
+
+Used for model configs, training recipes and benchmark matrices, so every config in the project
+reads, writes and overrides the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import EdgeVLMError
+
+T = TypeVar("T")
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass (possibly nested) -> plain dict/list/scalars, ready for JSON or YAML."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return from_dict(tp, value, where)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if origin is list and isinstance(value, list):
+        (arg,) = typing.get_args(tp) or (Any,)
+        return [_convert(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return from_dict(arg, value, where)
+            if typing.get_origin(arg) is tuple and isinstance(value, (list, tuple)):
+                return tuple(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Plain dict -> dataclass ``cls``; unknown keys are an error naming the key."""
+    if not isinstance(data, dict):
+        raise EdgeVLMError(f"config {where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise EdgeVLMError(
+            f"config {where or cls.__name__}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise EdgeVLMError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise EdgeVLMError(f"config file {path} is not valid YAML: {e}") from None
+    return from_dict(cls, data, where=str(path))
+
+
+def dump_yaml(obj: Any, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(to_dict(obj), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def apply_overrides(obj: T, overrides: list[str] | dict[str, Any]) -> T:
+    """Return a copy of dataclass ``obj`` with dotted ``key=value`` overrides applied.
+
+    Values are parsed as YAML scalars (``lr=1e-3``, ``lora.enabled=true``, ``stop=[a, b]``).
+    """
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for ov in overrides:
+            if "=" not in ov:
+                raise EdgeVLMError(f"override {ov!r} is not of the form key=value")
+            key, raw = ov.split("=", 1)
+            items.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+    data = to_dict(obj)
+    for key, value in items:
+        node: Any = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = _child(node, p, key)
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(node, last, key)] = value
+            continue
+        if not isinstance(node, dict) or (last not in node and not _is_free_dict(obj, parts)):
+            raise EdgeVLMError(f"override {key!r}: unknown key {last!r}")
+        node[last] = value
+    return from_dict(type(obj), data)
+
+
+def _child(node: Any, part: str, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    if not isinstance(node, dict) or part not in node:
+        raise EdgeVLMError(f"override {key!r}: no config section {part!r}")
+    return node[part]
+
+
+def _index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise EdgeVLMError(f"override {key!r}: {part!r} is not an index below {len(node)}")
+    return int(part)
+
+
+def _is_free_dict(obj: Any, parts: list[str]) -> bool:
+    """True when the parent of ``parts[-1]`` is a free-form dict field (e.g. integrator kwargs)."""
+    node = obj
+    for p in parts[:-1]:
+        if dataclasses.is_dataclass(node):
+            node = getattr(node, p, None)
+        elif isinstance(node, list) and p.isdigit():
+            node = node[int(p)]
+        else:
+            node = (node or {}).get(p)
+    return isinstance(node, dict)

@@ -1,0 +1,334 @@
+"""The one generation loop every backend shares: vision, prefill, token-by-token decode, stop rules,
+streaming and timings.
+
+Context policy: the prompt (visual + text tokens) must leave room for at least one new token, else
+``ContextLengthError`` naming both numbers; when it fits but ``prompt + max_new_tokens`` does not,
+``max_new_tokens`` is clamped to what fits and a run that reaches it ends with ``"length"``.
+
+``token_ids`` are all selected tokens (the final EOS or the token that completed a stop string
+included); ``text`` is their decoded text without special tokens, cut before a stop string.
+Stop strings are matched on text that later tokens cannot change (see IncrementalDetokenizer):
+the text of an open run of byte-fallback tokens -- ``<0x0A>`` for "\n" in Llama vocabularies --
+becomes final one token later, so such a stop may cost one extra decode step.
+Timings exclude the time a streaming consumer spends between pieces.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Generator, Iterator, Sequence
+
+import numpy as np
+
+from .backends.base import Backend
+from .chat import IMAGE_TOKEN_INDEX
+from .errors import ContextLengthError, EdgeVLMError
+from .sampling import Sampler, SamplingConfig
+from .tokenizer import IncrementalDetokenizer, TextTokenizer
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # for benchmarks: always generate max_new_tokens
+
+    def __post_init__(self) -> None:
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+        )
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise EdgeVLMError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise EdgeVLMError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        self.sampling.validate()
+
+
+@dataclass
+class Timings:
+    vision_ms: float = 0.0  # backend.encode_image
+    prefill_ms: float = 0.0  # backend.prefill
+    ttft_ms: float = 0.0  # start of the call -> first token selected (vision + prefill + sampling)
+    decode_tok_s: float | None = None  # (n_generated - 1) / decode time; None when n_generated < 2
+    n_visual_tokens: int = 0
+    n_prompt_tokens: int = 0  # text tokens of the prompt (IMAGE_TOKEN_INDEX markers not counted)
+    n_generated: int = 0
+    total_ms: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated only
+    timings: Timings = field(default_factory=Timings)
+    finish_reason: str = "length"  # "eos" | "stop" | "length"
+
+
+def generate(
+    backend: Backend,
+    tokenizer: TextTokenizer,
+    prompt_ids: Sequence[int],
+    pixel_values: np.ndarray | None,
+    config: GenerationConfig | None = None,
+) -> GenerationResult:
+    """Run the loop to the end and return text, ids, timings and why it stopped."""
+    config = config or GenerationConfig()
+    gen = _run(backend, tokenizer, list(prompt_ids), pixel_values, config, False)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
+
+
+class Stream(Iterator[str]):
+    """Iterator over text pieces; ``result`` holds the GenerationResult once it is exhausted."""
+
+    def __init__(self, gen: Generator[str, None, GenerationResult]):
+        self._gen = gen
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        if self.result is not None:
+            raise StopIteration
+        try:
+            return next(self._gen)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise
+
+    def close(self) -> None:
+        self._gen.close()
+
+
+def stream(
+    backend: Backend,
+    tokenizer: TextTokenizer,
+    prompt_ids: Sequence[int],
+    pixel_values: np.ndarray | None,
+    config: GenerationConfig | None = None,
+) -> Stream:
+    """Like ``generate`` but yields text pieces as they are complete; their concatenation is
+    ``result.text``. Text that could be the start of a stop string is held back until resolved."""
+    config = config or GenerationConfig()
+    prompt_ids = list(prompt_ids)
+    _check_inputs(prompt_ids, pixel_values, config)  # fail at the call, not at the first next()
+    return Stream(_run(backend, tokenizer, prompt_ids, pixel_values, config, True))
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    prompt_ids: list[int], pixel_values: np.ndarray | None, config: GenerationConfig
+) -> int:
+    """Validate config, ids and image count; return the number of images."""
+    config.validate()
+    n_markers = sum(1 for t in prompt_ids if t == IMAGE_TOKEN_INDEX)
+    if any(t < 0 and t != IMAGE_TOKEN_INDEX for t in prompt_ids):
+        raise EdgeVLMError("prompt_ids contain negative ids other than the image marker (-200)")
+    n_images = 0
+    if pixel_values is not None:
+        if pixel_values.ndim != 4:
+            shape = tuple(pixel_values.shape)
+            raise EdgeVLMError(f"pixel_values must be [B, 3, H, W], got shape {shape}")
+        n_images = int(pixel_values.shape[0])
+    if n_markers != n_images:
+        raise EdgeVLMError(
+            f"the prompt has {n_markers} image marker(s) (<image>) but {n_images} image(s) "
+            "were given; put one <image> in the prompt per image"
+        )
+    if not prompt_ids:
+        raise EdgeVLMError("the prompt is empty")
+    return n_images
+
+
+def fit_max_new_tokens(n_visual: int, n_text: int, max_new_tokens: int, n_ctx: int) -> int:
+    """``max_new_tokens`` clamped to the context; ContextLengthError if the prompt leaves no
+    room for even one new token."""
+    n_in = n_visual + n_text
+    if n_in >= n_ctx:
+        raise ContextLengthError(
+            f"the prompt is {n_in} tokens ({n_visual} visual + {n_text} text) but the model's "
+            f"context is {n_ctx} positions, leaving no room to generate; shorten the prompt"
+        )
+    return min(max_new_tokens, n_ctx - n_in)
+
+
+def split_segments(prompt_ids: Sequence[int], visual: np.ndarray | None) -> list[np.ndarray]:
+    """Token-id segments (int64 [T]) and visual segments (float32 [M, D]) in prompt order."""
+    segments: list[np.ndarray] = []
+    run: list[int] = []
+    image = 0
+    for t in prompt_ids:
+        if t != IMAGE_TOKEN_INDEX:
+            run.append(t)
+            continue
+        if run:
+            segments.append(np.asarray(run, dtype=np.int64))
+            run = []
+        assert visual is not None
+        segments.append(np.ascontiguousarray(visual[image], dtype=np.float32))  # [M, D]
+        image += 1
+    if run:
+        segments.append(np.asarray(run, dtype=np.int64))
+    return segments
+
+
+def _encode_images(backend: Backend, pixel_values: np.ndarray, timings: Timings) -> np.ndarray:
+    t = time.perf_counter()
+    visual = backend.encode_image(np.ascontiguousarray(pixel_values, dtype=np.float32))
+    timings.vision_ms = (time.perf_counter() - t) * 1e3
+    if visual.ndim != 3 or visual.shape[0] != pixel_values.shape[0]:
+        raise ValueError(
+            f"{backend.name}.encode_image returned shape {visual.shape}, expected [B, M, D]"
+        )
+    return visual  # [B, M, D]
+
+
+def _prepare(
+    backend: Backend,
+    prompt_ids: list[int],
+    pixel_values: np.ndarray | None,
+    config: GenerationConfig,
+    tm: Timings,
+) -> tuple[list[np.ndarray], int]:
+    """Checks, vision encoder and context guard; returns (prefill segments, max new tokens)."""
+    n_images = _check_inputs(prompt_ids, pixel_values, config)
+    tm.n_prompt_tokens = len(prompt_ids) - n_images
+    fit_max_new_tokens(0, tm.n_prompt_tokens, 1, backend.n_ctx)  # text alone: fail before vision
+    visual = _encode_images(backend, pixel_values, tm) if n_images else None
+    tm.n_visual_tokens = 0 if visual is None else int(visual.shape[0] * visual.shape[1])
+    max_new = fit_max_new_tokens(
+        tm.n_visual_tokens, tm.n_prompt_tokens, config.max_new_tokens, backend.n_ctx
+    )
+    return split_segments(prompt_ids, visual), max_new
+
+
+# --- text and stop strings ----------------------------------------------------------------------
+
+
+def held_back_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class _TextState:
+    """Incremental text with stop strings: nothing that may begin a stop string is emitted early."""
+
+    def __init__(self, tokenizer: TextTokenizer, stops: Sequence[str]):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = tuple(stops)
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (new text to emit, whether a stop string was completed)."""
+        self.detok.update(token_id)
+        return self._emit(final=False)
+
+    def finish(self) -> tuple[str, bool]:
+        """No more tokens: emit the rest (held-back text may still complete a stop string)."""
+        self.detok.finalize()
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> tuple[str, bool]:
+        d = self.detok
+        start = len(d.emitted)  # an unseen stop can only begin in the held-back tail
+        hits = [i for i in (d.stable.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            return d.take(min(hits)), True
+        keep = 0 if final else held_back_length(d.stable, self.stops)
+        return d.take(len(d.stable) - keep), False
+
+    @property
+    def text(self) -> str:
+        return self.detok.emitted
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def _run(
+    backend: Backend,
+    tokenizer: TextTokenizer,
+    prompt_ids: list[int],
+    pixel_values: np.ndarray | None,
+    config: GenerationConfig,
+    streaming: bool,
+) -> Generator[str, None, GenerationResult]:
+    t0 = time.perf_counter()
+    tm = Timings()
+    segments, max_new = _prepare(backend, prompt_ids, pixel_values, config, tm)
+    t = time.perf_counter()
+    logits = backend.prefill(segments)
+    tm.prefill_ms = (time.perf_counter() - t) * 1e3
+
+    sampler = Sampler(config.sampling)
+    context = [i for i in prompt_ids if i >= 0]  # for the repetition penalty
+    state = _TextState(tokenizer, config.stop) if (streaming or config.stop) else None
+    generated: list[int] = []
+    finish, paused, t_first = "length", 0.0, 0.0
+    for step in range(max_new):
+        token = sampler(logits, context)
+        generated.append(token)
+        context.append(token)
+        if step == 0:
+            t_first = time.perf_counter()
+            tm.ttft_ms = (t_first - t0) * 1e3
+        if token == tokenizer.eos_id and not config.ignore_eos:
+            finish = "eos"
+            break
+        if state is not None:
+            piece, stopped = state.push(token)
+            if piece and streaming:
+                t_yield = time.perf_counter()
+                yield piece
+                paused += time.perf_counter() - t_yield
+            if stopped:
+                finish = "stop"
+                break
+        if step + 1 < max_new:
+            logits = backend.decode(token)
+    t_end = time.perf_counter()
+
+    if state is None:
+        text = tokenizer.decode(generated[:-1] if finish == "eos" else generated)
+    else:
+        tail, stopped = state.finish() if finish != "stop" else ("", False)
+        finish = "stop" if stopped else finish
+        if tail and streaming:
+            yield tail
+        text = state.text
+    tm.n_generated = len(generated)
+    if len(generated) > 1:
+        tm.decode_tok_s = (len(generated) - 1) / max(t_end - t_first - paused, 1e-9)
+    tm.total_ms = (t_end - t0 - paused) * 1e3
+    return GenerationResult(text=text, token_ids=generated, timings=tm, finish_reason=finish)

@@ -1,0 +1,56 @@
+"""LLaVA records -> tokenised training samples -> padded batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgevlm.runtime.chat import IMAGE_TOKEN_INDEX, TEMPLATES, encode_turns
+from edgevlm.runtime.preprocess import preprocess_image
+from edgevlm.runtime.preprocess_config import PreprocessConfig
+from edgevlm.runtime.tokenizer import TextTokenizer
+from edgevlm.train.data.llava import load_record_image
+
+
+@dataclass
+class Sample:
+    id: str
+    input_ids: torch.Tensor  # [T], IMAGE_TOKEN_INDEX where the image goes
+    labels: torch.Tensor  # [T], -100 where not a target
+    pixel_values: torch.Tensor | None  # [3, S, S]
+
+
+class VQADataset(torch.utils.data.Dataset):
+    """Tokenises on access with the runtime's chat encoder, so training ids equal inference ids."""
+
+    def __init__(self, records, tokenizer: TextTokenizer, template: str, preprocess: PreprocessConfig,
+                 max_length: int, n_visual_tokens: int):
+        self.records = list(records)
+        self.tok = tokenizer
+        self.template = TEMPLATES[template]
+        self.preprocess = preprocess
+        self.max_length = max_length
+        self.n_visual = n_visual_tokens
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Sample:
+        rec = self.records[i]
+        ids, target = encode_turns(self.tok.encode, self.template, rec.turns, self.tok.bos_id, self.tok.eos_id)
+        # the image expands to n_visual positions: truncate so the spliced length fits max_length
+        budget = self.max_length - (self.n_visual - 1) * ids.count(IMAGE_TOKEN_INDEX)
+        ids, target = ids[:budget], target[:budget]
+        labels = [t if m else -100 for t, m in zip(ids, target)]
+        pixels = None
+        if rec.image_path is not None:
+            pixels = torch.from_numpy(preprocess_image(load_record_image(rec), self.preprocess))[0]
+        return Sample(rec.id, torch.tensor(ids), torch.tensor(labels), pixels)
+
+
+def collate(samples: list[Sample]) -> dict:
+    """Images of the samples that have one, in order (text-only samples may be mixed in)."""
+    imgs = [s.pixel_values for s in samples if s.pixel_values is not None]
+    pixels = torch.stack(imgs) if imgs else None  # [K, 3, S, S]
+    return {"ids": [s.id for s in samples], "pixel_values": pixels,
+            "input_ids": [s.input_ids for s in samples], "labels": [s.labels for s in samples]}

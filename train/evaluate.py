@@ -1,0 +1,109 @@
+"""Exact-match accuracy per question type, beside the majority-answer baseline per type.
+
+Example: edgevlm eval --model runs/tiny/final --data data/shapes --split test --json eval.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+
+def normalize(answer: str) -> str:
+    return re.sub(r"[\s.!?]+$", "", answer.strip().lower())
+
+
+def majority_answers(records) -> dict[str, str]:
+    """Most frequent answer per question type (the baseline a blind model could reach)."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for rec in records:
+        for (_, a), meta in zip(rec.turns, rec.qa_meta):
+            counts[meta.get("type", "all")][normalize(a)] += 1
+    return {t: c.most_common(1)[0][0] for t, c in counts.items()}
+
+
+def score(records, answer_fn: Callable, majority: dict[str, str], progress: bool = True) -> dict:
+    """``answer_fn(record, question) -> text``; scores the first QA pair of each record."""
+    per: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0, "baseline_correct": 0})
+    small = {"n": 0, "correct": 0}
+    for rec in tqdm(records, desc="eval", disable=not progress):
+        (q, a), meta = rec.turns[0], (rec.qa_meta[0] if rec.qa_meta else {})
+        kind = meta.get("type", "all")
+        ok = normalize(answer_fn(rec, q)) == normalize(a)
+        row = per[kind]
+        row["n"] += 1
+        row["correct"] += ok
+        row["baseline_correct"] += majority.get(kind) == normalize(a)
+        if meta.get("small"):
+            small["n"] += 1
+            small["correct"] += ok
+    result = {k: _rates(v) for k, v in sorted(per.items())}
+    total = {"n": sum(v["n"] for v in per.values()), "correct": sum(v["correct"] for v in per.values()),
+             "baseline_correct": sum(v["baseline_correct"] for v in per.values())}
+    out = {"per_type": result, "overall": _rates(total)}
+    if small["n"]:
+        out["small_objects"] = {"n": small["n"], "accuracy": round(small["correct"] / small["n"], 4)}
+    return out
+
+
+def _rates(v: dict) -> dict:
+    n = max(1, v["n"])
+    return {"n": v["n"], "accuracy": round(v["correct"] / n, 4),
+            "majority_baseline": round(v["baseline_correct"] / n, 4)}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'type':<12}{'n':>6}{'accuracy':>10}{'majority':>10}"]
+    for kind, r in list(result["per_type"].items()) + [("overall", result["overall"])]:
+        lines.append(f"{kind:<12}{r['n']:>6}{r['accuracy']:>10.3f}{r['majority_baseline']:>10.3f}")
+    if "small_objects" in result:
+        s = result["small_objects"]
+        lines.append(f"{'(small obj)':<12}{s['n']:>6}{s['accuracy']:>10.3f}")
+    return "\n".join(lines)
+
+
+def evaluate_model(model, data_dir: str, split: str = "test", max_records: int = 0, progress: bool = True) -> dict:
+    from edgevlm.train.data.llava import load_llava_records, load_record_image
+
+    records = _load_split(data_dir, split, max_records)
+    train_json = Path(data_dir) / "train.json"
+    basis = load_llava_records(str(train_json)).records if train_json.is_file() else records
+    answer = lambda rec, q: model.generate(image=load_record_image(rec), prompt=q, max_new_tokens=12).text  # noqa: E731
+    return score(records, answer, majority_answers(basis), progress)
+
+
+def _load_split(data_dir: str, split: str, max_records: int):
+    from edgevlm.train.data.llava import load_llava_records
+
+    recs = load_llava_records(str(Path(data_dir) / f"{split}.json")).records
+    return recs[:max_records] if max_records else recs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model dir or preset")
+    p.add_argument("--data", default="data/shapes", help="dataset folder with {split}.json (default: %(default)s)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-records", type=int, default=0)
+    p.add_argument("--json", help="also write the result as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgevlm import load_model
+
+    result = evaluate_model(load_model(args.model), args.data, args.split, args.max_records)
+    result["model"], result["split"] = str(args.model), args.split
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    from edgevlm.cli import script_main
+
+    script_main("eval")

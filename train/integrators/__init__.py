@@ -1,0 +1,14 @@
+"""Modality integrators: the registry and one file per family.
+
+Every integrator is an ``nn.Module`` built as ``cls(vision_dim, llm_dim, grid, **kwargs)`` with
+``forward(features[B, N, Dv]) -> [B, M, Dllm]`` and ``num_tokens(n_features) -> M``.
+Class attributes say where it can go: ``gguf_projector`` (llama.cpp mmproj type or None).
+"""
+from __future__ import annotations
+
+from edgevlm.runtime.registry import Registry
+
+INTEGRATORS: Registry = Registry("integrator")
+
+from . import mlp, ldp  # noqa: E402,F401  (register entries)
+from .base import build_integrator, count_parameters  # noqa: E402,F401

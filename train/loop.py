@@ -1,0 +1,179 @@
+"""The training loop: stages in order, each resumable, DDP-aware, logged."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from edgevlm.train import distributed
+from edgevlm.train.batches import VQADataset, collate
+from edgevlm.train.data.llava import load_llava_records
+from edgevlm.train.lora import group_lr, merge_lora, set_trainable
+from edgevlm.train.model.checkpoint import save_model
+from edgevlm.train.model.load import load_model
+from edgevlm.train.plan import BatchPlan, PlanSampler, lr_factor
+from edgevlm.train.recipe import StageConfig, TrainConfig
+from edgevlm.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def run(cfg: TrainConfig, resume: bool = False, stop_at_step: int = 0) -> Path:
+    """Train every stage of ``cfg``; returns the final model directory (``output_dir/final``).
+
+    ``stop_at_step`` (tests): leave the run after that many optimizer steps of the first unfinished
+    stage, as if killed right after a checkpoint.
+    """
+    info = distributed.setup()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output_dir)
+    model = load_model(cfg.model, **cfg.model_overrides)
+    for i, stage in enumerate(cfg.stages):
+        last = i == len(cfg.stages) - 1
+        stage_out = out / "final" if last else out / stage.name / "model"
+        if resume and (stage_out / "config.json").is_file():
+            model = load_model(stage_out)
+            continue
+        model = train_stage(model, stage, cfg, info, out / stage.name, resume, stop_at_step)
+        if model is None:
+            return out / stage.name  # stopped early on purpose
+        if info.is_main:
+            save_model(model, stage_out)
+        distributed.barrier(info)
+    distributed.teardown(info)
+    return out / "final"
+
+
+def train_stage(model, stage: StageConfig, cfg: TrainConfig, info, stage_dir: Path, resume: bool,
+                stop_at_step: int):
+    torch.manual_seed(cfg.seed)
+    data = load_llava_records(stage.data, stage.image_root or None, skip_bad_records=stage.skip_bad_records)
+    records = data.records[: stage.max_records] if stage.max_records else data.records
+    ds = VQADataset(records, model.tokenizer, stage.template, model.cfg.preprocess, stage.max_length,
+                    model.n_visual_tokens)
+    model.train()
+    groups = set_trainable(model, stage)
+    model.to(info.device)
+    optim = torch.optim.AdamW([{"params": p, "lr": group_lr(n, stage), "name": n} for n, p in groups if p],
+                              weight_decay=stage.weight_decay)
+    base_lrs = [g["lr"] for g in optim.param_groups]
+    plan = BatchPlan(len(ds), stage.batch_size, cfg.seed, info.rank, info.world)
+    total = stage.max_steps or math.ceil(stage.epochs * plan.per_epoch / stage.grad_accum)
+    step = 0
+    ckpt = latest_checkpoint(stage_dir / "checkpoints") if resume else None
+    if ckpt is not None:
+        step = load_checkpoint(ckpt, model, optim)
+    n_train = sum(p.numel() for _, ps in groups for p in ps)
+    runner = _wrap(model, info)
+    log = _Logger(stage_dir, stage, info, total, n_train, data.n_skipped)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=PlanSampler(plan, step * stage.grad_accum,
+                                         total * stage.grad_accum), collate_fn=collate, num_workers=1)
+    micro = iter(loader)
+    while step < total:
+        for g, lr in zip(optim.param_groups, base_lrs):
+            g["lr"] = lr * lr_factor(step, total, stage.warmup_ratio)
+        loss, n, ids = _optimizer_step(runner, optim, micro, stage, info, cfg)
+        step += 1
+        log.step(step, loss, n, optim.param_groups[0]["lr"], ids)
+        if (stage.save_every and step % stage.save_every == 0) or step == total:
+            if info.is_main:
+                save_checkpoint(stage_dir / "checkpoints", step, model, optim)
+            distributed.barrier(info)
+        if stop_at_step and step >= stop_at_step and step < total:
+            log.close(model)
+            return None
+    log.close(model)
+    merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.cpu().eval()
+
+
+def _optimizer_step(runner, optim, micro, stage: StageConfig, info, cfg: TrainConfig):
+    optim.zero_grad(set_to_none=True)
+    total_loss, n, ids = 0.0, 0, []
+    for k in range(stage.grad_accum):
+        batch = next(micro)
+        sync = k == stage.grad_accum - 1 or not info.enabled
+        ctx = contextlib.nullcontext() if sync else runner.no_sync()
+        with ctx, _autocast(cfg, info):
+            pixels = batch["pixel_values"]
+            out = runner(None if pixels is None else pixels.to(info.device),
+                         [t.to(info.device) for t in batch["input_ids"]],
+                         [t.to(info.device) for t in batch["labels"]])
+            (out.loss / stage.grad_accum).backward()
+        total_loss += out.loss.item() / stage.grad_accum
+        n += len(batch["ids"])
+        ids += batch["ids"]
+    params = [p for g in optim.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+    optim.step()
+    return total_loss, n, ids
+
+
+def _wrap(model, info):
+    if not info.enabled:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+
+
+def _autocast(cfg: TrainConfig, info):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and info.device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=info.device.type, dtype=torch.bfloat16)
+
+
+class _Logger:
+    """tqdm bar and ``log.jsonl`` on rank 0; a per-rank ``rank{r}.json`` (sample ids seen, final
+    checksum of trainable weights) under DDP, so a test can check the sharding and the sync."""
+
+    def __init__(self, stage_dir: Path, stage: StageConfig, info, total: int, n_train: int, n_skipped: int):
+        self.dir, self.info, self.t0 = stage_dir, info, time.perf_counter()
+        self.samples = 0
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        self.bar = tqdm(total=total, desc=f"train {stage.name}", disable=not info.is_main, dynamic_ncols=True)
+        self.f = open(stage_dir / "log.jsonl", "a") if info.is_main else None
+        self.rank_f = open(stage_dir / f"rank{info.rank}.jsonl", "a") if info.enabled else None
+        self.every = max(1, stage.log_every)
+        self._write({"event": "start", "stage": stage.name, "trainable_params": n_train, "total_steps": total,
+                     "skipped_records": n_skipped, "world_size": info.world})
+
+    def step(self, step: int, loss: float, n: int, lr: float, ids: list[str]) -> None:
+        if self.rank_f:
+            self.rank_f.write(json.dumps({"step": step, "ids": ids}) + "\n")
+        self.samples += n * self.info.world
+        rate = self.samples / max(1e-9, time.perf_counter() - self.t0)
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.3f}", sps=f"{rate:.1f}")
+        if step % self.every == 0 or step == self.bar.total:
+            self._write({"step": step, "loss": round(loss, 5), "lr": lr, "samples_per_s": round(rate, 2)})
+
+    def close(self, model) -> None:
+        if self.rank_f:
+            digest = hashlib.sha256()
+            for name, p in sorted(model.named_parameters()):
+                if p.requires_grad:
+                    digest.update(name.encode() + p.detach().cpu().float().numpy().tobytes())
+            self.rank_f.write(json.dumps({"trainable_sha256": digest.hexdigest()}) + "\n")
+            self.rank_f.close()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+        self._write({"event": "end", "seconds": round(time.perf_counter() - self.t0, 2),
+                     "samples_per_s": round(self.samples / max(1e-9, time.perf_counter() - self.t0), 2),
+                     "peak_rss_mb": round(peak, 1), "gpu_peak_mb": gpu})
+        self.bar.close()
+        if self.f:
+            self.f.close()
+
+    def _write(self, rec: dict) -> None:
+        if self.f:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()

@@ -1,0 +1,160 @@
+"""The vision-language model: vision tower -> integrator -> LLaMA decoder, LLaVA-style splicing."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from edgevlm.runtime.chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES
+from edgevlm.runtime.preprocess import load_image, preprocess_image
+from edgevlm.train.config import LLMConfig, VLMConfig
+from edgevlm.train.integrators import build_integrator, count_parameters
+from edgevlm.train.model.vision import VisionTower
+
+if TYPE_CHECKING:
+    from edgevlm.runtime.generate import GenerationResult
+    from edgevlm.runtime.tokenizer import TextTokenizer
+
+
+def llama_config(cfg: LLMConfig, tokens) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=tokens.bos_id, eos_token_id=tokens.eos_id, pad_token_id=tokens.pad_id,
+        hidden_act="silu", attention_bias=False, mlp_bias=False,
+    )
+
+
+class EdgeVLM(nn.Module):
+    """State-dict layout: ``vision_tower.vision_tower.*`` (CLIPVisionModel), ``integrator.*``,
+    ``llm.*`` (LlamaForCausalLM)."""
+
+    def __init__(self, cfg: VLMConfig, tokenizer: "TextTokenizer | None" = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.vision_tower = VisionTower(cfg.vision)
+        self.integrator = build_integrator(cfg.integrator, cfg.vision.hidden_size, cfg.llm.hidden_size,
+                                           cfg.vision.grid)
+        self.llm = LlamaForCausalLM(llama_config(cfg.llm, cfg.tokens))
+
+    # ---- shapes and sizes -------------------------------------------------------------------
+    @property
+    def n_visual_tokens(self) -> int:
+        return self.integrator.num_tokens(self.cfg.vision.num_features)
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"vision_tower": count_parameters(self.vision_tower),
+                "integrator": count_parameters(self.integrator), "llm": count_parameters(self.llm)}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    # ---- images -----------------------------------------------------------------------------
+    def preprocess(self, image) -> torch.Tensor:
+        """PIL image / path / bytes -> pixel_values [1, 3, S, S] (the runtime's numpy code)."""
+        return torch.from_numpy(preprocess_image(load_image(image), self.cfg.preprocess))
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> visual tokens [B, M, D_llm] in the LLM's embedding space."""
+        feats = self.vision_tower(pixel_values.to(self.device))  # [B, N, Dv]
+        return self.integrator(feats.to(_dtype_of(self.integrator, feats.dtype)))  # [B, M, D]
+
+    # ---- sequence assembly ------------------------------------------------------------------
+    def embed_with_images(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """[T] ids containing IMAGE_TOKEN_INDEX once per image -> inputs_embeds [T', D]."""
+        emb = self.llm.get_input_embeddings()
+        pos = (input_ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        n_img = 0 if image_embeds is None else image_embeds.shape[0]
+        if len(pos) != n_img:
+            raise ValueError(f"{len(pos)} image placeholders but {n_img} images")
+        pieces, start = [], 0
+        for i, p in enumerate(pos):
+            pieces += [emb(input_ids[start:p]), image_embeds[i].to(emb.weight.dtype)]
+            start = p + 1
+        pieces.append(emb(input_ids[start:]))
+        return torch.cat(pieces, dim=0)
+
+    def forward(self, pixel_values: torch.Tensor | None, input_ids: list[torch.Tensor],
+                labels: list[torch.Tensor] | None = None):
+        """Training/eval forward on a batch of variable-length sequences.
+
+        ``input_ids[i]``: [T_i] with IMAGE_TOKEN_INDEX where an image goes (text-only samples have
+        none); ``pixel_values``: [K, 3, S, S], the K images in placeholder order across the batch;
+        ``labels[i]``: [T_i] with -100 on non-targets. Sequences are right-padded after splicing.
+        """
+        images = None if pixel_values is None else self.encode_images(pixel_values)  # [K, M, D]
+        embeds, targets, used = [], [], 0
+        for i, ids in enumerate(input_ids):
+            n = int((ids == IMAGE_TOKEN_INDEX).sum())
+            img = images[used : used + n] if n else None
+            used += n
+            embeds.append(self.embed_with_images(ids, img))  # [T_i', D]
+            if labels is not None:
+                targets.append(_expand_labels(ids, labels[i], self.n_visual_tokens))
+        length = max(e.shape[0] for e in embeds)
+        x = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])  # [B, L, D]
+        mask = torch.zeros(len(embeds), length, dtype=torch.long, device=x.device)
+        y = torch.full((len(embeds), length), -100, dtype=torch.long, device=x.device)
+        for i, e in enumerate(embeds):
+            x[i, : e.shape[0]] = e
+            mask[i, : e.shape[0]] = 1
+            if labels is not None:
+                y[i, : e.shape[0]] = targets[i]
+        return self.llm(inputs_embeds=x, attention_mask=mask, labels=y if labels is not None else None)
+
+    # ---- generation (the runtime's one loop, torch backend) ---------------------------------
+    def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
+        if with_image and IMAGE_TOKEN not in prompt:
+            prompt = f"{IMAGE_TOKEN}\n{prompt}"
+        tok = self._require_tokenizer()
+        return tok.encode_chat(TEMPLATES[self.cfg.chat_template], [(prompt, None)])
+
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 32, **gen) -> "GenerationResult":
+        """Answer ``prompt`` about ``image`` (PIL / path / bytes / None). ``gen``: GenerationConfig
+        fields (do_sample, temperature, top_k, top_p, repetition_penalty, seed, stop)."""
+        from edgevlm.runtime.generate import GenerationConfig, generate
+
+        ids, pixels = self._inputs(image, prompt)
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, **gen)
+        return generate(self._backend(), self._require_tokenizer(), ids, pixels, cfg)
+
+    def stream(self, image=None, prompt: str = "", max_new_tokens: int = 32, **gen) -> Iterator[str]:
+        from edgevlm.runtime.generate import GenerationConfig, stream
+
+        ids, pixels = self._inputs(image, prompt)
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, **gen)
+        return stream(self._backend(), self._require_tokenizer(), ids, pixels, cfg)
+
+    def _inputs(self, image, prompt: str) -> tuple[list[int], np.ndarray | None]:
+        pixels = None if image is None else self.preprocess(image).numpy()
+        return self.prompt_ids(prompt, image is not None), pixels
+
+    def _backend(self):
+        from edgevlm.runtime.backends.torch import TorchBackend
+
+        return TorchBackend(self)
+
+    def _require_tokenizer(self) -> "TextTokenizer":
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer attached (load it with load_model)")
+        return self.tokenizer
+
+
+def _expand_labels(ids: torch.Tensor, labels: torch.Tensor, n_visual: int) -> torch.Tensor:
+    """Labels for the spliced sequence: visual positions are never targets."""
+    out = []
+    for t, lab in zip(ids.tolist(), labels.tolist()):
+        out += [-100] * n_visual if t == IMAGE_TOKEN_INDEX else [lab]
+    return torch.tensor(out, dtype=torch.long, device=labels.device)
+
+
+def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return default if p is None else p.dtype

@@ -1,0 +1,90 @@
+"""Training recipes: a run is a start model plus one or more stages (YAML under train/configs/).
+
+Paradigms from the survey are recipes, not code paths:
+- single-stage: one stage (e.g. integrator only on captions),
+- two-stage: ``pretrain`` (captions, integrator) then ``instruct`` (QA, integrator + LLM, full/LoRA/DoRA),
+- direct adaptation: one instruction stage on the multi-task QA mix, no pretraining.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgevlm.runtime.configio import apply_overrides, load_yaml
+from edgevlm.runtime.errors import EdgeVLMError
+
+MODULES = ("vision_tower", "integrator", "llm")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    dora: bool = False
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class StageConfig:
+    name: str = "instruct"
+    data: str = ""  # LLaVA-format JSON
+    image_root: str = ""  # default: the JSON's folder
+    template: str = "vicuna_v1"  # plain for caption pretraining
+    train: list[str] = field(default_factory=lambda: ["integrator", "llm"])  # fully trained modules
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA/DoRA on the LLM (instead of "llm")
+    lr: float = 2e-5
+    lr_integrator: float = 0.0  # 0: same as lr (MobileVLM: 1e-3 for the projector)
+    lr_vision: float = 0.0  # 0: same as lr
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = 0  # >0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    max_length: int = 512  # tokens after splicing; longer samples are truncated
+    max_grad_norm: float = 1.0
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    log_every: int = 10
+    skip_bad_records: bool = False
+    max_records: int = 0  # >0: use only the first N records (smoke runs)
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"  # start point: preset, edgevlm dir, or official MobileVLM dir
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {integrator: ldp}
+    output_dir: str = "runs/tiny"
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    deepspeed: str = ""  # path to a DeepSpeed JSON config (multi-GPU)
+    threads: int = 0  # torch CPU threads (0: torch default)
+
+
+def load_recipe(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    cfg = load_yaml(TrainConfig, path)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    if not cfg.stages:
+        raise EdgeVLMError("recipe has no stages")
+    names = [s.name for s in cfg.stages]
+    if len(set(names)) != len(names):
+        raise EdgeVLMError(f"stage names must be unique, got {names}")
+    for s in cfg.stages:
+        bad = [m for m in s.train if m not in MODULES]
+        if bad:
+            raise EdgeVLMError(f"stage {s.name}: unknown module(s) {bad} in 'train'; valid: {', '.join(MODULES)}")
+        if s.lora.enabled and "llm" in s.train:
+            raise EdgeVLMError(f"stage {s.name}: choose full LLM training ('llm' in train) or LoRA, not both")
+        if not s.data:
+            raise EdgeVLMError(f"stage {s.name}: no 'data' (a LLaVA-format JSON file)")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise EdgeVLMError(f"precision {cfg.precision!r}: use auto, fp32 or bf16")
