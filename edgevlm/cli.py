@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from edgevlm.runtime.errors import EdgeVLMError
@@ -36,6 +37,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgevlm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
+        if importlib.util.find_spec(module_name) is None:
+            continue  # a role whose module is not present in this checkout
         if only is not None and name != only:
             sub.add_parser(name, help=_summary(module_name))
             continue
