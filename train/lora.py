@@ -30,7 +30,8 @@ def set_trainable(model, stage: StageConfig) -> list[tuple[str, list[nn.Paramete
         p.requires_grad_(False)
     groups: list[tuple[str, list[nn.Parameter]]] = []
     for name in stage.train:
-        params = list(getattr(model, name).parameters())
+        module = getattr(model, name)
+        params = module.used_parameters() if hasattr(module, "used_parameters") else list(module.parameters())
         for p in params:
             p.requires_grad_(True)
         groups.append((name, params))

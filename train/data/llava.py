@@ -23,7 +23,7 @@ from edgevlm.runtime.errors import EdgeVLMError, ImageError
 
 @dataclass
 class VQARecord:
-    id: str
+    id: str  # the record's "id" as a string, or "#<index>" when it has none
     image_path: Optional[str]  # absolute or image_root-joined path; None for text-only records
     turns: list[tuple[str, str]]  # (question, answer); the first question holds "<image>"
     qa_meta: list[dict] = field(default_factory=list)  # one dict per turn ({} when absent)
@@ -105,7 +105,7 @@ def _check_image_tokens(turns: list[tuple[str, str]], has_image: bool) -> list[t
     return turns
 
 
-def _parse_record(rec, image_root: str) -> VQARecord:
+def _parse_record(rec, index: int, image_root: str) -> VQARecord:
     if not isinstance(rec, dict):
         raise _BadRecord(f"record is a {type(rec).__name__}, not a JSON object")
     turns = _parse_turns(rec.get("conversations"))
@@ -124,7 +124,9 @@ def _parse_record(rec, image_root: str) -> VQARecord:
     elif not (isinstance(meta, list) and len(meta) == len(turns)
               and all(isinstance(m, dict) for m in meta)):
         raise _BadRecord(f'"qa_meta" must be a list of {len(turns)} objects (one per QA pair)')
-    return VQARecord(id=str(rec.get("id", "")), image_path=image_path, turns=turns, qa_meta=meta)
+    rid = rec.get("id")
+    return VQARecord(id=str(rid) if rid is not None else f"#{index}", image_path=image_path,
+                     turns=turns, qa_meta=meta)
 
 
 def _record_name(rec, index: int) -> str:
@@ -149,7 +151,7 @@ def load_llava_records(json_path: str, image_root: Optional[str] = None,
     skipped: list[tuple[str, str]] = []
     for i, rec in enumerate(data):
         try:
-            records.append(_parse_record(rec, root))
+            records.append(_parse_record(rec, i, root))
         except _BadRecord as e:
             if not skip_bad_records:
                 raise EdgeVLMError(f"{json_path}: {_record_name(rec, i)}: {e} "

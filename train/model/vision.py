@@ -36,6 +36,12 @@ class VisionTower(nn.Module):
         if not 0 <= self.layers_used <= n:
             raise ValueError(f"vision select_layer {sel} out of range for {n} layers")
 
+    def used_parameters(self) -> list[nn.Parameter]:
+        """Parameters that feed the selected layer (the later blocks and post-LN never get gradients)."""
+        vm = self.vision_tower.vision_model
+        mods = [vm.embeddings, vm.pre_layrnorm, *vm.encoder.layers[: self.layers_used]]
+        return [p for m in mods for p in m.parameters()]
+
     @property
     def dtype(self) -> torch.dtype:
         return self.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype
