@@ -82,7 +82,7 @@ def test_record_schema(gen, split):
         assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
         pairs = _pairs(rec)
         assert len(rec["qa_meta"]) == len(pairs)
-        assert (2 <= len(pairs) <= 4) if split == "train" else len(pairs) == 1
+        assert (2 <= len(pairs) <= 8) if split == "train" else len(pairs) == 1
         assert pairs[0][0].startswith(IMAGE_TOKEN + "\n")
         assert all(IMAGE_TOKEN not in q for q, _ in pairs[1:])
         assert len({q for q, _ in pairs}) == len(pairs)

@@ -12,7 +12,7 @@ On disk (``out_dir``)::
     train.json val.json test.json     LLaVA records + "qa_meta" (one {"type", "small"} per QA pair)
     captions.json                     stage-1 data: human "<image>\\n", gpt caption (train images)
 
-Train records have 2-4 QA pairs of mixed types; val/test records have one pair, with the
+Train records have up to 8 QA pairs (usually 5-8) of mixed types; val/test records have one pair, with the
 question types in equal rotation.
 """
 from __future__ import annotations

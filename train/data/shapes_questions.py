@@ -177,15 +177,20 @@ ASKERS: dict[str, Callable[[Scene, random.Random], Optional[QA]]] = {
 }
 
 
-def multi_turn_qas(scene: Scene, rng: random.Random, lo: int = 2, hi: int = 4) -> list[QA]:
-    """2-4 questions of distinct types (types the scene cannot support are skipped)."""
+def multi_turn_qas(scene: Scene, rng: random.Random, lo: int = 5, hi: int = 8) -> list[QA]:
+    """lo-hi questions about one image, every supported type first, then more of random types
+    (no question asked twice). Many questions per image give the vision tower more supervision
+    per forward pass, which is what makes training from scratch on 2 cores feasible."""
     want = rng.randint(lo, hi)
     order = list(QA_TYPES)
     rng.shuffle(order)
     out: list[QA] = []
-    for qtype in order:
+    seen: set[str] = set()
+    for attempt in range(8 * hi):
+        qtype = order[attempt] if attempt < len(order) else rng.choice(QA_TYPES)
         qa = ASKERS[qtype](scene, rng)
-        if qa is not None:
+        if qa is not None and qa[0] not in seen:
+            seen.add(qa[0])
             out.append(qa)
         if len(out) == want:
             break

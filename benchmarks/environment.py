@@ -1,0 +1,184 @@
+"""The environment block of a benchmark run: CPU, cores, RAM, GPU / Jetson, library versions, git
+commit, load average, and the host's measured limits (memory read bandwidth, fp32 GEMM rate).
+
+Nothing here imports torch or a backend library, so collecting it costs no memory in the parent.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LIBRARIES = ("edgevlm", "numpy", "torch", "transformers", "onnxruntime", "onnx", "llama_cpp_python", "gguf",
+             "tensorrt", "psutil", "matplotlib")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "processor\t: arm")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """SIMD features that decide CPU kernel choice (x86 AVX family, Arm NEON/dotprod/i8mm)."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma", "f16c",
+              "asimd", "asimddp", "i8mm", "sve", "fphp")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.lower().startswith(("flags", "features")):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in wanted if f in flags]
+
+
+def memory_gb() -> float:
+    try:
+        import psutil
+
+        return round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return round(pages / 2**30, 1)
+
+
+def core_counts() -> dict:
+    out = {"logical": os.cpu_count() or 1}
+    try:
+        out["usable"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        out["usable"] = out["logical"]
+    try:
+        import psutil
+
+        out["physical"] = psutil.cpu_count(logical=False)
+    except ImportError:
+        pass
+    return out
+
+
+def gpu_info() -> list[dict]:
+    """NVIDIA GPUs via nvidia-smi (no CUDA library is loaded here)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            gpus.append({"name": parts[0], "memory_mb": float(parts[1]), "driver": parts[2]})
+    return gpus
+
+
+def jetson_info() -> dict | None:
+    """L4T release and board model on a Jetson (None elsewhere); tegrastats/jtop availability."""
+    release = Path("/etc/nv_tegra_release")
+    if not release.is_file():
+        return None
+    model = Path("/proc/device-tree/model")
+    return {"l4t": release.read_text().splitlines()[0].strip(),
+            "model": model.read_text().strip("\x00\n ") if model.is_file() else "",
+            "tegrastats": shutil.which("tegrastats") is not None,
+            "jtop": importlib.util.find_spec("jtop") is not None}
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_state(repo: Path = REPO) -> dict:
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = len([ln for ln in git("status", "--porcelain").splitlines() if ln.strip()])
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": "", "dirty_files": None}
+    return {"commit": commit, "dirty_files": dirty}
+
+
+def measure_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """fp32 GEMM rate through numpy's BLAS (all threads): the host's achievable compute reference."""
+    import numpy as np
+
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return round(2 * n**3 / best / 1e9, 1)
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def collect(measure_limits: bool = True, bandwidth_mb: int = 512) -> dict:
+    """The environment block (``type: environment``) written first into every results file."""
+    env = {
+        "type": "environment",
+        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "os": f"{platform.system()} {platform.release()}",
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": core_counts(),
+        "ram_gb": memory_gb(),
+        "gpus": gpu_info(),
+        "jetson": jetson_info(),
+        "libraries": library_versions(),
+        "git": git_state(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+    if measure_limits:
+        from .bandwidth import measure_read_bandwidth
+
+        env["bandwidth"] = measure_read_bandwidth(bandwidth_mb)
+        env["gemm_fp32_gflops"] = measure_gemm_gflops()
+    env["env_id"] = env_id(env)
+    return env
+
+
+def env_id(env: dict) -> str:
+    """A short id of what makes results comparable: hardware, libraries, commit (not the clock)."""
+    keys = ("host", "cpu", "cores", "ram_gb", "gpus", "libraries", "git")
+    blob = json.dumps({k: env.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def summary_line(env: dict) -> str:
+    bw = env.get("bandwidth", {}).get("read_gbs")
+    gpu = ", ".join(g["name"] for g in env.get("gpus") or []) or "no GPU"
+    return (f"{env['cpu']} ({env['cores'].get('usable')} usable cores), {env['ram_gb']} GB RAM, {gpu}; "
+            f"read bandwidth {bw} GB/s; load {env.get('load_avg_1m')}; commit {env['git'].get('commit', '')[:10]}"
+            + (f" (+{env['git']['dirty_files']} changed files)" if env["git"].get("dirty_files") else ""))

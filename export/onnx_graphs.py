@@ -1,0 +1,243 @@
+"""The three ONNX graphs of a bundle, named the way ONNX Runtime GenAI / transformers.js split VLMs:
+
+    vision_encoder.onnx        pixel_values [B, 3, S, S] -> image_features [B, M, D]
+                               (vision tower + integrator fused)
+    embed_tokens.onnx          input_ids [B, T] -> inputs_embeds [B, T, D]
+    decoder_model_merged.onnx  inputs_embeds [B, T, D], attention_mask [B, P + T],
+                               position_ids [B, T], past_key_values.{i}.key/value [B, H_kv, P, Dh]
+                               -> logits [B, T, V], present.{i}.key/value [B, H_kv, P + T, Dh]
+
+One decoder graph serves prefill (P = 0: empty past tensors) and decode (T = 1), with optimum's
+input/output names. The decoder builds its additive 4-D causal mask from ``attention_mask`` and
+``position_ids`` itself, so the graph holds none of transformers' mask-building machinery.
+
+Exporters: ``dynamo`` (torch.export + onnxscript, the default; small clean graphs) or
+``torchscript`` (the legacy tracer; ~5x faster to export). Both are validated the same way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+OPSET = 18
+EXPORTERS = ("dynamo", "torchscript")
+LARGE_MODEL_BYTES = 1_800_000_000  # above this a graph keeps its weights in <file>_data (2 GB protobuf cap)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Names and symbolic axes of one graph's inputs and outputs (recorded in the manifest)."""
+
+    name: str  # the manifest file role
+    file: str
+    inputs: dict[str, tuple[str | int, ...]]  # name -> dims (str: dynamic, int: fixed)
+    outputs: dict[str, tuple[str | int, ...]]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        out = {}
+        for name, dims in {**self.inputs, **self.outputs}.items():
+            out[name] = {i: d for i, d in enumerate(dims) if isinstance(d, str)}
+        return out
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "inputs": {k: list(v) for k, v in self.inputs.items()},
+                "outputs": {k: list(v) for k, v in self.outputs.items()}}
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    """``past_key_values.{i}.key/value`` or ``present.{i}.key/value`` in layer order."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def graph_specs(model) -> dict[str, GraphSpec]:
+    c = model.cfg
+    s, d, v = c.vision.image_size, c.llm.hidden_size, c.llm.vocab_size
+    kv, hd, n = c.llm.num_key_value_heads, c.llm.hidden_size // c.llm.num_attention_heads, c.llm.num_hidden_layers
+    past = {name: ("batch", kv, "past_sequence_length", hd) for name in kv_names(n, "past_key_values")}
+    present = {name: ("batch", kv, "total_sequence_length", hd) for name in kv_names(n, "present")}
+    return {
+        "vision_encoder": GraphSpec("vision_encoder", "vision_encoder.onnx", {"pixel_values": ("batch", 3, s, s)},
+                                    {"image_features": ("batch", model.n_visual_tokens, d)}),
+        "embed_tokens": GraphSpec("embed_tokens", "embed_tokens.onnx", {"input_ids": ("batch", "sequence_length")},
+                                  {"inputs_embeds": ("batch", "sequence_length", d)}),
+        "decoder": GraphSpec(
+            "decoder", "decoder_model_merged.onnx",
+            {"inputs_embeds": ("batch", "sequence_length", d), "attention_mask": ("batch", "total_sequence_length"),
+             "position_ids": ("batch", "sequence_length"), **past},
+            {"logits": ("batch", "sequence_length", v), **present}),
+    }
+
+
+# --- the modules that are exported ----------------------------------------------------------------
+
+
+class VisionEncoder(nn.Module):
+    """Vision tower + integrator: pixel_values [B, 3, S, S] -> image_features [B, M, D]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.vision_tower = model.vision_tower
+        self.integrator = model.integrator
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # as EdgeVLM.encode_images in fp32
+        return self.integrator(self.vision_tower(pixel_values))  # [B, N, Dv] -> [B, M, D]
+
+
+class EmbedTokens(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed = model.llm.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
+        return self.embed(input_ids)
+
+
+def causal_mask(attention_mask: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, T, P + T]: key j is visible to query t iff j <= position_ids[t] and
+    attention_mask[j] == 1. Key positions come from a cumsum, not from a shape, so nothing about
+    the sequence lengths is baked into the graph."""
+    key_pos = torch.cumsum(torch.ones_like(attention_mask[0]), 0) - 1  # [P + T]
+    allowed = (key_pos[None, None, :] <= position_ids[:, :, None]) & attention_mask[:, None, :].bool()  # [B, T, P + T]
+    zero = torch.zeros((), dtype=dtype)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]  # [B, 1, T, P + T]
+
+
+class DecoderWithPast(nn.Module):
+    """The LLaMA decoder + LM head with the KV cache as flat graph inputs/outputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.llm = model.llm
+        self.num_layers = model.cfg.llm.num_hidden_layers
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)  # [B, H_kv, P, Dh] each
+        mask = causal_mask(attention_mask, position_ids, inputs_embeds.dtype)
+        out = self.llm.model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+        logits = self.llm.lm_head(out.last_hidden_state)  # [B, T, V]
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]  # [B, H_kv, P + T, Dh]
+        return (logits, *present)
+
+
+# --- example inputs -------------------------------------------------------------------------------
+
+
+def example_inputs(model, graph: str, batch: int = 2, seq: int = 3, past: int = 2,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs for export (sizes >= 2 so no axis is specialised to 0 or 1) and for validation."""
+    c = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    if graph == "vision_encoder":
+        s = c.vision.image_size
+        return {"pixel_values": torch.randn(batch, 3, s, s, generator=g)}
+    if graph == "embed_tokens":
+        return {"input_ids": torch.randint(0, c.llm.vocab_size, (batch, seq), generator=g)}
+    kv, hd = c.llm.num_key_value_heads, c.llm.hidden_size // c.llm.num_attention_heads
+    inputs = {
+        "inputs_embeds": torch.randn(batch, seq, c.llm.hidden_size, generator=g) * 0.02,
+        "attention_mask": torch.ones(batch, past + seq, dtype=torch.long),
+        "position_ids": torch.arange(past, past + seq).repeat(batch, 1),
+    }
+    for name in kv_names(c.llm.num_hidden_layers, "past_key_values"):
+        inputs[name] = torch.randn(batch, kv, past, hd, generator=g)
+    return inputs
+
+
+def graph_module(model, graph: str) -> nn.Module:
+    return {"vision_encoder": VisionEncoder, "embed_tokens": EmbedTokens, "decoder": DecoderWithPast}[graph](model).eval()
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def _dynamic_shapes(spec: GraphSpec, input_names: list[str]) -> dict:
+    from torch.export import Dim
+
+    dims: dict[str, Dim] = {}
+
+    def dim(name: str) -> Dim:
+        return dims.setdefault(name, Dim(name.replace(".", "_")))
+
+    shapes = [{i: dim(d) for i, d in enumerate(spec.inputs[n]) if isinstance(d, str)} for n in input_names]
+    fixed = 3 if spec.name == "decoder" else len(input_names)
+    if spec.name != "decoder":
+        return dict(zip(input_names, shapes))
+    return {**dict(zip(input_names[:fixed], shapes[:fixed])), "past": tuple(shapes[fixed:])}
+
+
+def export_graph(model, graph: str, path: Path, exporter: str = "dynamo", opset: int = OPSET) -> dict:
+    """Export one graph to ``path`` (weights external when large); returns export facts."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    spec = graph_specs(model)[graph]
+    module = graph_module(model, graph)
+    inputs = example_inputs(model, graph)
+    names = list(inputs)
+    args = tuple(inputs.values())
+    large = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())) > LARGE_MODEL_BYTES
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter; validation is what counts
+        if exporter == "dynamo":
+            prog = torch.onnx.export(module, args, input_names=names, output_names=list(spec.outputs),
+                                     dynamic_shapes=_dynamic_shapes(spec, names), opset_version=opset,
+                                     dynamo=True, verbose=False)
+            prog.save(str(path), external_data=large)
+        else:
+            torch.onnx.export(module, args, str(path), input_names=names, output_names=list(spec.outputs),
+                              dynamic_axes=spec.dynamic_axes(), opset_version=opset, dynamo=False,
+                              external_data=large)
+    return {"exporter": f"torch.onnx ({exporter})", "export_s": round(time.perf_counter() - t0, 2)}
+
+
+
+def export_graphs(model, out_dir: Path, exporter: str = "dynamo", opset: int = OPSET,
+                  graphs: tuple[str, ...] = ("vision_encoder", "embed_tokens", "decoder")) -> dict[str, dict]:
+    """Export fp32 graphs into ``out_dir``; returns {graph: {"path", "exporter", "export_s"}}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = graph_specs(model)
+    result = {}
+    for graph in graphs:
+        path = out_dir / specs[graph].file
+        info = export_graph(model, graph, path, exporter, opset)
+        result[graph] = {"path": path, **info}
+    return result
+
+
+def graph_files(path: str | os.PathLike) -> list[Path]:
+    """The .onnx file and the external-data files its initializers point at."""
+    import onnx
+
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    extra: list[Path] = []
+    for init in _all_tensors(proto):
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next(e.value for e in init.external_data if e.key == "location")
+            p = path.parent / loc
+            if p not in extra:
+                extra.append(p)
+    return [path, *extra]
+
+
+def _all_tensors(proto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(proto)

@@ -1,0 +1,191 @@
+"""Variants of the fp32 graphs: fp16, int8 (dynamic for the decoder's MatMuls, static QDQ for the
+vision graph), int4 weight-only (MatMulNBits) for the decoder, and ``.ort`` files for ONNX
+Runtime Mobile. All through onnxruntime's own tools; each function reads one .onnx path and writes
+another (weights external when the graph is over ~2 GB).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from edgevlm.runtime.errors import EdgeVLMError
+
+from .onnx_graphs import LARGE_MODEL_BYTES, graph_files
+
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations (fastest on CPU)
+ORT_CONFIG = "required_operators_and_types.config"
+
+
+@contextlib.contextmanager
+def quiet_logs():
+    """onnxruntime's tools log advice and progress through the root logger; keep errors only."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in (
+        "onnxruntime.quantization.matmul_nbits_quantizer", "ort_format_model.utils"))]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _tensor_bytes(proto) -> int:
+    from onnx.external_data_helper import _get_all_tensors
+
+    return sum(t.ByteSize() for t in _get_all_tensors(proto))
+
+
+def is_large(path: str | Path) -> bool:
+    return sum(p.stat().st_size for p in graph_files(path)) > LARGE_MODEL_BYTES
+
+
+def save_model(proto, path: str | Path) -> list[Path]:
+    """Save ``proto``; weights go to ``<file>_data`` when over ~2 GB. Returns the files written."""
+    import onnx
+
+    path = Path(path)
+    large = _tensor_bytes(proto) > LARGE_MODEL_BYTES
+    if large:
+        data = path.with_name(path.name + "_data")
+        data.unlink(missing_ok=True)  # onnx appends to an existing data file
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    return graph_files(path)
+
+
+def copy_graph(src: str | Path, dst: str | Path) -> list[Path]:
+    """Re-save ``src`` as ``dst`` so that external data (if any) follows the bundle's naming."""
+    import onnx
+
+    return save_model(onnx.load(str(src)), dst)
+
+
+def to_fp16(src: str | Path, dst: str | Path) -> list[Path]:
+    """All float tensors and float graph inputs/outputs in fp16 (the KV cache too: half the memory).
+    Ops ONNX Runtime has no fp16 kernel for stay fp32 behind Casts (the converter's block list)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load(str(src))
+    with quiet_logs():
+        proto16 = convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=is_large(src))
+    return save_model(proto16, dst)
+
+
+def quantize_int8_dynamic(src: str | Path, dst: str | Path) -> list[Path]:
+    """Dynamic int8 for MatMuls with constant weights (per-channel weights; activations quantised
+    at run time). Attention's activation x activation MatMuls stay fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet_logs():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                         per_channel=True, use_external_data_format=is_large(src),
+                         extra_options={"MatMulConstBOnly": True})
+    return _renormalise(dst)
+
+
+class PixelReader(CalibrationDataReader):
+    """onnxruntime CalibrationDataReader over preprocessed images (float32 [1, 3, S, S] each)."""
+
+    def __init__(self, pixels: Sequence[np.ndarray], input_name: str = "pixel_values"):
+        self._it = iter([{input_name: np.ascontiguousarray(p, dtype=np.float32)} for p in pixels])
+
+    def get_next(self) -> dict | None:
+        return next(self._it, None)
+
+
+def quantize_int8_static(src: str | Path, dst: str | Path, pixels: Sequence[np.ndarray]) -> list[Path]:
+    """Static int8 QDQ (uint8 activations, per-channel int8 weights) for the MatMuls with weights,
+    activation ranges calibrated (MinMax) on ``pixels`` -- real dataset images, preprocessed the
+    way the runtime will. Attention's activation x activation MatMuls stay fp32: quantising them
+    (and the softmax output) cost ~6x more error on the trained fixture model for ~10% of the FLOPs."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not pixels:
+        raise EdgeVLMError("static int8 quantisation needs at least one calibration image")
+    large = is_large(src)
+    with tempfile.TemporaryDirectory(prefix="edgevlm-qdq-") as tmp, quiet_logs():
+        pre = Path(tmp) / "pre.onnx"  # symbolic shape inference + basic fusions, as ORT recommends
+        quant_pre_process(str(src), str(pre), save_as_external_data=large, all_tensors_to_one_file=True)
+        graph = onnx.load(str(pre), load_external_data=False).graph
+        weights = {t.name for t in graph.initializer}
+        act_x_act = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
+        quantize_static(str(pre), str(dst), PixelReader(pixels), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=act_x_act,
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
+                        calibration_providers=["CPUExecutionProvider"],
+                        extra_options={"CalibTensorRangeSymmetric": False, "WeightSymmetric": True})
+    return _renormalise(dst)
+
+
+def quantize_int4(src: str | Path, dst: str | Path, block_size: int = INT4_BLOCK_SIZE,
+                  accuracy_level: int = INT4_ACCURACY_LEVEL) -> list[Path]:
+    """Weight-only int4 (symmetric, per ``block_size`` along K) as com.microsoft MatMulNBits,
+    for every MatMul with a constant weight (LM head included)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
+                             accuracy_level=accuracy_level)
+    with quiet_logs():
+        q.process()
+    return save_model(q.model.model, dst)
+
+
+def _renormalise(path: str | Path) -> list[Path]:
+    """onnxruntime's quantizers name external data their own way; re-save with ours if needed."""
+    files = graph_files(path)
+    if len(files) == 1:
+        return files
+    import onnx
+
+    proto = onnx.load(str(path))
+    for extra in files[1:]:
+        extra.unlink()
+    return save_model(proto, path)
+
+
+def to_ort_format(graphs: Iterable[str | Path], out_dir: str | Path, target_platform: str = "arm") -> list[Path]:
+    """``.ort`` files for ONNX Runtime Mobile plus the reduced-operator config (operators and types
+    the graphs need: the input of a reduced ORT build, ``--include_ops_by_config``)."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="edgevlm-ort-") as tmp:
+        src, dst = Path(tmp) / "onnx", Path(tmp) / "ort"
+        src.mkdir()
+        for g in graphs:
+            if is_large(g):
+                raise EdgeVLMError(f"{Path(g).name} is over 2 GB; the .ort format (flatbuffers) cannot hold it: "
+                                   "quantise the decoder (--quantize int4 or int8) to use --ort-format")
+            for f in graph_files(g):
+                shutil.copy2(f, src / f.name)
+        with quiet_logs():
+            convert_onnx_models_to_ort(src, output_dir=dst, optimization_styles=[OptimizationStyle.Fixed],
+                                       target_platform=target_platform, enable_type_reduction=True)
+        written = []
+        for f in sorted(dst.iterdir()):
+            if f.suffix == ".ort" or f.name.endswith(".config"):
+                name = ORT_CONFIG if f.name.endswith(".config") else f.name
+                shutil.copy2(f, out_dir / name)
+                written.append(out_dir / name)
+    if not any(f.suffix == ".ort" for f in written):
+        raise EdgeVLMError("ONNX Runtime's converter wrote no .ort files")
+    return written

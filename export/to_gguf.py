@@ -1,0 +1,110 @@
+"""Export a model to a GGUF bundle for llama.cpp: LLM files per quant type plus an f16 mmproj.
+
+Example: python export/to_gguf.py --model runs/tiny/final --out bundles/tiny-gguf --quant f16 q4_k_m
+
+The bundle holds llm-<quant>.gguf for each --quant (llama architecture, the model's own
+SentencePiece tokenizer and chat template; quantised by llama.cpp's quantiser from the f16 file),
+mmproj-f16.gguf (CLIP vision tower + integrator, clip architecture) and the tokenizer; run it with
+``Runtime.load(bundle, backend="llamacpp", quant=...)`` or any llama.cpp multimodal tool.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_QUANTS = ("q4_k_m", "f16")  # the first is the bundle's default_quant
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model dir or preset")
+    p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
+    p.add_argument("--quant", nargs="+", default=list(DEFAULT_QUANTS),
+                   help="LLM quant types: f16 q8_0 q5_k_m q4_k_m q4_0 (default: %(default)s)")
+    p.add_argument("--cls", choices=("omit", "keep"), default="omit",
+                   help="CLIP's class embedding in the mmproj: omit (llama.cpp then runs the patches "
+                        "alone; its llava graph misplaces CLS, see export/gguf_mmproj.py) or keep "
+                        "(for a llama.cpp with that fixed) (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="quantiser threads (0: all cores)")
+
+
+def export_gguf(model, out, quants=DEFAULT_QUANTS, cls: str = "omit", threads: int = 0,
+                source: str | None = None, progress: bool = True) -> Path:
+    """Write the GGUF bundle for ``model`` (an EdgeVLM) to ``out``; returns its path."""
+    from edgevlm.export.common import base_manifest, copy_tokenizer
+    from edgevlm.export.gguf_llm import write_llm
+    from edgevlm.export.gguf_mmproj import projector_type, write_mmproj
+    from edgevlm.export.gguf_quant import check_quant_types, llama_cpp_versions, quantize, tensor_types
+    from edgevlm.runtime.backends.llamacpp import quiet_llama_logs
+    from edgevlm.runtime.gguf_check import check_pair
+    from edgevlm.runtime.manifest import BundleWriter, FileEntry
+
+    quants = check_quant_types(quants)
+    projector_type(model)  # refuse unsupported integrators before writing anything
+    quiet_llama_logs()
+    with BundleWriter(out) as w:
+        steps = _progress(["llm f16", *[f"quantise {q}" for q in quants if q != "f16"], "mmproj"], progress)
+        base = w.path("llm-f16.gguf")
+        next(steps)
+        llm_info = write_llm(model, base)
+        llm_files = {}
+        for q in quants:
+            if q != "f16":
+                next(steps)
+                quantize(base, w.path(f"llm-{q}.gguf"), q, threads)
+            llm_files[q] = f"llm-{q}.gguf"
+        if "f16" not in quants:
+            base.unlink()
+        next(steps)
+        mm_info = write_mmproj(model, w.path("mmproj-f16.gguf"), cls=cls)
+        next(steps, None)
+        for rel in llm_files.values():
+            check_pair(w.path(rel), w.path("mmproj-f16.gguf"))  # what the backend checks on load
+        files = [FileEntry(rel, "llm") for rel in llm_files.values()]
+        files += [FileEntry("mmproj-f16.gguf", "mmproj"), *copy_tokenizer(model, w)]
+        info = {"quant_types": quants, "default_quant": quants[0], "llm": llm_files,
+                "mmproj": "mmproj-f16.gguf", "mmproj_type": "f16", **mm_info,
+                "llm_tensors": llm_info["n_tensors"],
+                "tensor_types": {q: tensor_types(w.path(rel)) for q, rel in llm_files.items()},
+                "llama_cpp": llama_cpp_versions()}
+        if source:
+            info["source"] = source
+        manifest = base_manifest(model, "gguf", files, "edgevlm.export.to_gguf",
+                                 libraries=("gguf", "llama_cpp_python"), target_info=info)
+        return w.commit(manifest)
+
+
+def _progress(names: list[str], enabled: bool):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(names), desc="gguf", disable=not enabled)
+    for name in names:
+        bar.set_postfix_str(name)
+        yield name
+        bar.update(1)
+    bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgevlm.export.common import load_for_export
+    from edgevlm.export.gguf_quant import check_quant_types
+    from edgevlm.runtime.manifest import read_manifest
+
+    check_quant_types(args.quant)  # before the (slow) model load
+    model = load_for_export(args.model)
+    source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    out = export_gguf(model, args.out, args.quant, cls=args.cls, threads=args.threads, source=source)
+    m = read_manifest(out, verify=False)
+    print(f"wrote {out} ({m.target_info['projector_type']} projector, "
+          f"{m.target_info['vision_layers']} ViT layers)")
+    for f in m.files:
+        if f.role in ("llm", "mmproj"):
+            print(f"  {f.path:<22} {f.size / 2**20:8.1f} MiB")
+    for q, types in m.target_info["tensor_types"].items():
+        print(f"  {q:<8} tensor types: {', '.join(f'{k} x{v}' for k, v in types.items())}")
+    return 0
+
+
+if __name__ == "__main__":
+    from edgevlm.cli import script_main
+
+    script_main("export", "gguf")

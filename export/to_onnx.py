@@ -1,0 +1,216 @@
+"""ONNX bundle: vision_encoder / embed_tokens / decoder_model_merged graphs for ONNX Runtime.
+
+Example:
+    python export/to_onnx.py --model runs/tiny/final --out bundles/tiny-int4 --quantize int4 \\
+        --calib-data data/shapes
+
+--dtype fp16 converts every graph to fp16 (for GPUs and mobile accelerators). --quantize int8:
+dynamic int8 decoder MatMuls + static QDQ int8 vision graph calibrated on --calib-data images;
+int4: MatMulNBits decoder (block 32, accuracy level 4) + the int8 vision graph. --ort-format also
+writes .ort files and the reduced-operator config for ONNX Runtime Mobile. Every graph passes
+onnx.checker and is checked against PyTorch; the bundle appears only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from edgevlm.runtime.errors import EdgeVLMError
+
+DTYPES = ("fp32", "fp16")
+QUANTIZE = ("none", "int8", "int4")
+GRAPHS = ("vision_encoder", "embed_tokens", "decoder")
+
+
+def variant_plan(dtype: str, quantize: str) -> dict[str, str]:
+    """graph -> variant: fp32 | fp16 | int8_static | int8_dynamic | int4."""
+    if dtype not in DTYPES or quantize not in QUANTIZE:
+        raise EdgeVLMError(f"dtype must be one of {DTYPES} and quantize one of {QUANTIZE}")
+    if dtype == "fp16" and quantize != "none":
+        raise EdgeVLMError("--dtype fp16 cannot be combined with --quantize (quantised graphs keep fp32 "
+                           "activations); pick one")
+    if dtype == "fp16":
+        return dict.fromkeys(GRAPHS, "fp16")
+    if quantize == "none":
+        return dict.fromkeys(GRAPHS, "fp32")
+    return {"vision_encoder": "int8_static", "embed_tokens": "fp32",
+            "decoder": "int8_dynamic" if quantize == "int8" else "int4"}
+
+
+def calibration_pixels(model, calib_data: str | None, count: int) -> tuple[list, dict]:
+    """Preprocessed images for static quantisation: a folder of images, a LLaVA JSON, or (no
+    path) freshly drawn ShapesVQA scenes. Returns (pixel arrays [1, 3, S, S], description)."""
+    from edgevlm.runtime.preprocess import load_image, preprocess_image
+
+    cfg = model.cfg.preprocess
+    if calib_data is None:
+        from edgevlm.train.data.shapes import make_item, render_scene
+
+        images = [render_scene(make_item(1234, "train", i)[0]) for i in range(count)]
+        return [preprocess_image(im, cfg) for im in images], {"source": "ShapesVQA (generated, seed 1234)",
+                                                              "n_images": count}
+    path = Path(calib_data)
+    if path.is_file() and path.suffix == ".json":
+        from edgevlm.train.data.llava import load_llava_records
+
+        files = [r.image_path for r in load_llava_records(str(path)).records if r.image_path][:count]
+    elif path.is_dir():
+        exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in exts)[:count]
+    else:
+        raise EdgeVLMError(f"--calib-data {calib_data}: not a folder of images or a LLaVA .json file")
+    if not files:
+        raise EdgeVLMError(f"--calib-data {calib_data}: no images found")
+    return [preprocess_image(load_image(f), cfg) for f in files], {"source": str(path), "n_images": len(files)}
+
+
+def _make_variant(variant: str, src: Path, dst: Path, pixels: Sequence | None) -> list[Path]:
+    from . import onnx_quant as q
+
+    if variant == "fp32":
+        return q.copy_graph(src, dst)
+    if variant == "fp16":
+        return q.to_fp16(src, dst)
+    if variant == "int8_static":
+        return q.quantize_int8_static(src, dst, pixels or [])
+    if variant == "int8_dynamic":
+        return q.quantize_int8_dynamic(src, dst)
+    return q.quantize_int4(src, dst)
+
+
+def export_fp32_graphs(model, work_dir: Path, exporter: str = "dynamo", opset: int | None = None) -> dict[str, dict]:
+    """Export and strictly validate the fp32 graphs (the source of every variant)."""
+    from .onnx_graphs import OPSET, export_graphs
+    from .onnx_validate import validate_graph
+
+    graphs = export_graphs(model, work_dir, exporter, opset or OPSET)
+    for name, info in graphs.items():
+        info["validation_fp32"] = validate_graph(model, name, info["path"], "fp32")
+    return graphs
+
+
+def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "none", exporter: str = "dynamo",
+                opset: int | None = None, ort_format: bool = False, calib_data: str | None = None,
+                calib_count: int = 32, source: str | None = None, fp32_graphs: dict | None = None,
+                progress: bool = True) -> Path:
+    """Write an ONNX bundle to ``out``. ``fp32_graphs`` (from ``export_fp32_graphs``) lets several
+    variants share one export."""
+    from tqdm.auto import tqdm
+
+    from edgevlm.runtime.manifest import BundleWriter, FileEntry
+
+    from .common import base_manifest, copy_tokenizer
+    from .onnx_graphs import OPSET, graph_specs
+    from .onnx_quant import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, to_ort_format
+    from .onnx_validate import image_cases, validate_graph
+
+    plan = variant_plan(dtype, quantize)
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    specs = graph_specs(model)
+    info: dict[str, Any] = {"opset": opset or OPSET, "dtype": dtype, "quantize": quantize, "graphs": {}}
+    bar = tqdm(total=2 + len(GRAPHS) + ort_format, desc="onnx export", disable=not progress)
+    with tempfile.TemporaryDirectory(prefix=".onnx-work-", dir=out.parent) as tmp, \
+            BundleWriter(out) as writer:
+        if fp32_graphs is None:
+            bar.set_postfix_str("export + validate fp32 graphs")
+            fp32_graphs = export_fp32_graphs(model, Path(tmp), exporter, opset)
+        bar.update(1)
+        info["exporter"] = next(iter(fp32_graphs.values()))["exporter"]
+        pixels = held_out = None
+        if "int8_static" in plan.values():  # calibrate on calib_count images, validate on 2 more
+            pixels, info["calibration"] = calibration_pixels(model, calib_data, calib_count + 2)
+            pixels, held_out = (pixels[:calib_count], pixels[calib_count:]) if len(pixels) > calib_count \
+                else (pixels, pixels[-2:])
+            info["calibration"]["n_images"] = len(pixels)
+        files: list[FileEntry] = []
+        for graph, variant in plan.items():
+            bar.set_postfix_str(f"{graph}: {variant}")
+            written = _make_variant(variant, fp32_graphs[graph]["path"], writer.path(specs[graph].file), pixels)
+            files += [FileEntry(p.name, graph if i == 0 else f"{graph}_data") for i, p in enumerate(written)]
+            cases = image_cases(held_out) if variant == "int8_static" else None
+            info["graphs"][graph] = {**specs[graph].to_dict(), "variant": variant, "validation": validate_graph(
+                model, graph, written[0], _tolerance_key(variant), cases)}
+            bar.update(1)
+        if ort_format:
+            bar.set_postfix_str("convert to .ort")
+            ort_files = to_ort_format([writer.path(specs[g].file) for g in GRAPHS], writer.dir)
+            files += [FileEntry(p.name, "ort_config" if p.suffix == ".config" else f"{_graph_of(p, specs)}_ort")
+                      for p in ort_files]
+            info["ort_format"] = {"target_platform": "arm", "config": "required_operators_and_types.config"}
+            bar.update(1)
+        files += copy_tokenizer(model, writer)
+        if plan["decoder"] == "int4":
+            info["int4"] = {"block_size": INT4_BLOCK_SIZE, "accuracy_level": INT4_ACCURACY_LEVEL, "symmetric": True,
+                            "op": "com.microsoft.MatMulNBits"}
+        c = model.cfg.llm
+        info["kv_cache"] = {"layout": ["batch", "num_kv_heads", "sequence", "head_dim"], "num_layers": c.num_hidden_layers,
+                            "dtype": "float16" if dtype == "fp16" else "float32"}
+        if source:
+            info["source"] = source
+        info["export_s"] = round(time.perf_counter() - t0, 1)
+        manifest = base_manifest(model, "onnx", files, "edgevlm.export.to_onnx",
+                                 ("onnx", "onnxruntime", "onnxscript"), info)
+        path = writer.commit(manifest)
+        bar.update(1)
+    bar.close()
+    return path
+
+
+def _tolerance_key(variant: str) -> str:
+    return {"int8_static": "int8", "int8_dynamic": "int8"}.get(variant, variant)
+
+
+def _graph_of(path: Path, specs: dict) -> str:
+    stem = path.name.removesuffix(".ort")
+    return next(g for g, s in specs.items() if s.file.removesuffix(".onnx") == stem)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model dir or preset")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none")
+    p.add_argument("--ort-format", action="store_true", help="also write .ort files for ONNX Runtime Mobile")
+    p.add_argument("--calib-data", help="images for static int8 calibration: a folder or a LLaVA .json "
+                                        "(default: freshly generated ShapesVQA scenes)")
+    p.add_argument("--calib-count", type=int, default=32, help="calibration images (default: %(default)s)")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="torch.onnx exporter (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18; >= 17)")
+    p.add_argument("overrides", nargs="*", help="model config overrides for presets, e.g. llm.num_hidden_layers=2")
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .common import load_for_export
+
+    if args.opset is not None and args.opset < 17:
+        raise EdgeVLMError(f"--opset must be >= 17, got {args.opset}")
+    variant_plan(args.dtype, args.quantize)  # bad combinations fail before the model loads
+    if args.calib_count < 1:
+        raise EdgeVLMError(f"--calib-count must be >= 1, got {args.calib_count}")
+    overrides = {}
+    for ov in args.overrides:
+        if "=" not in ov:
+            raise EdgeVLMError(f"override {ov!r} is not of the form key=value")
+        key, raw = ov.split("=", 1)
+        overrides[key] = yaml.safe_load(raw)
+    model = load_for_export(args.model, **overrides)
+    source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else None
+    out = export_onnx(model, args.out, args.dtype, args.quantize, args.exporter, args.opset, args.ort_format,
+                      args.calib_data, args.calib_count, source=source)
+    total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote {out} ({total / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    from edgevlm.cli import script_main
+
+    script_main("export", "onnx")

@@ -1,0 +1,194 @@
+"""Backend ``ort``: an ONNX bundle (vision_encoder / embed_tokens / decoder_model_merged) in ONNX Runtime.
+
+Options (``Runtime.load(bundle, backend="ort", **options)``):
+    providers           "cpu" (default) | "cuda" | "tensorrt" | a list of ONNX Runtime provider names
+    threads             intra-op threads (0: ONNX Runtime's default, one per physical core)
+    graph_optimization  "disable" | "basic" | "extended" | "all" (default)
+    io_binding          keep the KV cache as OrtValues between steps (default True)
+    model_format        "onnx" (default) | "ort" (the bundle's .ort files, as ONNX Runtime Mobile runs them)
+
+The KV cache never round-trips through numpy: the decoder's ``present.*`` outputs are bound as the
+next step's ``past_key_values.*`` inputs (on the GPU for CUDA/TensorRT). Only the logits come back
+to the host. onnxruntime is imported when a backend is opened, never at import time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import BundleError, EdgeVLMError
+from ..manifest import Manifest
+from . import BACKENDS
+from .base import Backend, is_visual_segment
+
+PROVIDER_ALIASES = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EdgeVLMError("the ort backend needs ONNX Runtime: pip install onnxruntime "
+                           "(or onnxruntime-gpu for CUDA/TensorRT)") from None
+    return onnxruntime
+
+
+def resolve_providers(ort, providers: str | Sequence[str] | None) -> list[str]:
+    """Provider names for ``providers``; an unavailable provider is an error that lists the available."""
+    if providers is None:
+        wanted = PROVIDER_ALIASES["cpu"]
+    elif isinstance(providers, str):
+        wanted = PROVIDER_ALIASES.get(providers.lower(), [providers])
+    else:
+        wanted = list(providers)
+    available = ort.get_available_providers()
+    missing = [p for p in wanted[:1] if p not in available]  # fall-backs after the first may be absent
+    if missing:
+        raise EdgeVLMError(f"ONNX Runtime execution provider {missing[0]} is not available in this install "
+                           f"(available: {', '.join(available)}); for CUDA/TensorRT install onnxruntime-gpu")
+    return [p for p in wanted if p in available]
+
+
+def session_options(ort, threads: int = 0, graph_optimization: str = "all"):
+    if graph_optimization not in OPT_LEVELS:
+        raise EdgeVLMError(f"graph_optimization must be one of {', '.join(OPT_LEVELS)}, got {graph_optimization!r}")
+    if not isinstance(threads, int) or threads < 0:
+        raise EdgeVLMError(f"threads must be an integer >= 0, got {threads!r}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[graph_optimization]
+    opts.log_severity_level = 3
+    return opts
+
+
+class OrtBackend(Backend):
+    name = "ort"
+
+    def __init__(self, root: Path, manifest: Manifest, providers: str | Sequence[str] | None = None,
+                 threads: int = 0, graph_optimization: str = "all", io_binding: bool = True,
+                 model_format: str = "onnx"):
+        if manifest.target != "onnx":
+            raise BundleError(f"{root}: a {manifest.target!r} bundle; the ort backend reads ONNX bundles")
+        if model_format not in ("onnx", "ort"):
+            raise EdgeVLMError(f"model_format must be 'onnx' or 'ort', got {model_format!r}")
+        ort = import_ort()
+        self.ort = ort
+        self.providers = resolve_providers(ort, providers)
+        self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
+        opts = session_options(ort, threads, graph_optimization)
+        role = (lambda g: f"{g}_ort") if model_format == "ort" else (lambda g: g)
+        self.sessions = {g: self._session(root, manifest, role(g), opts)
+                         for g in ("vision_encoder", "embed_tokens", "decoder")}
+        self.n_ctx = manifest.model.max_positions
+        self.io_binding = io_binding
+        dec = self.sessions["decoder"]
+        self.past_names = [i.name for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
+        self.present_names = [o.name for o in dec.get_outputs() if o.name.startswith("present.")]
+        if len(self.past_names) != 2 * manifest.model.num_layers or len(self.present_names) != len(self.past_names):
+            raise BundleError(f"{root}: decoder graph has {len(self.past_names)} past inputs, expected "
+                              f"{2 * manifest.model.num_layers} (past_key_values.{{i}}.key/value)")
+        types = {i.name: i.type for i in dec.get_inputs()}
+        self.embeds_dtype = _NP_TYPES[types["inputs_embeds"]]
+        self.kv_dtype = _NP_TYPES[types[self.past_names[0]]]
+        self.kv_shape = (1, manifest.model.num_kv_heads, 0, manifest.model.head_dim)  # [B, H_kv, 0, Dh]
+        self._past: list[Any] | None = None  # OrtValues (io_binding) or numpy arrays
+        self._pos = 0
+
+    def _session(self, root: Path, manifest: Manifest, role: str, opts):
+        entry = manifest.file(role)
+        try:
+            return self.ort.InferenceSession(str(root / entry.path), opts, providers=self.providers)
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise BundleError(f"{root / entry.path}: ONNX Runtime cannot load it ({type(e).__name__}: {e})") from None
+
+    # --- the Backend interface -------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        s = self.sessions["vision_encoder"]
+        x = pixel_values.astype(_NP_TYPES[s.get_inputs()[0].type], copy=False)  # [B, 3, S, S]
+        return np.asarray(s.run(None, {"pixel_values": x})[0], dtype=np.float32)  # [B, M, D]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        out = self.sessions["embed_tokens"].run(None, {"input_ids": np.asarray(ids, dtype=np.int64)[None]})[0]
+        return out[0]  # [T, D]
+
+    def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
+        parts = [s if is_visual_segment(s) else self.embed(s) for s in segments]
+        x = np.concatenate([p.astype(self.embeds_dtype, copy=False) for p in parts])[None]  # [1, T, D]
+        self._past, self._pos = self._empty_past(), 0
+        return self._step(x)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        if self._past is None:
+            raise RuntimeError("decode before prefill")
+        x = self.embed(np.array([token_id], dtype=np.int64)).astype(self.embeds_dtype, copy=False)[None]  # [1, 1, D]
+        return self._step(x)
+
+    def close(self) -> None:
+        self._past = None
+
+    # --- the decoder step --------------------------------------------------------------------------
+
+    def _empty_past(self) -> list[Any]:
+        empty = np.zeros(self.kv_shape, dtype=self.kv_dtype)  # [1, H_kv, 0, Dh]
+        if not self.io_binding:
+            return [empty] * len(self.past_names)
+        return [self.ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self.past_names]
+
+    def _step(self, x: np.ndarray) -> np.ndarray:
+        """Run the decoder on ``x`` [1, T, D] after ``self._pos`` cached positions; logits [V] of the last."""
+        t = x.shape[1]
+        total = self._pos + t
+        feeds = {"inputs_embeds": x, "attention_mask": np.ones((1, total), dtype=np.int64),
+                 "position_ids": np.arange(self._pos, total, dtype=np.int64)[None]}  # [1, T]
+        run = self._run_bound if self.io_binding else self._run_plain
+        logits, self._past = run(feeds)
+        self._pos = total
+        return np.asarray(logits[0, -1], dtype=np.float32)
+
+    def _run_plain(self, feeds: dict) -> tuple[np.ndarray, list]:
+        s = self.sessions["decoder"]
+        out = s.run(["logits", *self.present_names], {**feeds, **dict(zip(self.past_names, self._past))})
+        return out[0], out[1:]
+
+    def _run_bound(self, feeds: dict) -> tuple[np.ndarray, list]:
+        s = self.sessions["decoder"]
+        io = s.io_binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        for name, value in zip(self.past_names, self._past):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in self.present_names:
+            io.bind_output(name, self.device)  # ONNX Runtime allocates; no copy to numpy
+        s.run_with_iobinding(io)
+        outs = io.get_outputs()
+        return outs[0].numpy(), list(outs[1:])
+
+
+OPTIONS = ("providers", "threads", "graph_optimization", "io_binding", "model_format")
+
+
+def _open(root: Path, manifest: Manifest, **options: Any) -> OrtBackend:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise EdgeVLMError(f"unknown ort backend option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+    return OrtBackend(root, manifest, **options)
+
+
+BACKENDS.add("ort", _open)

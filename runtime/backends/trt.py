@@ -1,0 +1,402 @@
+"""Backend ``trt``: a TensorRT bundle (vision_encoder / embed_tokens / decoder engines built by
+``export/to_trt.py``) on an NVIDIA GPU or Jetson.
+
+Device memory comes from cuda-python's runtime API (``cuda.bindings.runtime``, or ``cuda.cudart``
+in older cuda-python): one CUDA stream, and every input/output buffer allocated once, at load, for
+the largest shapes the engines' optimisation profiles allow (``--max-seq`` at build time is the
+context length). The KV cache never leaves the GPU: each layer's ``past``/``present`` tensors use
+two buffers whose roles swap every step (the decoder writes the whole present cache, so it cannot
+write in place). Token embeddings are written by the embed engine straight into the decoder's
+``inputs_embeds`` buffer; ``position_ids`` and ``attention_mask`` are filled once (0..n-1, ones) and
+passed as pointers into them. Per decode step the host sends one token id and reads one logits row.
+Every call returns after a stream synchronisation, so the loop's timings are GPU time.
+
+An engine runs only on the TensorRT version and GPU it was built for; the manifest records both and
+the backend refuses a mismatch with a message instead of crashing in TensorRT.
+
+Options (``Runtime.load(bundle, backend="trt", **options)``): ``device`` (CUDA device index,
+default 0), ``verbose`` (TensorRT's log at INFO instead of WARNING).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import BundleError, EdgeVLMError
+from ..manifest import Manifest
+from . import BACKENDS
+from .base import Backend, is_visual_segment
+
+PAST, PRESENT = "past_key_values.", "present."
+
+# --- pure helpers (unit-tested without TensorRT) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str
+    sm: str  # compute capability, "8.7" on Jetson Orin
+    total_memory: int = 0
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """"10.3.0.30" -> (10, 3, 0): engines are tied to major.minor.patch."""
+    parts = []
+    for p in str(version).split(".")[:3]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def compatibility(recorded: dict, trt_version: str, device: DeviceInfo) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for running engines built as ``recorded`` (a TensorRT bundle's
+    target_info: "tensorrt", "device": {"name", "sm"}) with this TensorRT and GPU."""
+    errors, warnings = [], []
+    built_v, built_dev = recorded.get("tensorrt", "?"), recorded.get("device") or {}
+    if version_key(built_v) != version_key(trt_version):
+        errors.append(f"built with TensorRT {built_v}, this machine has TensorRT {trt_version}")
+    if str(built_dev.get("sm")) != device.sm:
+        errors.append(f"built for {built_dev.get('name', '?')} (SM {built_dev.get('sm', '?')}), this GPU is "
+                      f"{device.name} (SM {device.sm})")
+    elif built_dev.get("name") and built_dev["name"] != device.name:
+        warnings.append(f"engines were built on {built_dev['name']} and run on {device.name} (same SM "
+                        f"{device.sm}): they work, but their tactics were tuned for the other GPU")
+    return errors, warnings
+
+
+def incompatibility_message(root: Path, recorded: dict, errors: list[str]) -> str:
+    src = recorded.get("source_bundle") or "<the ONNX bundle>"
+    return (f"{root}: TensorRT engines run only on the TensorRT version and GPU they were built for: "
+            f"{'; '.join(errors)}. Rebuild them on this machine: python export/to_trt.py --bundle {src} "
+            f"--out <dir>")
+
+
+def kv_pairs(inputs: Sequence[str], outputs: Sequence[str]) -> list[tuple[str, str]]:
+    """[(past_key_values.i.k, present.i.k)] in input order; every past input needs its present output."""
+    pairs = [(n, PRESENT + n[len(PAST):]) for n in inputs if n.startswith(PAST)]
+    missing = [p for _, p in pairs if p not in outputs]
+    extra = [o for o in outputs if o.startswith(PRESENT) and o not in {p for _, p in pairs}]
+    if missing or extra or not pairs:
+        raise BundleError(f"decoder engine KV inputs/outputs do not pair up (missing {missing}, extra {extra})")
+    return pairs
+
+
+def step_shapes(past: int, t: int, hidden: int, kv_shape: tuple[int, int], past_names: Sequence[str]) -> dict:
+    """Decoder input shapes for ``t`` new positions after ``past`` cached ones (batch 1)."""
+    heads, head_dim = kv_shape
+    shapes = {"inputs_embeds": (1, t, hidden), "attention_mask": (1, past + t), "position_ids": (1, t)}
+    shapes.update({n: (1, heads, past, head_dim) for n in past_names})
+    return shapes
+
+
+def pick_profile(ranges: list[dict[str, tuple]], shapes: dict[str, tuple]) -> int:
+    """The first profile whose (min, max) ranges hold every given input shape."""
+    for i, prof in enumerate(ranges):
+        if all(n not in prof or all(lo <= d <= hi for d, lo, hi in zip(s, prof[n][0], prof[n][2]))
+               for n, s in shapes.items()):
+            return i
+    raise EdgeVLMError(f"no optimisation profile of the engine accepts shapes {shapes}; rebuild the engines "
+                       "with a larger --max-seq / --max-batch")
+
+
+def nbytes(shape: Sequence[int], itemsize: int) -> int:
+    """Bytes for a tensor; at least 1 (TensorRT needs a valid address even for an empty tensor)."""
+    return max(1, int(np.prod(shape, dtype=np.int64)) * itemsize)
+
+
+def elementwise_max(shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    return tuple(int(max(d)) for d in zip(*shapes))
+
+
+# --- CUDA (cuda-python runtime API) ---------------------------------------------------------------
+
+
+def import_cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise EdgeVLMError("cuda-python (CUDA device memory for TensorRT) is not installed: pip install "
+                               "cuda-python (the 12.x line on JetPack 6)") from None
+    return cudart
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise EdgeVLMError("TensorRT's Python bindings (module tensorrt) are not installed: on Jetson they come "
+                           "with JetPack (apt install python3-libnvinfer; a venv needs --system-site-packages), "
+                           "elsewhere pip install tensorrt") from None
+    return tensorrt
+
+
+class Cuda:
+    """A CUDA device, one stream, and the device buffers allocated through it."""
+
+    def __init__(self, cudart, device: int = 0):
+        self.rt = cudart
+        count = self.check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount", quiet=True)
+        if not count:
+            raise EdgeVLMError("no CUDA device found (cudaGetDeviceCount returned 0 or failed)")
+        if not 0 <= device < count:
+            raise EdgeVLMError(f"CUDA device {device} does not exist (this machine has {count})")
+        self.check(cudart.cudaSetDevice(device), "cudaSetDevice")
+        self.device = device
+        self.stream = self.check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        try:
+            self.handle = int(self.stream)  # TensorRT takes the stream as an integer handle
+        except TypeError:
+            self.handle = int(self.stream.getPtr())
+        self._allocs: list[int] = []
+
+    def check(self, result, what: str, quiet: bool = False):
+        err, *rest = result if isinstance(result, tuple) else (result,)
+        if err != self.rt.cudaError_t.cudaSuccess:
+            if quiet:
+                return None
+            raise RuntimeError(f"{what} failed: {self.rt.cudaGetErrorName(err)[1]}")
+        return rest[0] if len(rest) == 1 else (rest or None)
+
+    def info(self) -> DeviceInfo:
+        prop = self.check(self.rt.cudaGetDeviceProperties(self.device), "cudaGetDeviceProperties")
+        name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+        return DeviceInfo(name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem))
+
+    def malloc(self, size: int) -> int:
+        ptr = int(self.check(self.rt.cudaMalloc(size), f"cudaMalloc({size})"))
+        self._allocs.append(ptr)
+        return ptr
+
+    def h2d(self, dst: int, array: np.ndarray) -> None:
+        a = np.ascontiguousarray(array)  # pageable: the call returns once the host data is staged
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self.check(self.rt.cudaMemcpyAsync(dst, a.ctypes.data, a.nbytes, kind, self.stream), "H2D copy")
+
+    def d2h(self, out: np.ndarray, src: int) -> np.ndarray:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self.check(self.rt.cudaMemcpyAsync(out.ctypes.data, src, out.nbytes, kind, self.stream), "D2H copy")
+        self.sync()
+        return out
+
+    def sync(self) -> None:
+        self.check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        for p in self._allocs:
+            self.rt.cudaFree(p)
+        self._allocs = []
+        if self.stream is not None:
+            self.rt.cudaStreamDestroy(self.stream)
+            self.stream = None
+
+
+class Engine:
+    """One deserialised engine, its execution context and its device buffers (allocated once, for
+    the profiles' largest shapes; names in ``external`` get no buffer: the caller passes addresses)."""
+
+    def __init__(self, trt, cuda: Cuda, engine, external: Sequence[str] = ()):
+        self.trt, self.cuda, self.engine = trt, cuda, engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_in = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.inputs = [n for n in names if is_in[n]]
+        self.outputs = [n for n in names if not is_in[n]]
+        self.dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        dynamic = [n for n in self.inputs if -1 in tuple(engine.get_tensor_shape(n))]
+        self.ranges = [{n: tuple(tuple(s) for s in engine.get_tensor_profile_shape(n, p)) for n in dynamic}
+                       for p in range(engine.num_optimization_profiles)]
+        self.profile = -1
+        self.max_shapes = self._max_shapes()
+        self.buffers = {n: cuda.malloc(nbytes(s, self.dtypes[n].itemsize))
+                        for n, s in self.max_shapes.items() if n not in external}
+
+    def _max_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Largest shape of every tensor: inputs at each profile's max, outputs as TensorRT infers them."""
+        seen: dict[str, list] = {}
+        for p, prof in enumerate(self.ranges or [{}]):
+            self.set_profile(p)
+            for n in self.inputs:
+                shape = prof[n][2] if n in prof else tuple(self.engine.get_tensor_shape(n))
+                self.context.set_input_shape(n, shape)
+                seen.setdefault(n, []).append(shape)
+            for n in self.outputs:
+                seen.setdefault(n, []).append(tuple(self.context.get_tensor_shape(n)))
+        return {n: elementwise_max(s) for n, s in seen.items()}
+
+    def set_profile(self, p: int) -> None:
+        if p != self.profile and self.engine.num_optimization_profiles > 1:
+            if not self.context.set_optimization_profile_async(p, self.cuda.handle):
+                raise RuntimeError(f"TensorRT refused optimisation profile {p}")
+        self.profile = p
+
+    def run(self, shapes: dict[str, tuple], addresses: dict[str, int] | None = None) -> None:
+        """Enqueue one execution with these input shapes (inputs not named keep the engine's fixed shape)."""
+        self.set_profile(pick_profile(self.ranges, shapes) if self.ranges else 0)
+        addresses = addresses or {}
+        for n, s in shapes.items():
+            if not self.context.set_input_shape(n, tuple(int(d) for d in s)):
+                raise EdgeVLMError(f"TensorRT rejected shape {s} for {n}")
+        for n in (*self.inputs, *self.outputs):
+            self.context.set_tensor_address(n, addresses.get(n, self.buffers.get(n, 0)))
+        if not self.context.execute_async_v3(self.cuda.handle):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see TensorRT's log above)")
+
+    def output_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.context.get_tensor_shape(name))
+
+
+# --- the backend ----------------------------------------------------------------------------------
+
+
+class TrtBackend(Backend):
+    name = "trt"
+
+    def __init__(self, root: Path, manifest: Manifest, device: int = 0, verbose: bool = False):
+        if manifest.target != "trt":
+            raise BundleError(f"{root}: a {manifest.target!r} bundle; the trt backend reads TensorRT bundles "
+                              "(python export/to_trt.py --bundle ONNX_BUNDLE --out DIR)")
+        trt = import_tensorrt()
+        self.cuda = Cuda(import_cudart(), device)
+        try:
+            self._load(trt, Path(root), manifest, verbose)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, trt, root: Path, manifest: Manifest, verbose: bool) -> None:
+        errors, warnings = compatibility(manifest.target_info, trt.__version__, self.cuda.info())
+        if errors:
+            raise BundleError(incompatibility_message(root, manifest.target_info, errors))
+        for w in warnings:
+            print(f"edgevlm trt: warning: {w}", file=sys.stderr)
+        self.logger = trt.Logger(trt.Logger.INFO if verbose else trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        raw = {g: self._deserialize(root, manifest, g) for g in ("vision_encoder", "embed_tokens", "decoder")}
+        self.vision = Engine(trt, self.cuda, raw["vision_encoder"])
+        names = [raw["decoder"].get_tensor_name(i) for i in range(raw["decoder"].num_io_tensors)]
+        self.pairs = kv_pairs([n for n in names if n.startswith(PAST)], names)
+        self.decoder = Engine(trt, self.cuda, raw["decoder"], external=[p for p, _ in self.pairs])
+        for p, q in self.pairs:  # both halves of a ping-pong pair hold a full (present-sized) cache
+            self.decoder.buffers[p] = self.cuda.malloc(nbytes(self.decoder.max_shapes[q], self.decoder.dtypes[q].itemsize))
+        self.embed = Engine(trt, self.cuda, raw["embed_tokens"], external=("inputs_embeds",))
+        m = manifest.model
+        self.hidden, self.kv_shape = m.hidden_size, (m.num_kv_heads, m.head_dim)
+        self.vocab = m.vocab_size
+        if self.embed.dtypes["inputs_embeds"] != self.decoder.dtypes["inputs_embeds"]:
+            raise BundleError(f"{root}: embed_tokens and decoder engines disagree on the embedding dtype")
+        self.n_ctx = min(m.max_positions, self.decoder.max_shapes["attention_mask"][1])
+        self._fill_constants()
+        self._pos = 0
+        self._flip = False  # False: the cache is in the past buffers; True: in the present buffers
+
+    def _deserialize(self, root: Path, manifest: Manifest, graph: str):
+        path = root / manifest.file(graph).path
+        engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise BundleError(f"{path}: TensorRT could not deserialise the engine (see TensorRT's log above)")
+        return engine
+
+    def _fill_constants(self) -> None:
+        """position_ids = 0..n-1 and attention_mask = 1, written once; steps point into them."""
+        d = self.decoder
+        n = d.max_shapes["attention_mask"][1]
+        self.cuda.h2d(d.buffers["position_ids"], np.arange(n, dtype=d.dtypes["position_ids"]))
+        self.cuda.h2d(d.buffers["attention_mask"], np.ones(n, dtype=d.dtypes["attention_mask"]))
+        self.cuda.sync()
+
+    # --- the Backend interface -------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        v = self.vision
+        lo, _, hi = v.ranges[0]["pixel_values"] if v.ranges else (v.max_shapes["pixel_values"],) * 3
+        b_min, b_max = lo[0], hi[0]  # [B, 3, S, S]
+        outs = []
+        for start in range(0, len(pixel_values), b_max):
+            chunk = pixel_values[start:start + b_max].astype(v.dtypes["pixel_values"], copy=False)  # [b, 3, S, S]
+            n = len(chunk)
+            if n < b_min:  # a fixed-batch (DLA) engine: pad with zeros
+                chunk = np.concatenate([chunk, np.zeros((b_min - n, *chunk.shape[1:]), chunk.dtype)])
+            self.cuda.h2d(v.buffers["pixel_values"], chunk)
+            v.run({"pixel_values": chunk.shape})
+            out = np.empty(v.output_shape("image_features"), v.dtypes["image_features"])  # [b, M, D]
+            outs.append(self.cuda.d2h(out, v.buffers["image_features"])[:n])
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
+        d, e = self.decoder, self.embed
+        dtype = d.dtypes["inputs_embeds"]
+        row = self.hidden * dtype.itemsize
+        base, offset = d.buffers["inputs_embeds"], 0
+        for seg in segments:
+            t = len(seg)
+            if t == 0:
+                continue
+            if offset + t > d.max_shapes["inputs_embeds"][1]:
+                raise EdgeVLMError(f"prompt of {offset + t}+ positions exceeds the engines' {self.n_ctx}")
+            if is_visual_segment(seg):  # [M, D] float
+                self.cuda.h2d(base + offset * row, seg.astype(dtype, copy=False))
+            else:  # token ids [T] -> the embed engine writes into the decoder's input buffer
+                self.cuda.h2d(e.buffers["input_ids"], np.asarray(seg, dtype=e.dtypes["input_ids"]))
+                e.run({"input_ids": (1, t)}, {"inputs_embeds": base + offset * row})
+            offset += t
+        self._pos, self._flip = 0, False
+        return self._step(offset)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        if self._pos == 0:
+            raise RuntimeError("decode before prefill")
+        if self._pos >= self.n_ctx:
+            raise EdgeVLMError(f"the context is full ({self.n_ctx} positions, the engines' --max-seq)")
+        e = self.embed
+        self.cuda.h2d(e.buffers["input_ids"], np.array([token_id], dtype=e.dtypes["input_ids"]))
+        e.run({"input_ids": (1, 1)}, {"inputs_embeds": self.decoder.buffers["inputs_embeds"]})
+        return self._step(1)
+
+    def _step(self, t: int) -> np.ndarray:
+        """Run the decoder on ``t`` embeddings after ``self._pos`` cached positions; logits [V] of the last."""
+        d = self.decoder
+        past = self._pos
+        shapes = step_shapes(past, t, self.hidden, self.kv_shape, [p for p, _ in self.pairs])
+        pos_dtype = d.dtypes["position_ids"]
+        addresses = {"position_ids": d.buffers["position_ids"] + past * pos_dtype.itemsize}
+        for p_name, q_name in self.pairs:  # ping-pong: read the cache from one buffer, write the other
+            src, dst = (d.buffers[q_name], d.buffers[p_name]) if self._flip else (d.buffers[p_name], d.buffers[q_name])
+            addresses[p_name], addresses[q_name] = src, dst
+        d.run(shapes, addresses)
+        self._flip = not self._flip
+        self._pos = past + t
+        logits_dtype = d.dtypes["logits"]
+        row = np.empty(self.vocab, logits_dtype)  # only the last position's logits come back
+        self.cuda.d2h(row, d.buffers["logits"] + (t - 1) * self.vocab * logits_dtype.itemsize)
+        return row.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        """Contexts, then engines, then the runtime, then the device buffers and the stream."""
+        for name in ("vision", "embed", "decoder"):
+            eng = getattr(self, name, None)
+            if eng is not None:
+                eng.context = eng.engine = None
+                setattr(self, name, None)
+        self.runtime = None
+        if getattr(self, "cuda", None) is not None:
+            self.cuda.close()
+
+
+OPTIONS = ("device", "verbose")
+
+
+def _open(root: Path, manifest: Manifest, **options: Any) -> TrtBackend:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise EdgeVLMError(f"unknown trt backend option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+    return TrtBackend(root, manifest, **options)
+
+
+BACKENDS.add("trt", _open)

@@ -1,0 +1,78 @@
+"""Answer a prompt about an image with an exported bundle (torch-free with --backend ort).
+
+Example:
+    edgevlm run --bundle bundles/tiny-int4 --image photo.jpg --prompt "What colour is the car?" --stream
+
+Prints the answer, then one line of timings (vision, prefill, time to first token, decode speed).
+--backend torch runs the PyTorch reference: --bundle may then also be a model dir or preset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle dir (manifest.json); for --backend torch also a model dir")
+    p.add_argument("--image", help="image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--backend", default="ort", help="ort (default) | torch | any registered backend")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="ort: intra-op threads (default: ONNX Runtime's)")
+    p.add_argument("--providers", default=None, help="ort: cpu | cuda | tensorrt (default: cpu)")
+    p.add_argument("--model-format", choices=("onnx", "ort"), default=None,
+                   help="ort: run the .onnx graphs (default) or the bundle's .ort files")
+    p.add_argument("--json", action="store_true", help="print the result (text, ids, timings) as one JSON line")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    names = {"threads": "threads", "providers": "providers", "model_format": "model_format"}
+    return {opt: getattr(args, attr) for opt, attr in names.items() if getattr(args, attr) is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from .engine import Runtime
+    from .errors import EdgeVLMError
+
+    options = backend_options(args)
+    if options and args.backend != "ort":
+        raise EdgeVLMError(f"--threads/--providers/--model-format apply to --backend ort, not {args.backend}")
+    gen = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+               seed=args.seed)
+    with Runtime.load(args.bundle, backend=args.backend, **options) as rt:
+        if args.stream and not args.json:
+            pieces = rt.stream(args.image, args.prompt, max_new_tokens=args.max_new_tokens, **gen)
+            for piece in pieces:
+                print(piece, end="", flush=True)
+            print()
+            result = pieces.result
+        else:
+            result = rt.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens, **gen)
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                          "timings": result.timings.to_dict()}))
+        return 0
+    if not args.stream:
+        print(result.text)
+    print(format_timings(result.timings.to_dict()), file=sys.stderr)
+    return 0
+
+
+def format_timings(t: dict) -> str:
+    speed = "n/a" if t["decode_tok_s"] is None else f"{t['decode_tok_s']:.1f} tok/s"
+    return (f"[vision {t['vision_ms']:.0f} ms | prefill {t['prefill_ms']:.0f} ms | ttft {t['ttft_ms']:.0f} ms | "
+            f"decode {speed} | {t['n_visual_tokens']} visual + {t['n_prompt_tokens']} prompt tokens, "
+            f"{t['n_generated']} generated]")
+
+
+if __name__ == "__main__":
+    from edgevlm.cli import script_main
+
+    script_main("run")

@@ -1,0 +1,308 @@
+"""Backend ``llamacpp``: GGUF bundles run by real llama.cpp (llama-cpp-python, mtmd bindings),
+compared with the torch model -- image embeddings, logits, greedy tokens, held-out accuracy per
+question type for every quant type -- plus the interface (options, streaming) and bad files."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install 'edgevlm[gguf]')")
+pytest.importorskip("llama_cpp", reason="the llamacpp backend needs llama-cpp-python (pip install 'edgevlm[gguf]')")
+
+from conftest import SMALL  # noqa: E402
+
+from edgevlm.runtime.errors import BundleError, EdgeVLMError  # noqa: E402
+
+QUANTS = ["f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"]
+THREADS = 1  # the test machine is shared: 2+ OpenMP threads on 2 busy cores crawl
+COS_MIN = 0.999
+N_HELDOUT = 60
+
+
+def _image(seed: int = 0, size=(300, 400)):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # [M, D] x [M, D] -> [M]
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def _export(model, out, quants, **kw):
+    from edgevlm.export.to_gguf import export_gguf
+
+    return export_gguf(model, out, quants, progress=False, **kw)
+
+
+def _runtime(bundle, quant="f16", **kw):
+    from edgevlm.runtime import Runtime
+
+    return Runtime.load(bundle, backend="llamacpp", quant=quant, n_threads=THREADS, **kw)
+
+
+def _gguf_integrators():
+    from edgevlm.export.gguf_mmproj import gguf_projectors
+
+    return sorted(gguf_projectors())
+
+
+# --- every GGUF-capable integrator, random weights -----------------------------------------------
+
+
+@pytest.fixture(scope="module", params=_gguf_integrators())
+def small_bundle(request, tiny_model, tmp_path_factory):
+    from edgevlm import load_model
+
+    name = request.param
+    model = tiny_model if tiny_model.cfg.integrator.name == name else load_model("tiny", integrator=name, **SMALL)
+    model = model.float().eval()
+    return model, _export(model, tmp_path_factory.mktemp(f"gguf-{name}") / "b", ["f16", "q4_0"])
+
+
+def test_image_embeddings_match_torch(small_bundle):
+    """mmproj features == model.encode_images: layer selection, CLS, norms, GELU, projector."""
+    import torch
+
+    model, bundle = small_bundle
+    with _runtime(bundle) as rt:
+        pixels = np.concatenate([rt.pixel_values(_image(s)) for s in (0, 1)])  # [2, 3, S, S]
+        got = rt.backend.encode_image(pixels)
+    with torch.inference_mode():
+        want = model.encode_images(torch.from_numpy(pixels)).numpy()
+    assert got.shape == want.shape == (2, model.n_visual_tokens, model.cfg.llm.hidden_size)
+    cos = _cosine(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]))
+    print(f"\n[{model.cfg.integrator.name}] per-token cosine min {cos.min():.6f} mean {cos.mean():.6f}, "
+          f"max abs diff {np.abs(got - want).max():.2e} (|x| max {np.abs(want).max():.2f})")
+    assert cos.min() >= COS_MIN
+
+
+def test_logits_and_greedy_tokens_match_torch(small_bundle):
+    from edgevlm.runtime.backends.torch import TorchBackend
+    from edgevlm.runtime.generate import split_segments
+
+    model, bundle = small_bundle
+    with _runtime(bundle) as rt:
+        ids, pixels = rt._inputs(_image(2), "What colour is the circle?")
+        torch_be = TorchBackend(model)
+        segments = split_segments(ids, torch_be.encode_image(pixels))  # same visual tokens for both
+        diffs = [np.abs(rt.backend.prefill(segments) - torch_be.prefill(segments)).max()]
+        for tok in (5, 17, 300):
+            diffs.append(np.abs(rt.backend.decode(tok) - torch_be.decode(tok)).max())
+        assert max(diffs) < 0.02, diffs
+        got = rt.generate(_image(3), "What shape is it?", max_new_tokens=12, ignore_eos=True)
+    want = model.generate(_image(3), "What shape is it?", max_new_tokens=12, ignore_eos=True)
+    assert got.token_ids == want.token_ids
+
+
+def _cls_last_features(model, pixels):
+    """What llama.cpp's llava graph computes with a class embedding (issue 25814): CLS appended
+    after the patches, position rows added in order, rows 1..N read back, then the integrator."""
+    import torch
+
+    vm = model.vision_tower.vision_tower.vision_model
+    emb = vm.embeddings
+    with torch.inference_mode():
+        x = torch.from_numpy(pixels)
+        patches = emb.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, N, D]
+        cls = emb.class_embedding.expand(x.shape[0], 1, -1)
+        h = vm.pre_layrnorm(torch.cat([patches, cls], 1) + emb.position_embedding.weight[None])
+        for layer in vm.encoder.layers[: model.vision_tower.layers_used]:
+            h = layer(h, None, None)[0]
+        return model.integrator(h[:, 1:]).numpy()
+
+
+def test_cls_keep_mode_meets_llama_cpps_cls_order(bundle, tiny_model, tmp_path):
+    """Why the exporter omits CLS by default: with the class embedding in the file, this llama.cpp
+    computes the CLS-last graph above, not the model. If a llama.cpp build matches torch here
+    instead, its CLS order is fixed and ``--cls keep`` is the exact choice for it."""
+    import torch
+
+    from edgevlm.export.gguf_mmproj import write_mmproj
+
+    b = _copy(bundle, tmp_path)
+    write_mmproj(tiny_model, b / "mmproj-f16.gguf", cls="keep")
+    with _runtime(b, verify=False) as rt:
+        pixels = rt.pixel_values(_image(4))
+        got = rt.backend.encode_image(pixels)[0]
+    with torch.inference_mode():
+        want = tiny_model.encode_images(torch.from_numpy(pixels))[0].numpy()
+    vs_torch = _cosine(got, want).min()
+    vs_cls_last = _cosine(got, _cls_last_features(tiny_model, pixels)[0]).min()
+    print(f"\n[cls=keep] per-token cosine min vs torch {vs_torch:.4f}, vs CLS-last graph {vs_cls_last:.6f}")
+    assert vs_cls_last >= COS_MIN or vs_torch >= COS_MIN
+
+
+# --- the interface --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_model, tmp_path_factory):
+    return _export(tiny_model.float().eval(), tmp_path_factory.mktemp("gguf") / "b", ["f16", "q4_0"])
+
+
+def test_generate_stream_timings_and_quant_choice(bundle):
+    with _runtime(bundle, quant="q4_0", n_ctx=512, n_gpu_layers=0) as rt:
+        assert rt.backend.quant == "q4_0" and rt.backend.n_ctx == 512
+        r = rt.generate(_image(), "What colour is it?", max_new_tokens=6, ignore_eos=True)
+        assert len(r.token_ids) == 6 and r.finish_reason == "length"
+        t = r.timings
+        assert t.n_visual_tokens == rt.manifest.model.n_visual_tokens and t.vision_ms > 0
+        assert t.prefill_ms > 0 and t.decode_tok_s > 0
+        s = rt.stream(_image(), "What colour is it?", max_new_tokens=6, ignore_eos=True)
+        pieces = list(s)
+        assert "".join(pieces) == s.result.text == r.text  # greedy: same run twice
+        text_only = rt.generate(None, "Say something.", max_new_tokens=3)
+        assert 1 <= len(text_only.token_ids) <= 3
+
+
+def test_unknown_quant_and_wrong_bundle_kind_are_refused(bundle, tmp_path):
+    from edgevlm.runtime.manifest import read_manifest
+
+    with pytest.raises(BundleError, match="no 'q5_k_m' LLM in this bundle; it has: f16, q4_0"):
+        _runtime(bundle, quant="q5_k_m")
+    with pytest.raises(EdgeVLMError, match="unknown llamacpp backend option.*threads.*valid"):
+        _runtime(bundle, threads=2)
+    m = read_manifest(bundle)
+    m.target = "onnx"
+    from edgevlm.runtime.backends.llamacpp import open_bundle
+
+    with pytest.raises(BundleError, match="llamacpp backend runs GGUF bundles"):
+        open_bundle(bundle, m)
+
+
+def test_pixel_values_not_made_from_8bit_pixels_are_refused(bundle):
+    with _runtime(bundle) as rt:
+        pixels = rt.pixel_values(_image()) + 0.003
+        with pytest.raises(EdgeVLMError, match="8-bit"):
+            rt.backend.encode_image(pixels)
+
+
+# --- bad files: clear errors before llama.cpp sees them --------------------------------------------
+
+
+def _copy(bundle, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def test_truncated_llm_is_refused_before_llama_cpp(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    data = (b / "llm-f16.gguf").read_bytes()
+    (b / "llm-f16.gguf").write_bytes(data[: len(data) // 3])
+    with pytest.raises(BundleError, match="truncated or altered"):
+        _runtime(b)  # the manifest's sizes catch it first
+    with pytest.raises(BundleError, match="truncated"):
+        _runtime(b, verify=False)  # and the GGUF reader without them
+
+
+def test_non_gguf_mmproj_is_refused(bundle, tmp_path):
+    b = _copy(bundle, tmp_path)
+    (b / "mmproj-f16.gguf").write_bytes(b"PK\x03\x04 not a gguf file" * 10)
+    with pytest.raises(BundleError, match="not a GGUF file"):
+        _runtime(b, verify=False)
+
+
+def test_mmproj_of_another_width_is_refused(bundle, tmp_path):
+    from edgevlm import load_model
+    from edgevlm.export.gguf_mmproj import write_mmproj
+
+    b = _copy(bundle, tmp_path)
+    other = load_model("tiny", llm__hidden_size=128, **SMALL).float().eval()
+    write_mmproj(other, b / "mmproj-f16.gguf")
+    with pytest.raises(BundleError, match="projects images to width 128 but llm-f16.gguf has hidden size 256"):
+        _runtime(b, verify=False)
+
+
+# --- trained model: agreement and held-out accuracy per quant type -------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(trained_tiny, tmp_path_factory):
+    from edgevlm.export.common import load_for_export
+
+    model = load_for_export(str(trained_tiny))
+    return model, _export(model, tmp_path_factory.mktemp("gguf-trained") / "b", QUANTS, source=str(trained_tiny))
+
+
+@pytest.fixture(scope="module")
+def heldout(trained_data):
+    from edgevlm.train.data.llava import load_llava_records
+    from edgevlm.train.evaluate import majority_answers
+
+    records = load_llava_records(str(trained_data / "test.json")).records[:N_HELDOUT]
+    return records, majority_answers(load_llava_records(str(trained_data / "train.json")).records)
+
+
+def _answers(generate, records) -> dict[str, object]:
+    from edgevlm.train.data.llava import load_record_image
+
+    return {rec.id: generate(load_record_image(rec), rec.turns[0][0]) for rec in records}
+
+
+@pytest.fixture(scope="module")
+def fidelity(trained_bundle, heldout, tmp_path_factory):
+    """Greedy answers of torch and of every quant type on the held-out records."""
+    model, bundle = trained_bundle
+    records, _ = heldout
+    out = {"torch": _answers(lambda im, q: model.generate(im, q, max_new_tokens=12), records)}
+    for q in QUANTS:
+        with _runtime(bundle, quant=q) as rt:
+            out[q] = _answers(lambda im, p: rt.generate(im, p, max_new_tokens=12), records)
+    return out
+
+
+def test_trained_image_embeddings_match_torch(trained_bundle, heldout):
+    import torch
+
+    from edgevlm.train.data.llava import load_record_image
+
+    model, bundle = trained_bundle
+    with _runtime(bundle) as rt:
+        pixels = np.concatenate([rt.pixel_values(load_record_image(r)) for r in heldout[0][:4]])
+        got = rt.backend.encode_image(pixels)
+    with torch.inference_mode():
+        want = model.encode_images(torch.from_numpy(pixels)).numpy()
+    cos = _cosine(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]))
+    print(f"\n[trained] per-token cosine min {cos.min():.6f} mean {cos.mean():.6f}, "
+          f"max abs diff {np.abs(got - want).max():.2e} (|x| max {np.abs(want).max():.2f})")
+    assert cos.min() >= COS_MIN
+
+
+def test_f16_greedy_tokens_agree_with_torch(fidelity):
+    ref, f16 = fidelity["torch"], fidelity["f16"]
+    same = sum(ref[k].token_ids == f16[k].token_ids for k in ref)
+    print(f"\n[trained] f16 greedy answers identical to torch: {same}/{len(ref)}")
+    assert same >= 0.9 * len(ref)
+
+
+def test_heldout_accuracy_per_quant_type(fidelity, heldout, tmp_path_factory):
+    from edgevlm.train.evaluate import score
+
+    records, majority = heldout
+    results = {name: score(records, lambda rec, q, a=answers: a[rec.id].text, majority, progress=False)
+               for name, answers in fidelity.items()}
+    table = accuracy_table(results)
+    print("\n" + table)
+    (tmp_path_factory.getbasetemp() / "gguf_accuracy.json").write_text(json.dumps(results, indent=2))
+    overall = {k: r["overall"]["accuracy"] for k, r in results.items()}
+    assert abs(overall["f16"] - overall["torch"]) <= 0.03
+    assert overall["f16"] - overall["q4_k_m"] <= 0.03, f"q4_k_m drop {overall['f16'] - overall['q4_k_m']:.3f}"
+
+
+def accuracy_table(results: dict) -> str:
+    """Rows: question types + overall; columns: torch and each quant type (accuracy)."""
+    names = list(results)
+    kinds = list(next(iter(results.values()))["per_type"]) + ["overall"]
+    lines = [f"{'type':<12}{'n':>5}" + "".join(f"{n:>9}" for n in names) + f"{'majority':>10}"]
+    for kind in kinds:
+        rows = [r["overall"] if kind == "overall" else r["per_type"][kind] for r in results.values()]
+        lines.append(f"{kind:<12}{rows[0]['n']:>5}" + "".join(f"{r['accuracy']:>9.3f}" for r in rows)
+                     + f"{rows[0]['majority_baseline']:>10.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""ONNX export: the three graphs (names, dynamic axes, checker, validation against PyTorch), every
+registered integrator, fp16/int8/int4/.ort variants, large-graph external data, the manifest, the
+CLI, and that a failed export leaves no bundle. Real ONNX Runtime throughout."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from edgevlm import load_model  # noqa: E402
+from edgevlm.export import onnx_graphs, onnx_quant  # noqa: E402
+from edgevlm.export.onnx_validate import TOLERANCES, validate_graph  # noqa: E402
+from edgevlm.export.to_onnx import export_fp32_graphs, export_onnx  # noqa: E402
+from edgevlm.runtime.errors import EdgeVLMError  # noqa: E402
+from edgevlm.runtime.manifest import read_manifest  # noqa: E402
+from edgevlm.train.integrators import INTEGRATORS  # noqa: E402
+
+from conftest import SMALL  # noqa: E402
+
+GRAPH_FILES = {"vision_encoder": "vision_encoder.onnx", "embed_tokens": "embed_tokens.onnx",
+               "decoder": "decoder_model_merged.onnx"}
+
+
+@pytest.fixture(scope="module")
+def fp32_graphs(tiny_model, tmp_path_factory):
+    return export_fp32_graphs(tiny_model, tmp_path_factory.mktemp("onnx_fp32"))
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_model, fp32_graphs, tmp_path_factory, shapes_dir):
+    """fp32, fp16, int8 and int4 (+ .ort) bundles sharing one fp32 export."""
+    root = tmp_path_factory.mktemp("onnx_bundles")
+    variants = {"fp32": ("fp32", "none", False), "fp16": ("fp16", "none", False),
+                "int8": ("fp32", "int8", False), "int4": ("fp32", "int4", True)}
+    return {name: export_onnx(tiny_model, root / name, dt, q, ort_format=ortf, calib_data=str(shapes_dir),
+                              calib_count=8, fp32_graphs=fp32_graphs, progress=False)
+            for name, (dt, q, ortf) in variants.items()}
+
+
+def _io(path):
+    g = onnx.load(str(path), load_external_data=False).graph
+    return [i.name for i in g.input], [o.name for o in g.output]
+
+
+def _ops(path):
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_graph_io_names_follow_genai_and_optimum(tiny_model, bundles):
+    n = tiny_model.cfg.llm.num_hidden_layers
+    root = bundles["fp32"]
+    assert _io(root / GRAPH_FILES["vision_encoder"]) == (["pixel_values"], ["image_features"])
+    assert _io(root / GRAPH_FILES["embed_tokens"]) == (["input_ids"], ["inputs_embeds"])
+    ins, outs = _io(root / GRAPH_FILES["decoder"])
+    kinds = [f"{i}.{k}" for i in range(n) for k in ("key", "value")]
+    assert ins == ["inputs_embeds", "attention_mask", "position_ids", *(f"past_key_values.{s}" for s in kinds)]
+    assert outs == ["logits", *(f"present.{s}" for s in kinds)]
+    for f in GRAPH_FILES.values():
+        onnx.checker.check_model(str(root / f))
+        assert onnx.load(str(root / f)).opset_import[0].version >= 17
+
+
+def test_axes_are_dynamic(tiny_model, bundles):
+    g = onnx.load(str(bundles["fp32"] / GRAPH_FILES["decoder"]), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
+    c = tiny_model.cfg.llm
+    assert dims["inputs_embeds"] == ["batch", "sequence_length", c.hidden_size]
+    assert dims["attention_mask"] == ["batch", "total_sequence_length"]
+    assert dims["past_key_values.0.key"] == ["batch", c.num_key_value_heads, "past_sequence_length",
+                                             c.hidden_size // c.num_attention_heads]
+    vis = onnx.load(str(bundles["fp32"] / GRAPH_FILES["vision_encoder"]), load_external_data=False).graph
+    assert vis.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_fp32_validation_recorded_and_tight(bundles):
+    info = read_manifest(bundles["fp32"]).target_info
+    for graph, g in info["graphs"].items():
+        v = g["validation"]
+        atol, rtol = TOLERANCES["fp32"][graph]
+        print(f"{graph}: max |ort - torch| = {v['max_abs_diff']:.3g} (scale {v['ref_scale']:.3g})")
+        assert v["max_abs_diff"] <= atol + rtol * v["ref_scale"]
+        assert v["max_abs_diff"] < 1e-4
+    assert set(info["graphs"]["decoder"]["validation"]["cases"]) == {"prefill", "decode", "batch2_chunk"}
+
+
+def test_manifest_describes_the_bundle(tiny_model, bundles):
+    root = bundles["int4"]
+    m = read_manifest(root)  # sizes and sha256 verified
+    roles = {f.role: f.path for f in m.files}
+    assert roles["vision_encoder"] == "vision_encoder.onnx" and roles["decoder"] == "decoder_model_merged.onnx"
+    assert roles["tokenizer"] == "tokenizer.json"
+    assert {"vision_encoder_ort", "embed_tokens_ort", "decoder_ort", "ort_config"} <= set(roles)
+    assert all(len(f.sha256) == 64 and f.size > 0 for f in m.files)
+    assert m.model.integrator == tiny_model.cfg.integrator.name
+    assert m.model.n_visual_tokens == tiny_model.n_visual_tokens
+    assert m.preprocess == tiny_model.cfg.preprocess and m.chat_template == tiny_model.cfg.chat_template
+    assert m.tokens["eos_id"] == tiny_model.cfg.tokens.eos_id
+    info = m.target_info
+    assert info["opset"] >= 17 and info["quantize"] == "int4" and info["exporter"].startswith("torch.onnx")
+    assert info["int4"] == {"block_size": 32, "accuracy_level": 4, "symmetric": True,
+                            "op": "com.microsoft.MatMulNBits"}
+    assert info["calibration"]["n_images"] == 8
+    assert {"onnx", "onnxruntime", "torch"} <= set(m.exporter["versions"])
+    assert not [p for p in root.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_variants_have_the_expected_operators(bundles):
+    assert "MatMulNBits" in _ops(bundles["int4"] / GRAPH_FILES["decoder"])
+    nbits = [n for n in onnx.load(str(bundles["int4"] / GRAPH_FILES["decoder"])).graph.node
+             if n.op_type == "MatMulNBits"]
+    attrs = {a.name: a.i for a in nbits[0].attribute}
+    assert attrs["block_size"] == 32 and attrs["accuracy_level"] == 4 and attrs["bits"] == 4
+    assert len(nbits) == 7 * 2 + 1  # q k v o gate up down per layer + LM head
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(bundles["int8"] / GRAPH_FILES["vision_encoder"])
+    assert "MatMulInteger" in _ops(bundles["int8"] / GRAPH_FILES["decoder"])
+    dec16 = onnx.load(str(bundles["fp16"] / GRAPH_FILES["decoder"])).graph
+    assert dec16.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert dec16.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # the KV cache in fp16
+    for name in ("fp16", "int8", "int4"):
+        info = read_manifest(bundles[name]).target_info
+        for graph, g in info["graphs"].items():
+            print(f"{name} {graph} ({g['variant']}): max |ort - torch| = {g['validation']['max_abs_diff']:.3g}")
+
+
+def test_ort_format_files_load_in_onnx_runtime(bundles):
+    root = bundles["int4"]
+    for f in ("vision_encoder.ort", "embed_tokens.ort", "decoder_model_merged.ort"):
+        s = ort.InferenceSession(str(root / f), providers=["CPUExecutionProvider"])
+        assert s.get_inputs()
+    config = (root / "required_operators_and_types.config").read_text()
+    assert "MatMulNBits" in config and "ai.onnx" in config
+
+
+@pytest.mark.parametrize("integrator", INTEGRATORS.names())
+def test_vision_graph_for_every_integrator(integrator, tmp_path):
+    model = load_model("tiny", integrator=integrator, **SMALL).float().eval()
+    graphs = onnx_graphs.export_graphs(model, tmp_path, graphs=("vision_encoder",))
+    path = graphs["vision_encoder"]["path"]
+    report = validate_graph(model, "vision_encoder", path)  # batch 1 and 3: the batch axis is dynamic
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = s.run(None, {"pixel_values": np.zeros((2, 3, 336, 336), np.float32)})[0]
+    assert out.shape == (2, model.n_visual_tokens, model.cfg.llm.hidden_size)
+    assert report["max_abs_diff"] < 1e-4
+
+
+def test_torchscript_exporter_and_cli(tiny_model, tmp_path, shapes_dir, capsys):
+    from edgevlm.cli import main
+
+    out = tmp_path / "ts-int8"
+    args = ["export", "onnx", "--model", "tiny", "--out", str(out), "--exporter", "torchscript",
+            "--quantize", "int8", "--calib-data", str(shapes_dir / "images"), "--calib-count", "4",
+            *(f"{k.replace('__', '.')}={v}" for k, v in SMALL.items())]
+    assert main(args) == 0
+    m = read_manifest(out)
+    assert m.target_info["exporter"] == "torch.onnx (torchscript)"
+    assert m.target_info["graphs"]["decoder"]["validation"]["cases"]["prefill"]["logits"] < 1
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_combinations(tmp_path, capsys):
+    from edgevlm.cli import main
+
+    rc = main(["export", "onnx", "--model", "tiny", "--out", str(tmp_path / "b"), "--dtype", "fp16",
+               "--quantize", "int8"])
+    assert rc == 2 and "cannot be combined" in capsys.readouterr().err
+    assert main(["export", "onnx", "--model", "tiny", "--out", str(tmp_path / "b"), "--opset", "13"]) == 2
+    assert not (tmp_path / "b").exists()
+
+
+def test_failed_export_leaves_no_bundle(tiny_model, fp32_graphs, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("killed mid-export")
+
+    monkeypatch.setattr(onnx_quant, "quantize_int4", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        export_onnx(tiny_model, tmp_path / "b", quantize="int4", calib_count=2, fp32_graphs=fp32_graphs,
+                    progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its staging dir
+
+
+def test_large_graphs_keep_weights_in_external_data(fp32_graphs, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_quant, "LARGE_MODEL_BYTES", 1000)  # pretend the embedding table is > 2 GB
+    files = onnx_quant.copy_graph(fp32_graphs["embed_tokens"]["path"], tmp_path / "embed_tokens.onnx")
+    assert [f.name for f in files] == ["embed_tokens.onnx", "embed_tokens.onnx_data"]
+    assert files[0].stat().st_size < 10_000 < files[1].stat().st_size
+    onnx.checker.check_model(str(files[0]))
+    s = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(str(fp32_graphs["embed_tokens"]["path"]), providers=["CPUExecutionProvider"])
+    ids = {"input_ids": np.array([[1, 5, 9]], np.int64)}
+    np.testing.assert_array_equal(s.run(None, ids)[0], ref.run(None, ids)[0])
+
+
+def test_manifest_json_is_plain_data(bundles):
+    data = json.loads((bundles["fp32"] / "manifest.json").read_text())
+    assert data["format_version"] == 1 and data["target"] == "onnx"
+    assert data["target_info"]["graphs"]["decoder"]["outputs"]["logits"] == ["batch", "sequence_length",
+                                                                             data["model"]["vocab_size"]]

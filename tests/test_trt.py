@@ -1,0 +1,427 @@
+"""TensorRT: the supported-operator check on every exported graph, the build plan (profiles, flags,
+dry run, trtexec lines) from real ONNX bundles, the no-TensorRT exit, the runtime's pure parts
+(engine/GPU compatibility, KV ping-pong pairing, profile choice, buffer sizes). No TensorRT needed.
+
+The ``tensorrt`` tests build engines for the tiny model and check greedy-token parity against ONNX
+Runtime; they run wherever TensorRT and a CUDA GPU exist and are skipped elsewhere.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("torch")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from edgevlm.export import trt_ops, trt_plan  # noqa: E402
+from edgevlm.runtime.backends import trt as rtrt  # noqa: E402
+from edgevlm.runtime.errors import BundleError, EdgeVLMError  # noqa: E402
+from edgevlm.runtime.manifest import read_manifest  # noqa: E402
+from edgevlm.train.integrators import INTEGRATORS  # noqa: E402
+
+from conftest import REPO, SMALL  # noqa: E402
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tiny_model, tmp_path_factory):
+    """An fp32 ONNX bundle of the small tiny model, exported the default way (dynamo)."""
+    from edgevlm.export.to_onnx import export_onnx
+
+    return export_onnx(tiny_model, tmp_path_factory.mktemp("trt_src") / "onnx", progress=False)
+
+
+@pytest.fixture(scope="module")
+def manifest(onnx_bundle):
+    return read_manifest(onnx_bundle)
+
+
+def plan_for(bundle, manifest, **kw):
+    return trt_plan.make_plan(bundle, manifest, "/out/trt", **kw)
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=18, extra_opsets=()):
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+
+
+def _vi(name, dims, t=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, t, dims)
+
+
+# --- the supported-operator list ------------------------------------------------------------------
+
+
+def test_op_list_is_data_with_source_and_version():
+    s = trt_ops.load_support()
+    assert s.tensorrt == trt_plan.TRT_TARGET
+    assert s.source["repository"].endswith("onnx/onnx-tensorrt") and len(s.source["commit"]) == 40
+    assert not s.supported & s.unsupported
+    assert {"MatMul", "Softmax", "LayerNormalization", "Conv", "Erf", "CumSum"} <= s.supported
+    assert {"MatMulInteger", "DynamicQuantizeLinear", "ConvInteger"} <= s.unsupported
+    assert s.opset_min <= 18 <= s.opset_max
+
+
+def test_check_graph_reports_what_the_parser_cannot_take():
+    x, y = _vi("x", [2, 4]), _vi("y", [2, 4])
+    assert trt_ops.check_graph(_model([helper.make_node("Relu", ["x"], ["y"])], [x], [y])) == []
+    cases = {
+        "custom-domain": _model([helper.make_node("MatMulNBits", ["x"], ["y"], domain="com.microsoft")], [x], [y],
+                                extra_opsets=[helper.make_opsetid("com.microsoft", 1)]),
+        "not supported": _model([helper.make_node("MatMulInteger", ["x", "x"], ["y"])], [x], [y]),
+        "not in the support list": _model([helper.make_node("FancyNewOp", ["x"], ["y"])], [x], [y]),
+        "opset 21 is outside": _model([helper.make_node("Relu", ["x"], ["y"])], [x], [y], opset=21),
+    }
+    for needle, model in cases.items():
+        problems = trt_ops.check_graph(model)
+        assert any(needle in p for p in problems), (needle, problems)
+
+
+def test_check_graph_constant_inputs_and_qdq_zero_points():
+    x = _vi("x", [1, 4])
+    shape = helper.make_node("Shape", ["x"], ["s"])
+    computed = _model([shape, helper.make_node("Unsqueeze", ["x", "s"], ["y"])], [x], [_vi("y", None)])
+    const = _model([helper.make_node("Unsqueeze", ["x", "axes"], ["y"])], [x], [_vi("y", None)],
+                   [helper.make_tensor("axes", TensorProto.INT64, [1], [0])])
+    assert any("must be a constant" in p for p in trt_ops.check_graph(computed))
+    assert trt_ops.check_graph(const) == []
+
+    def qdq(zp_type, zp):
+        inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", zp_type, [], [zp])]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+        return _model(nodes, [x], [_vi("y", [1, 4])], inits)
+
+    assert trt_ops.check_graph(qdq(TensorProto.INT8, 0)) == [] and trt_ops.quantization_kind(qdq(TensorProto.INT8, 0)) == "int8"
+    assert any("UINT8" in p for p in trt_ops.check_graph(qdq(TensorProto.UINT8, 0)))
+    assert any("non-zero" in p for p in trt_ops.check_graph(qdq(TensorProto.INT8, 3)))
+    assert trt_ops.quantization_kind(qdq(TensorProto.UINT8, 128)) == "uint8"
+    assert trt_ops.quantization_kind(const) is None
+
+
+def test_subgraphs_are_checked():
+    x, y = _vi("x", [1]), _vi("y", [1])
+    bad = helper.make_graph([helper.make_node("MatMulInteger", ["x", "x"], ["o"])], "then", [], [_vi("o", [1])])
+    good = helper.make_graph([helper.make_node("Identity", ["x"], ["o"])], "else", [], [_vi("o", [1])])
+    cond = helper.make_tensor("c", TensorProto.BOOL, [], [True])
+    model = _model([helper.make_node("If", ["c"], ["y"], then_branch=bad, else_branch=good)], [x], [y], [cond])
+    assert any("MatMulInteger" in p for p in trt_ops.check_graph(model))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("integrator", INTEGRATORS.names())
+def test_every_integrators_vision_graph_parses_in_tensorrt(integrator, exporter, tmp_path):
+    from edgevlm import load_model
+    from edgevlm.export import onnx_graphs
+
+    model = load_model("tiny", integrator=integrator, **SMALL).float().eval()
+    path = onnx_graphs.export_graphs(model, tmp_path, exporter, graphs=("vision_encoder",))["vision_encoder"]["path"]
+    assert trt_ops.check_graph(path) == [], trt_ops.check_graph(path)
+    print(integrator, exporter, sorted(op for _, op in trt_ops.op_types(path)))
+
+
+def test_decoder_and_embedding_graphs_parse_in_tensorrt(onnx_bundle, manifest, tiny_model, tmp_path):
+    from edgevlm.export import onnx_graphs, onnx_quant
+
+    report = trt_ops.check_bundle(onnx_bundle, manifest)
+    assert report == {"vision_encoder": [], "embed_tokens": [], "decoder": []}
+    ts = onnx_graphs.export_graphs(tiny_model, tmp_path / "ts", "torchscript", graphs=("embed_tokens", "decoder"))
+    assert all(trt_ops.check_graph(g["path"]) == [] for g in ts.values())
+    fp16 = onnx_quant.to_fp16(onnx_bundle / "decoder_model_merged.onnx", tmp_path / "dec16.onnx")[0]
+    assert trt_ops.check_graph(fp16) == []  # --dtype fp16 bundles build too
+
+
+def test_onnx_runtime_quantised_graphs_are_refused_with_a_hint(onnx_bundle, tmp_path):
+    from edgevlm.export import onnx_quant
+
+    int4 = onnx_quant.quantize_int4(onnx_bundle / "decoder_model_merged.onnx", tmp_path / "d4.onnx")[0]
+    problems = trt_ops.check_graph(int4)
+    assert any("com.microsoft.MatMulNBits" in p for p in problems)
+    with pytest.raises(EdgeVLMError, match="quantised for ONNX Runtime"):
+        trt_ops.require_supported({"decoder": problems})
+
+
+# --- the plan -------------------------------------------------------------------------------------
+
+
+def test_decoder_profiles_cover_prefill_and_decode(onnx_bundle, manifest):
+    m = manifest.model
+    plan = plan_for(onnx_bundle, manifest, max_seq=512)
+    dec = plan.engine("decoder")
+    prefill, decode = dec.profiles
+    assert [p.name for p in dec.profiles] == ["prefill", "decode"]
+    kv = "past_key_values.0.key"
+    assert prefill.shapes[kv].min == prefill.shapes[kv].max == (1, m.num_kv_heads, 0, m.head_dim)  # empty cache
+    assert prefill.shapes["inputs_embeds"].max == (1, 512, m.hidden_size)
+    assert decode.shapes["inputs_embeds"].min == decode.shapes["inputs_embeds"].max == (1, 1, m.hidden_size)
+    assert decode.shapes[kv].max == (1, m.num_kv_heads, 511, m.head_dim)
+    for p in dec.profiles:  # total = past + seq at every corner of every profile
+        for which in ("min", "opt", "max"):
+            s = {n: getattr(r, which) for n, r in p.shapes.items()}
+            assert s["attention_mask"][1] == s[kv][2] + s["inputs_embeds"][1]
+            assert s["position_ids"] == s["inputs_embeds"][:2]
+    assert len([n for n in decode.shapes if n.startswith("past_key_values.")]) == 2 * m.num_layers
+    vision = plan.engine("vision_encoder").profiles[0].shapes["pixel_values"]
+    assert vision.min == (1, 3, m.image_size, m.image_size) and vision.max[0] == 1
+
+
+def test_profiles_from_manifest_equal_profiles_from_the_onnx_files(onnx_bundle, manifest):
+    bare = copy.deepcopy(manifest)
+    bare.target_info.pop("graphs")  # force reading the graph inputs from the .onnx files
+    a = plan_for(onnx_bundle, manifest, max_batch=3, max_seq=400).to_dict()
+    b = plan_for(onnx_bundle, bare, max_batch=3, max_seq=400).to_dict()
+    assert a["engines"] == b["engines"]
+
+
+def test_precision_flags(onnx_bundle, manifest):
+    fp32 = plan_for(onnx_bundle, manifest, precision="fp32")
+    assert all(e.flags == [] and e.clear_flags == ["TF32"] for e in fp32.engines)
+    fp16 = plan_for(onnx_bundle, manifest, precision="fp16")
+    assert all(e.flags == ["FP16"] and e.int8 is None for e in fp16.engines)
+    int8 = plan_for(onnx_bundle, manifest, precision="int8")
+    assert int8.engine("vision_encoder").flags == ["FP16", "INT8"] and int8.engine("vision_encoder").int8 == "calibrate"
+    assert int8.engine("decoder").flags == ["FP16"] and int8.engine("decoder").notes
+    qdq = plan_for(onnx_bundle, manifest, precision="int8", quant={"vision_encoder": "int8"})
+    assert qdq.engine("vision_encoder").int8 == "qdq"
+    fp8 = plan_for(onnx_bundle, manifest, precision="fp8", quant={"decoder": "fp8"})
+    assert fp8.engine("decoder").flags == ["FP16", "FP8"] and fp8.engine("vision_encoder").flags == ["FP16"]
+
+
+def test_dla_pins_the_vision_batch_and_falls_back_to_the_gpu(onnx_bundle, manifest):
+    plan = plan_for(onnx_bundle, manifest, precision="fp16", max_batch=4, dla_core=1)
+    v = plan.engine("vision_encoder")
+    r = v.profiles[0].shapes["pixel_values"]
+    assert r.min == r.opt == r.max and r.max[0] == 4  # DLA has no dynamic shapes
+    assert v.dla_core == 1 and "GPU_FALLBACK" in v.flags
+    assert plan.engine("decoder").dla_core is None
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"precision": "int4"}, "--precision"), ({"max_batch": 0}, "--max-batch"), ({"max_seq": 10}, "--max-seq"),
+    ({"max_seq": 10**6}, "--max-seq"), ({"workspace_gb": 0}, "--workspace-gb"),
+    ({"precision": "fp32", "dla_core": 0}, "DLA runs no fp32"), ({"precision": "fp8"}, "FP8 Q/DQ"),
+])
+def test_bad_options_are_user_errors(onnx_bundle, manifest, kw, needle):
+    with pytest.raises(EdgeVLMError, match=needle.replace("-", r"\-")):
+        plan_for(onnx_bundle, manifest, **kw)
+
+
+def _parse_trtexec(line: str) -> tuple[dict, list[dict]]:
+    """options, [{"min"|"opt"|"max": {name: shape}}] per profile, from a trtexec command line."""
+    args = shlex.split(line)
+    assert args[0] == "trtexec"
+    opts, profiles = {}, []
+    for a in args[1:]:
+        key, _, value = a[2:].partition("=")
+        if key == "profile":
+            assert int(value) == len(profiles)
+            profiles.append({})
+        elif key.endswith("Shapes"):
+            if not profiles or key[:3] in profiles[-1]:
+                profiles.append({})
+            profiles[-1][key[:3]] = {n: tuple(int(d) for d in s.split("x"))
+                                     for n, s in (kv.rsplit(":", 1) for kv in value.split(","))}
+        else:
+            opts[key] = value
+    return opts, profiles
+
+
+def test_trtexec_lines_round_trip_to_the_plan(onnx_bundle, manifest):
+    plan = plan_for(onnx_bundle, manifest, precision="int8", max_batch=2, max_seq=300, workspace_gb=1.5,
+                    timing_cache="/tmp/tc.bin", dla_core=0)
+    lines = trt_plan.trtexec_lines(plan)
+    assert len(lines) == 3
+    for line, e in zip(lines, plan.engines):
+        opts, profiles = _parse_trtexec(line)
+        assert opts["onnx"] == str(onnx_bundle / e.onnx) and opts["saveEngine"] == f"/out/trt/{e.engine}"
+        assert opts["memPoolSize"] == "workspace:1536" and opts["timingCacheFile"] == "/tmp/tc.bin"
+        assert "skipInference" in opts and "fp16" in opts
+        assert len(profiles) == len(e.profiles)
+        for got, want in zip(profiles, e.profiles):
+            for which in ("min", "opt", "max"):
+                assert got[which] == {n: getattr(r, which) for n, r in want.shapes.items()}
+        assert ("int8" in opts) == ("INT8" in e.flags)
+        assert ("useDLACore" in opts) == (e.graph == "vision_encoder") == ("allowGPUFallback" in opts)
+    assert "calib" in _parse_trtexec(lines[0])[0]
+    opts, _ = _parse_trtexec(trt_plan.trtexec_lines(plan_for(onnx_bundle, manifest, precision="fp32"))[2])
+    assert "noTF32" in opts and "fp16" not in opts and "profile" not in opts
+
+
+def test_memory_estimate_matches_the_backends_buffers(onnx_bundle, manifest):
+    m = manifest.model
+    plan = plan_for(onnx_bundle, manifest, max_seq=256)
+    est = trt_plan.memory_estimate(manifest, plan)
+    present = (1, m.num_kv_heads, 256, m.head_dim)  # what the decode profile's largest step writes
+    assert est["KV cache"] == 2 * 2 * m.num_layers * rtrt.nbytes(present, 4)  # ping-pong x (K, V) x layers
+    assert est["logits"] == rtrt.nbytes((1, 256, m.vocab_size), 4)
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "export/to_trt.py", *args], capture_output=True, text=True,
+                          cwd=str(REPO), timeout=300)
+
+
+def test_dry_run_prints_plan_and_trtexec(onnx_bundle, tmp_path):
+    out = _cli("--bundle", str(onnx_bundle), "--out", str(tmp_path / "trt"), "--dry-run", "--max-seq", "400")
+    assert out.returncode == 0, out.stderr
+    assert "profile 0 (prefill)" in out.stdout and "profile 1 (decode)" in out.stdout
+    assert "op check   ok" in out.stdout
+    assert len([l for l in out.stdout.splitlines() if l.startswith("trtexec ")]) == 3
+    assert not (tmp_path / "trt").exists()
+
+
+def test_without_tensorrt_exit_2_with_message_and_commands(onnx_bundle, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    out = _cli("--bundle", str(onnx_bundle), "--out", str(tmp_path / "trt"))
+    assert out.returncode == 2
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "TensorRT" in err[0] and "tensorrt" in err[0]
+    assert len([l for l in out.stdout.splitlines() if l.startswith("trtexec ")]) == 3
+    assert not (tmp_path / "trt").exists()
+
+
+def test_cli_user_errors_are_one_line(onnx_bundle, tmp_path):
+    out = _cli("--bundle", str(onnx_bundle), "--out", str(tmp_path / "t"), "--dla-core", "0", "--precision", "fp32")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "DLA" in out.stderr
+    out = _cli("--bundle", str(tmp_path), "--out", str(tmp_path / "t"), "--dry-run")
+    assert out.returncode == 2 and "not a bundle" in out.stderr
+
+
+# --- the runtime's pure parts ---------------------------------------------------------------------
+
+
+def test_engine_compatibility_check():
+    built = {"tensorrt": "10.3.0", "device": {"name": "Orin", "sm": "8.7"}, "source_bundle": "/b/onnx"}
+    orin = rtrt.DeviceInfo("Orin", "8.7")
+    assert rtrt.compatibility(built, "10.3.0.30", orin) == ([], [])  # the build number does not matter
+    errors, _ = rtrt.compatibility(built, "10.7.0", rtrt.DeviceInfo("NVIDIA H100 80GB HBM3", "9.0"))
+    assert len(errors) == 2 and "10.7.0" in errors[0] and "SM 9.0" in errors[1]
+    errors, warnings = rtrt.compatibility(built, "10.3.0", rtrt.DeviceInfo("Orin (nvgpu)", "8.7"))
+    assert errors == [] and warnings
+    msg = rtrt.incompatibility_message("/b/trt", built, errors or ["x"])
+    assert "python export/to_trt.py --bundle /b/onnx" in msg
+    assert rtrt.version_key("10.3.0.30") == (10, 3, 0) and rtrt.version_key("10.3") == (10, 3, 0)
+
+
+def test_kv_pairs_step_shapes_and_profile_choice(onnx_bundle, manifest):
+    m = manifest.model
+    dec = plan_for(onnx_bundle, manifest, max_seq=300).engine("decoder")
+    names = [f"past_key_values.{i}.{k}" for i in range(m.num_layers) for k in ("key", "value")]
+    outs = ["logits", *(n.replace("past_key_values.", "present.") for n in names)]
+    pairs = rtrt.kv_pairs(names, outs)
+    assert pairs[0] == ("past_key_values.0.key", "present.0.key") and len(pairs) == len(names)
+    with pytest.raises(BundleError):
+        rtrt.kv_pairs(names, outs[:-1])
+    ranges = [{n: (r.min, r.opt, r.max) for n, r in p.shapes.items()} for p in dec.profiles]
+    kv = (m.num_kv_heads, m.head_dim)
+    prefill = rtrt.step_shapes(0, 150, m.hidden_size, kv, names)
+    assert prefill["past_key_values.0.key"] == (1, m.num_kv_heads, 0, m.head_dim)
+    assert rtrt.pick_profile(ranges, prefill) == 0
+    assert rtrt.pick_profile(ranges, rtrt.step_shapes(150, 1, m.hidden_size, kv, names)) == 1
+    assert rtrt.pick_profile(ranges, rtrt.step_shapes(299, 1, m.hidden_size, kv, names)) == 1
+    with pytest.raises(EdgeVLMError, match="max-seq"):
+        rtrt.pick_profile(ranges, rtrt.step_shapes(300, 1, m.hidden_size, kv, names))
+    assert rtrt.nbytes((1, 2, 0, 64), 4) == 1 and rtrt.elementwise_max([(1, 5, 3), (1, 2, 7)]) == (1, 5, 7)
+
+
+def test_backend_refuses_other_bundles_and_missing_libraries(onnx_bundle, manifest, tmp_path):
+    from edgevlm.runtime import Runtime
+    from edgevlm.runtime.manifest import BundleWriter, FileEntry, Manifest
+
+    with pytest.raises(BundleError, match="TensorRT bundles"):
+        Runtime.load(onnx_bundle, backend="trt")
+    with BundleWriter(tmp_path / "fake-trt") as w:  # a TensorRT bundle as to_trt.py lays it out
+        for g in trt_plan.GRAPHS:
+            w.path(f"{g}.engine").write_bytes(b"not an engine")
+        w.path("tokenizer.json").write_bytes((onnx_bundle / "tokenizer.json").read_bytes())
+        files = [FileEntry(f"{g}.engine", g) for g in trt_plan.GRAPHS] + [FileEntry("tokenizer.json", "tokenizer")]
+        root = w.commit(Manifest("trt", manifest.model, manifest.preprocess, manifest.chat_template,
+                                 dict(manifest.tokens), files, target_info={"tensorrt": "10.3.0"}))
+    with pytest.raises(EdgeVLMError, match="unknown trt backend option"):
+        Runtime.load(root, backend="trt", threads=2)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(EdgeVLMError, match="tensorrt"):
+            Runtime.load(root, backend="trt")
+
+
+# --- on a machine with TensorRT and a CUDA GPU ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toolchain():
+    from edgevlm.export import trt_build
+
+    try:
+        tc = trt_build.probe()
+    except trt_build.TensorRTUnavailable as e:
+        pytest.skip(f"needs TensorRT and a CUDA GPU: {e}")
+    yield tc
+    tc.cuda.close()
+
+
+def _build(onnx_bundle, out, precision):
+    from edgevlm.cli import main
+
+    assert main(["export", "trt", "--bundle", str(onnx_bundle), "--out", str(out), "--precision", precision,
+                 "--max-seq", "320", "--timing-cache", str(out.parent / "timing.cache")]) == 0
+    return out
+
+
+@pytest.mark.tensorrt
+def test_fp32_engines_match_onnx_runtime_greedy_tokens(toolchain, onnx_bundle, shapes_dir, tmp_path):
+    from edgevlm.runtime import Runtime
+
+    out = _build(onnx_bundle, tmp_path / "trt32", "fp32")
+    info = read_manifest(out).target_info
+    assert info["tensorrt"] == toolchain.version and info["device"]["sm"] == toolchain.device.sm
+    image = sorted((shapes_dir / "images").iterdir())[0]
+    prompt = "What colour is the circle?"
+    with Runtime.load(onnx_bundle, backend="ort") as ort_rt, Runtime.load(out, backend="trt") as trt_rt:
+        px = ort_rt.pixel_values(image)
+        np.testing.assert_allclose(trt_rt.backend.encode_image(px), ort_rt.backend.encode_image(px), atol=1e-3)
+        a = ort_rt.generate(image, prompt, max_new_tokens=24, ignore_eos=True)
+        b = trt_rt.generate(image, prompt, max_new_tokens=24, ignore_eos=True)
+    print("ort", a.token_ids, "\ntrt", b.token_ids, "\ntimings", b.timings.to_dict())
+    assert b.token_ids == a.token_ids
+
+
+@pytest.mark.tensorrt
+def test_fp16_engines_and_the_compatibility_guard(toolchain, onnx_bundle, shapes_dir, tmp_path):
+    from edgevlm.runtime import Runtime
+
+    out = _build(onnx_bundle, tmp_path / "trt16", "fp16")
+    image = sorted((shapes_dir / "images").iterdir())[0]
+    with Runtime.load(onnx_bundle, backend="ort") as ort_rt, Runtime.load(out, backend="trt") as trt_rt:
+        visual = ort_rt.backend.encode_image(ort_rt.pixel_values(image))[0]  # [M, D]
+        segments = [np.array([1, 5, 9], np.int64), visual, np.array([17, 4], np.int64)]
+        ref, got = ort_rt.backend.prefill(segments), trt_rt.backend.prefill(segments)
+        ref_next, got_next = ort_rt.backend.decode(int(ref.argmax())), trt_rt.backend.decode(int(ref.argmax()))
+        b = trt_rt.generate(image, "What colour is the circle?", max_new_tokens=8)
+    scale = float(np.abs(ref).max())
+    print(f"fp16 prefill max |trt - ort| = {np.abs(got - ref).max():.3g} (scale {scale:.3g})", b.timings.to_dict())
+    assert np.abs(got - ref).max() < 0.05 * scale and np.abs(got_next - ref_next).max() < 0.05 * scale
+    assert 1 <= b.timings.n_generated <= 8
+    data = json.loads((out / "manifest.json").read_text())
+    data["target_info"]["device"]["sm"] = "1.0"  # pretend it was built for another GPU
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="Rebuild them on this machine"):
+        Runtime.load(out, backend="trt")
