@@ -73,16 +73,28 @@ def summarize(values: list[float | None]) -> dict | None:
             "n": len(vals), "values": [round(v, 3) for v in vals]}
 
 
+def _status_kb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    """This process's peak resident set. VmHWM belongs to the process's own address space;
+    ru_maxrss is not used on Linux because it carries the parent's RSS across fork + exec."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    return round(kb / 1024, 1)
 
 
 def current_rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except OSError:
-        return peak_rss_mb()
+    kb = _status_kb("VmRSS")
+    return round(kb / 1024, 1) if kb is not None else peak_rss_mb()
 
 
 def threads_of(case: dict) -> int:
@@ -323,11 +335,18 @@ def held_out_accuracy(rt, spec: dict) -> dict:
 
 
 def measure(case: dict, prepared: dict) -> dict:
-    if case["kind"] == "peer":
-        from edgevlm.benchmarks import peers
+    from edgevlm.benchmarks.environment import TegraMemorySampler
 
-        return peers.MEASURE[case["backend"]](case, prepared)
-    return measure_edgevlm(case, prepared)
+    with TegraMemorySampler() as tegra:  # a no-op off Jetson
+        if case["kind"] == "peer":
+            from edgevlm.benchmarks import peers
+
+            out = peers.MEASURE[case["backend"]](case, prepared)
+        else:
+            out = measure_edgevlm(case, prepared)
+    if (mem := tegra.result()) is not None:
+        out["tegra_memory"] = mem
+    return out
 
 
 # --- entry point ----------------------------------------------------------------------------------

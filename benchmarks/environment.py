@@ -154,6 +154,7 @@ def collect(measure_limits: bool = True, bandwidth_mb: int = 512) -> dict:
         "cpu_flags": cpu_flags(),
         "cores": core_counts(),
         "ram_gb": memory_gb(),
+        "cache_mb": cache_sizes_mb(),
         "gpus": gpu_info(),
         "jetson": jetson_info(),
         "libraries": library_versions(),
@@ -182,3 +183,64 @@ def summary_line(env: dict) -> str:
     return (f"{env['cpu']} ({env['cores'].get('usable')} usable cores), {env['ram_gb']} GB RAM, {gpu}; "
             f"read bandwidth {bw} GB/s; load {env.get('load_avg_1m')}; commit {env['git'].get('commit', '')[:10]}"
             + (f" (+{env['git']['dirty_files']} changed files)" if env["git"].get("dirty_files") else ""))
+
+
+def cache_sizes_mb() -> dict[str, float]:
+    """CPU cache sizes by level from sysfs (the largest per level), e.g. {"L2": 1.0, "L3": 32.0}."""
+    out: dict[str, float] = {}
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = (d / "level").read_text().strip()
+            kind = (d / "type").read_text().strip()
+            size = (d / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        mult = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}.get(size[-1:], 1 / 2**20)
+        value = float(size.rstrip("KMG")) * mult
+        out[f"L{level}"] = max(out.get(f"L{level}", 0.0), round(value, 3))
+    return out
+
+
+class TegraMemorySampler:
+    """On a Jetson, samples system RAM in use with ``tegrastats`` (CPU and GPU share that memory,
+    so process RSS misses CUDA allocations); ``peak_mb - baseline_mb`` is what a case added."""
+
+    def __init__(self, interval_ms: int = 100):
+        self.interval_ms = interval_ms
+        self.proc = None
+        self.samples: list[float] = []
+        self.baseline_mb: float | None = None
+
+    def __enter__(self) -> "TegraMemorySampler":
+        import re
+        import threading
+
+        if not shutil.which("tegrastats"):
+            return self
+        self.proc = subprocess.Popen(["tegrastats", "--interval", str(self.interval_ms)],
+                                     stdout=subprocess.PIPE, text=True)
+        pattern = re.compile(r"RAM (\d+)/(\d+)MB")
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                m = pattern.search(line)
+                if m:
+                    self.samples.append(float(m.group(1)))
+
+        threading.Thread(target=read, daemon=True).start()
+        time.sleep(self.interval_ms / 1000 * 3)
+        self.baseline_mb = self.samples[0] if self.samples else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def result(self) -> dict | None:
+        if not self.samples:
+            return None
+        return {"system_ram_baseline_mb": self.baseline_mb, "system_ram_peak_mb": max(self.samples),
+                "added_mb": max(self.samples) - (self.baseline_mb or 0), "source": "tegrastats"}

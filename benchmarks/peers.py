@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edgevlm.runtime.errors import EdgeVLMError
 
-from .case import (bench_image, collect_metrics, current_rss_mb, filler_question, image_prompt, load_torch_model,
+from edgevlm.benchmarks.case import (bench_image, collect_metrics, current_rss_mb, filler_question, image_prompt, load_torch_model,
                    peak_rss_mb, threads_of, timed_runs, torch_gpu_peak_mb)
 
 # --- Hugging Face eager --------------------------------------------------------------------------

@@ -158,14 +158,18 @@ def finish_record(record: dict, case: dict, res: dict, env: dict) -> dict:
 
 
 def bandwidth_limits(res: dict, costs: dict, env: dict) -> dict | None:
+    """The decode rate against ``bandwidth / bytes read per token``. When those bytes fit in the
+    last-level cache the weights need not come from DRAM and the bound does not apply."""
     bw = (env.get("bandwidth") or {}).get("read_gbs")
     if not bw:
         return None
-    bound = bw * 1e9 / costs["decode"]["bytes_per_token"]
+    per_token = costs["decode"]["bytes_per_token"]
+    bound = bw * 1e9 / per_token
     decode = (res.get("metrics", {}).get("decode_tok_s") or {}).get("median")
-    return {"bandwidth_gbs": bw, "bytes_per_token": round(costs["decode"]["bytes_per_token"]),
-            "decode_bound_tok_s": round(bound, 2),
-            "decode_fraction_of_bound": round(decode / bound, 3) if decode else None}
+    llc_mb = max((env.get("cache_mb") or {}).values(), default=0.0)
+    return {"bandwidth_gbs": bw, "bytes_per_token": round(per_token), "decode_bound_tok_s": round(bound, 2),
+            "decode_fraction_of_bound": round(decode / bound, 3) if decode else None,
+            "cache_resident": per_token <= llc_mb * 2**20}
 
 
 def subprocess_step(step: str, case: dict, timeout: float) -> dict:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgevlm.export.coreml_compress import WEIGHT_MODES as WEIGHTS  # light: no coremltools at import
 from edgevlm.runtime.errors import EdgeVLMError
 
-WEIGHTS = ("fp16", "int8", "int4")
 PACKAGES = {"vision_encoder": "VisionEncoder.mlpackage", "decoder": "Decoder.mlpackage"}
 EMBED_FILE = "embed_tokens.npy"
 DEPLOYMENT = {"target": "iOS18", "iOS": "18.0", "macOS": "15.0", "format": "mlprogram"}

@@ -100,65 +100,96 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
     variants share one export."""
     from tqdm.auto import tqdm
 
-    from edgevlm.runtime.manifest import BundleWriter, FileEntry
+    from edgevlm.runtime.manifest import BundleWriter
 
     from .common import base_manifest, copy_tokenizer
-    from .onnx_graphs import OPSET, graph_specs
-    from .onnx_quant import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE, to_ort_format
-    from .onnx_validate import image_cases, validate_graph
+    from .onnx_graphs import OPSET
 
     plan = variant_plan(dtype, quantize)
     t0 = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    specs = graph_specs(model)
     info: dict[str, Any] = {"opset": opset or OPSET, "dtype": dtype, "quantize": quantize, "graphs": {}}
     bar = tqdm(total=2 + len(GRAPHS) + ort_format, desc="onnx export", disable=not progress)
-    with tempfile.TemporaryDirectory(prefix=".onnx-work-", dir=out.parent) as tmp, \
-            BundleWriter(out) as writer:
+    with tempfile.TemporaryDirectory(prefix=".onnx-work-", dir=out.parent) as tmp, BundleWriter(out) as writer:
         if fp32_graphs is None:
             bar.set_postfix_str("export + validate fp32 graphs")
             fp32_graphs = export_fp32_graphs(model, Path(tmp), exporter, opset)
         bar.update(1)
         info["exporter"] = next(iter(fp32_graphs.values()))["exporter"]
-        pixels = held_out = None
-        if "int8_static" in plan.values():  # calibrate on calib_count images, validate on 2 more
-            pixels, info["calibration"] = calibration_pixels(model, calib_data, calib_count + 2)
-            pixels, held_out = (pixels[:calib_count], pixels[calib_count:]) if len(pixels) > calib_count \
-                else (pixels, pixels[-2:])
-            info["calibration"]["n_images"] = len(pixels)
-        files: list[FileEntry] = []
-        for graph, variant in plan.items():
-            bar.set_postfix_str(f"{graph}: {variant}")
-            written = _make_variant(variant, fp32_graphs[graph]["path"], writer.path(specs[graph].file), pixels)
-            files += [FileEntry(p.name, graph if i == 0 else f"{graph}_data") for i, p in enumerate(written)]
-            cases = image_cases(held_out) if variant == "int8_static" else None
-            info["graphs"][graph] = {**specs[graph].to_dict(), "variant": variant, "validation": validate_graph(
-                model, graph, written[0], _tolerance_key(variant), cases)}
-            bar.update(1)
+        calib = None
+        if "int8_static" in plan.values():
+            calib, info["calibration"] = _calibration_split(model, calib_data, calib_count)
+        files = _write_variants(model, plan, fp32_graphs, writer, calib, info, bar)
         if ort_format:
             bar.set_postfix_str("convert to .ort")
-            ort_files = to_ort_format([writer.path(specs[g].file) for g in GRAPHS], writer.dir)
-            files += [FileEntry(p.name, "ort_config" if p.suffix == ".config" else f"{_graph_of(p, specs)}_ort")
-                      for p in ort_files]
-            info["ort_format"] = {"target_platform": "arm", "config": "required_operators_and_types.config"}
+            files += _write_ort(model, writer, info)
             bar.update(1)
         files += copy_tokenizer(model, writer)
-        if plan["decoder"] == "int4":
-            info["int4"] = {"block_size": INT4_BLOCK_SIZE, "accuracy_level": INT4_ACCURACY_LEVEL, "symmetric": True,
-                            "op": "com.microsoft.MatMulNBits"}
-        c = model.cfg.llm
-        info["kv_cache"] = {"layout": ["batch", "num_kv_heads", "sequence", "head_dim"], "num_layers": c.num_hidden_layers,
-                            "dtype": "float16" if dtype == "fp16" else "float32"}
-        if source:
-            info["source"] = source
+        info.update(_decoder_info(model, plan, dtype, source))
         info["export_s"] = round(time.perf_counter() - t0, 1)
-        manifest = base_manifest(model, "onnx", files, "edgevlm.export.to_onnx",
-                                 ("onnx", "onnxruntime", "onnxscript"), info)
+        manifest = base_manifest(model, "onnx", files, "edgevlm.export.to_onnx", ("onnx", "onnxruntime", "onnxscript"),
+                                 info)
         path = writer.commit(manifest)
         bar.update(1)
     bar.close()
     return path
+
+
+def _calibration_split(model, calib_data: str | None, count: int) -> tuple[tuple[list, list], dict]:
+    """(calibration images, 2 held-out images for validation) and the calibration description."""
+    pixels, desc = calibration_pixels(model, calib_data, count + 2)
+    calib, held_out = (pixels[:count], pixels[count:]) if len(pixels) > count else (pixels, pixels[-2:])
+    return (calib, held_out), {**desc, "n_images": len(calib), "method": "MinMax", "validation_images": len(held_out)}
+
+
+def _write_variants(model, plan: dict, fp32_graphs: dict, writer, calib, info: dict, bar) -> list:
+    """Each graph in its variant, validated against PyTorch; returns the manifest file entries."""
+    from edgevlm.runtime.manifest import FileEntry
+
+    from .onnx_graphs import graph_specs
+    from .onnx_validate import image_cases, validate_graph
+
+    specs = graph_specs(model)
+    files = []
+    for graph, variant in plan.items():
+        bar.set_postfix_str(f"{graph}: {variant}")
+        pixels = calib[0] if calib else None
+        written = _make_variant(variant, fp32_graphs[graph]["path"], writer.path(specs[graph].file), pixels)
+        files += [FileEntry(p.name, graph if i == 0 else f"{graph}_data") for i, p in enumerate(written)]
+        cases = image_cases(calib[1]) if variant == "int8_static" else None  # calibrated: real images only
+        report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases)
+        info["graphs"][graph] = {**specs[graph].to_dict(), "variant": variant, "validation": report}
+        bar.update(1)
+    return files
+
+
+def _write_ort(model, writer, info: dict) -> list:
+    from edgevlm.runtime.manifest import FileEntry
+
+    from .onnx_graphs import graph_specs
+    from .onnx_quant import ORT_CONFIG, to_ort_format
+
+    specs = graph_specs(model)
+    written = to_ort_format([writer.path(specs[g].file) for g in GRAPHS], writer.dir, target_platform="arm")
+    info["ort_format"] = {"target_platform": "arm", "optimization_style": "Fixed", "config": ORT_CONFIG}
+    return [FileEntry(p.name, "ort_config" if p.name == ORT_CONFIG else f"{_graph_of(p, specs)}_ort")
+            for p in written]
+
+
+def _decoder_info(model, plan: dict, dtype: str, source: str | None) -> dict:
+    from .onnx_quant import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE
+
+    c = model.cfg.llm
+    info: dict[str, Any] = {"kv_cache": {"layout": ["batch", "num_kv_heads", "sequence", "head_dim"],
+                                         "num_layers": c.num_hidden_layers,
+                                         "dtype": "float16" if dtype == "fp16" else "float32"}}
+    if plan["decoder"] == "int4":
+        info["int4"] = {"block_size": INT4_BLOCK_SIZE, "accuracy_level": INT4_ACCURACY_LEVEL, "symmetric": True,
+                        "op": "com.microsoft.MatMulNBits"}
+    if source:
+        info["source"] = source
+    return info
 
 
 def _tolerance_key(variant: str) -> str:

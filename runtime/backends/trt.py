@@ -6,9 +6,11 @@ in older cuda-python): one CUDA stream, and every input/output buffer allocated 
 the largest shapes the engines' optimisation profiles allow (``--max-seq`` at build time is the
 context length). The KV cache never leaves the GPU: each layer's ``past``/``present`` tensors use
 two buffers whose roles swap every step (the decoder writes the whole present cache, so it cannot
-write in place). Token embeddings are written by the embed engine straight into the decoder's
-``inputs_embeds`` buffer; ``position_ids`` and ``attention_mask`` are filled once (0..n-1, ones) and
-passed as pointers into them. Per decode step the host sends one token id and reads one logits row.
+write in place). A decode step feeds the embed engine's output buffer to the decoder as is; prefill
+assembles the prompt's embeddings in the decoder's input buffer with device-to-device copies (text)
+and uploads (visual tokens), since TensorRT wants 256-byte aligned tensor addresses, not offsets.
+``attention_mask`` is all ones, written once. Per decode step the host sends a token id and a
+position (8 bytes each) and reads one logits row.
 Every call returns after a stream synchronisation, so the loop's timings are GPU time.
 
 An engine runs only on the TensorRT version and GPU it was built for; the manifest records both and
@@ -45,11 +47,8 @@ class DeviceInfo:
 
 def version_key(version: str) -> tuple[int, ...]:
     """"10.3.0.30" -> (10, 3, 0): engines are tied to major.minor.patch."""
-    parts = []
-    for p in str(version).split(".")[:3]:
-        digits = "".join(c for c in p if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in str(version).split(".")[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))
 
 
 def compatibility(recorded: dict, trt_version: str, device: DeviceInfo) -> tuple[list[str], list[str]]:
@@ -161,7 +160,8 @@ class Cuda:
         if err != self.rt.cudaError_t.cudaSuccess:
             if quiet:
                 return None
-            raise RuntimeError(f"{what} failed: {self.rt.cudaGetErrorName(err)[1]}")
+            name = self.rt.cudaGetErrorName(err)[1]
+            raise RuntimeError(f"{what} failed: {name.decode() if isinstance(name, bytes) else name}")
         return rest[0] if len(rest) == 1 else (rest or None)
 
     def info(self) -> DeviceInfo:
@@ -178,6 +178,10 @@ class Cuda:
         a = np.ascontiguousarray(array)  # pageable: the call returns once the host data is staged
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         self.check(self.rt.cudaMemcpyAsync(dst, a.ctypes.data, a.nbytes, kind, self.stream), "H2D copy")
+
+    def d2d(self, dst: int, src: int, size: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        self.check(self.rt.cudaMemcpyAsync(dst, src, size, kind, self.stream), "D2D copy")
 
     def d2h(self, out: np.ndarray, src: int) -> np.ndarray:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -223,9 +227,9 @@ class Engine:
         for p, prof in enumerate(self.ranges or [{}]):
             self.set_profile(p)
             for n in self.inputs:
-                shape = prof[n][2] if n in prof else tuple(self.engine.get_tensor_shape(n))
-                self.context.set_input_shape(n, shape)
-                seen.setdefault(n, []).append(shape)
+                if n in prof:
+                    self.context.set_input_shape(n, prof[n][2])
+                seen.setdefault(n, []).append(prof[n][2] if n in prof else tuple(self.engine.get_tensor_shape(n)))
             for n in self.outputs:
                 seen.setdefault(n, []).append(tuple(self.context.get_tensor_shape(n)))
         return {n: elementwise_max(s) for n, s in seen.items()}
@@ -285,7 +289,7 @@ class TrtBackend(Backend):
         self.decoder = Engine(trt, self.cuda, raw["decoder"], external=[p for p, _ in self.pairs])
         for p, q in self.pairs:  # both halves of a ping-pong pair hold a full (present-sized) cache
             self.decoder.buffers[p] = self.cuda.malloc(nbytes(self.decoder.max_shapes[q], self.decoder.dtypes[q].itemsize))
-        self.embed = Engine(trt, self.cuda, raw["embed_tokens"], external=("inputs_embeds",))
+        self.embed = Engine(trt, self.cuda, raw["embed_tokens"])
         m = manifest.model
         self.hidden, self.kv_shape = m.hidden_size, (m.num_kv_heads, m.head_dim)
         self.vocab = m.vocab_size
@@ -304,10 +308,9 @@ class TrtBackend(Backend):
         return engine
 
     def _fill_constants(self) -> None:
-        """position_ids = 0..n-1 and attention_mask = 1, written once; steps point into them."""
+        """attention_mask is all ones (one sequence, no padding): written once, every step reads a prefix."""
         d = self.decoder
         n = d.max_shapes["attention_mask"][1]
-        self.cuda.h2d(d.buffers["position_ids"], np.arange(n, dtype=d.dtypes["position_ids"]))
         self.cuda.h2d(d.buffers["attention_mask"], np.ones(n, dtype=d.dtypes["attention_mask"]))
         self.cuda.sync()
 
@@ -342,12 +345,13 @@ class TrtBackend(Backend):
                 raise EdgeVLMError(f"prompt of {offset + t}+ positions exceeds the engines' {self.n_ctx}")
             if is_visual_segment(seg):  # [M, D] float
                 self.cuda.h2d(base + offset * row, seg.astype(dtype, copy=False))
-            else:  # token ids [T] -> the embed engine writes into the decoder's input buffer
+            else:  # token ids [T] -> embeddings [1, T, D] on the device, copied into place
                 self.cuda.h2d(e.buffers["input_ids"], np.asarray(seg, dtype=e.dtypes["input_ids"]))
-                e.run({"input_ids": (1, t)}, {"inputs_embeds": base + offset * row})
+                e.run({"input_ids": (1, t)})
+                self.cuda.d2d(base + offset * row, e.buffers["inputs_embeds"], t * row)
             offset += t
         self._pos, self._flip = 0, False
-        return self._step(offset)
+        return self._step(offset, base)
 
     def decode(self, token_id: int) -> np.ndarray:
         if self._pos == 0:
@@ -356,16 +360,17 @@ class TrtBackend(Backend):
             raise EdgeVLMError(f"the context is full ({self.n_ctx} positions, the engines' --max-seq)")
         e = self.embed
         self.cuda.h2d(e.buffers["input_ids"], np.array([token_id], dtype=e.dtypes["input_ids"]))
-        e.run({"input_ids": (1, 1)}, {"inputs_embeds": self.decoder.buffers["inputs_embeds"]})
-        return self._step(1)
+        e.run({"input_ids": (1, 1)})
+        return self._step(1, e.buffers["inputs_embeds"])  # the decoder reads the embed engine's output
 
-    def _step(self, t: int) -> np.ndarray:
-        """Run the decoder on ``t`` embeddings after ``self._pos`` cached positions; logits [V] of the last."""
+    def _step(self, t: int, embeds: int) -> np.ndarray:
+        """Run the decoder on ``t`` embeddings (at device address ``embeds``) after ``self._pos``
+        cached positions; logits [V] of the last."""
         d = self.decoder
         past = self._pos
         shapes = step_shapes(past, t, self.hidden, self.kv_shape, [p for p, _ in self.pairs])
-        pos_dtype = d.dtypes["position_ids"]
-        addresses = {"position_ids": d.buffers["position_ids"] + past * pos_dtype.itemsize}
+        self.cuda.h2d(d.buffers["position_ids"], np.arange(past, past + t, dtype=d.dtypes["position_ids"]))
+        addresses = {"inputs_embeds": embeds}
         for p_name, q_name in self.pairs:  # ping-pong: read the cache from one buffer, write the other
             src, dst = (d.buffers[q_name], d.buffers[p_name]) if self._flip else (d.buffers[p_name], d.buffers[q_name])
             addresses[p_name], addresses[q_name] = src, dst
