@@ -6,6 +6,7 @@
       - preset: tiny                       # or  dir: runs/tiny/final  (+ eval: {data, split, max_records})
         overrides: {llm__num_hidden_layers: 2}
         integrators: [ldpv2]               # "all" = every registered integrator; default: the model's own
+        backends: [torch, llamacpp]        # optional: only these of the matrix's backends/peers
     backends: {torch: [fp32], ort: [fp32, int8], llamacpp: [q4_k_m]}   # backend -> precisions
     peers: {hf_eager: [fp32], llamacpp_raw: [q4_k_m]}
 
@@ -91,8 +92,11 @@ def expand(matrix: dict, base_dir: Path | None = None) -> list[dict]:
     cases = []
     for spec in matrix["models"]:
         model = _model_entry(spec, base_dir)
+        only = spec.get("backends")  # a model may restrict the matrix's backends/peers by name
         for integrator in _integrators(spec, model):
             for kind, backend, precision in targets:
+                if only is not None and backend not in only:
+                    continue
                 for values in itertools.product(*workload_axes.values()):
                     workload = dict(zip(workload_axes, values))
                     cases.append(_case(model, integrator, kind, backend, precision, workload, defaults))

@@ -167,7 +167,7 @@ def calibrate(records: list[dict], device: dict, exclude_id: str | None = None) 
             continue
         effs = stage_efficiencies(rec, device)
         for stage, e in effs.items():
-            per_backend.setdefault(_stack(rec["backend"]), {}).setdefault(stage, []).append(e)
+            per_backend.setdefault(stack_of(rec["backend"]), {}).setdefault(stage, []).append(e)
     out = {}
     for backend, stages in per_backend.items():
         factors = {s: statistics.median(v) for s, v in stages.items()}
@@ -179,7 +179,7 @@ def calibrate(records: list[dict], device: dict, exclude_id: str | None = None) 
     return out
 
 
-def _stack(backend: str) -> str:
+def stack_of(backend: str) -> str:
     """Peers share the calibration of the stack they run (raw llama.cpp is llama.cpp)."""
     return {"llamacpp_raw": "llamacpp", "hf_eager": "torch"}.get(backend, backend)
 
@@ -191,7 +191,7 @@ def host_validation(records: list[dict], device: dict) -> list[dict]:
     for rec in records:
         if not calibratable(rec):
             continue
-        factors = calibrate(records, device, exclude_id=rec["id"]).get(_stack(rec["backend"]))
+        factors = calibrate(records, device, exclude_id=rec["id"]).get(stack_of(rec["backend"]))
         if not factors:
             continue
         p = project(rec["costs"], device, efficiency=factors)
@@ -205,25 +205,32 @@ def host_validation(records: list[dict], device: dict) -> list[dict]:
 
 
 def published_validation(devices: dict[str, dict], cpu_factors: dict | None = None) -> list[dict]:
-    """Projected vs each published number in the device profiles (``published:`` entries)."""
+    """Projected vs each published number in the device profiles (``published:`` entries); an
+    entry whose board is uncertain (``also_on``) is projected on each candidate too."""
     from edgevlm.benchmarks.flops import preset_shape
 
     rows, shapes = [], {}
     for dev in devices.values():
         for pub in dev.get("published") or []:
-            key = pub["preset"]
-            shapes.setdefault(key, preset_shape(key))
-            costs = stage_costs(shapes[key], pub["precision"], n_text=pub.get("n_text", 48), n_new=pub.get("n_new", 32))
-            _, eng = engine_of(dev, pub.get("engine"))
-            factors = cpu_factors if (eng["class"] == "cpu" and cpu_factors) else None
-            p = project(costs, dev, pub.get("engine"), factors)
-            row = {"device": dev["name"], "label": pub["label"], "source": pub["source"],
-                   "efficiency_source": (factors or DEFAULT_EFFICIENCY[eng["class"]])["source"]}
-            for metric in ("vision_ms", "prefill_tok_s", "decode_tok_s"):
-                if metric in pub:
-                    row[metric] = {"projected": p[metric], "published": pub[metric], "ratio": p[metric] / pub[metric]}
-            rows.append(row)
+            shapes.setdefault(pub["preset"], preset_shape(pub["preset"]))
+            costs = stage_costs(shapes[pub["preset"]], pub["precision"], n_text=pub.get("n_text", 48),
+                                n_new=pub.get("n_new", 32))
+            for target in [dev] + [devices[n] for n in pub.get("also_on", []) if n in devices]:
+                rows.append(_published_row(pub, costs, target, cpu_factors, primary=target is dev))
     return rows
+
+
+def _published_row(pub: dict, costs: dict, dev: dict, cpu_factors: dict | None, primary: bool) -> dict:
+    _, eng = engine_of(dev, pub.get("engine"))
+    factors = cpu_factors if (eng["class"] == "cpu" and cpu_factors) else None
+    p = project(costs, dev, pub.get("engine"), factors)
+    row = {"device": dev["name"], "label": pub["label"] + ("" if primary else f" (if run on {dev['name']})"),
+           "source": pub["source"], "primary": primary,
+           "efficiency_source": (factors or DEFAULT_EFFICIENCY[eng["class"]])["source"]}
+    for metric in ("vision_ms", "prefill_tok_s", "decode_tok_s"):
+        if metric in pub:
+            row[metric] = {"projected": p[metric], "published": pub[metric], "ratio": p[metric] / pub[metric]}
+    return row
 
 
 def _format_rows(rows: list[dict], ref: str) -> str:

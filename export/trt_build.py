@@ -162,7 +162,7 @@ def build_all(tc: Toolchain, plan: BuildPlan, out_dir: Path, calib_pixels: Calla
     facts: dict = {"engines": {}}
     n = len(plan.engines)
     for i, ep in enumerate(plan.engines, 1):
-        flags = "+".join(ep.flags) or "fp32"
+        flags = "+".join(f for f in ep.flags if f != "GPU_FALLBACK") or "fp32"
         where = f", DLA core {ep.dla_core}" if ep.dla_core is not None else ""
         log(f"[{i}/{n}] {ep.graph}: building {ep.engine} ({flags}{where}, {len(ep.profiles)} profile(s)) ...")
         calibrator = None

@@ -93,3 +93,17 @@ def test_ddp_two_processes_gloo(shapes_dir, tmp_path):
     assert ids[0] and ids[1] and not (ids[0] & ids[1])
     assert ranks[0][-1]["trainable_sha256"] == ranks[1][-1]["trainable_sha256"]
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_deepspeed_config_without_deepspeed_is_a_clear_error(shapes_dir, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import deepspeed  # noqa: F401
+        pytest.skip("deepspeed is installed here; this checks the message when it is not")
+    except ImportError:
+        pass
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
+    cfg = recipe(shapes_dir, tmp_path / "ds")
+    cfg.deepspeed = str(tmp_path / "ds.json")
+    with pytest.raises(EdgeVLMError, match="deepspeed is not installed"):
+        run(cfg)

@@ -102,7 +102,8 @@ def test_check_graph_constant_inputs_and_qdq_zero_points():
                  helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
         return _model(nodes, [x], [_vi("y", [1, 4])], inits)
 
-    assert trt_ops.check_graph(qdq(TensorProto.INT8, 0)) == [] and trt_ops.quantization_kind(qdq(TensorProto.INT8, 0)) == "int8"
+    assert trt_ops.check_graph(qdq(TensorProto.INT8, 0)) == []
+    assert trt_ops.quantization_kind(qdq(TensorProto.INT8, 0)) == "int8"
     assert any("UINT8" in p for p in trt_ops.check_graph(qdq(TensorProto.UINT8, 0)))
     assert any("non-zero" in p for p in trt_ops.check_graph(qdq(TensorProto.INT8, 3)))
     assert trt_ops.quantization_kind(qdq(TensorProto.UINT8, 128)) == "uint8"

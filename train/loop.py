@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from edgevlm.train import distributed
 from edgevlm.train.batches import VQADataset, collate
 from edgevlm.train.data.llava import load_llava_records
+from edgevlm.train.engines import make_engine
 from edgevlm.train.lora import group_lr, merge_lora, set_trainable
 from edgevlm.train.model.checkpoint import save_model
 from edgevlm.train.model.load import load_model
@@ -70,7 +71,7 @@ def train_stage(model, stage: StageConfig, cfg: TrainConfig, info, stage_dir: Pa
     if ckpt is not None:
         step = load_checkpoint(ckpt, model, optim)
     n_train = sum(p.numel() for _, ps in groups for p in ps)
-    runner = _wrap(model, info)
+    engine = make_engine(model, optim, cfg, stage, info)
     log = _Logger(stage_dir, stage, info, total, n_train, data.n_skipped)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=PlanSampler(plan, step * stage.grad_accum,
                                          total * stage.grad_accum), collate_fn=collate, num_workers=1)
@@ -78,7 +79,7 @@ def train_stage(model, stage: StageConfig, cfg: TrainConfig, info, stage_dir: Pa
     while step < total:
         for g, lr in zip(optim.param_groups, base_lrs):
             g["lr"] = lr * lr_factor(step, total, stage.warmup_ratio)
-        loss, n, ids = _optimizer_step(runner, optim, micro, stage, info, cfg)
+        loss, n, ids = _optimizer_step(engine, micro, stage, info, cfg)
         step += 1
         log.step(step, loss, n, optim.param_groups[0]["lr"], ids)
         if (stage.save_every and step % stage.save_every == 0) or step == total:
@@ -95,33 +96,22 @@ def train_stage(model, stage: StageConfig, cfg: TrainConfig, info, stage_dir: Pa
     return model.cpu().eval()
 
 
-def _optimizer_step(runner, optim, micro, stage: StageConfig, info, cfg: TrainConfig):
-    optim.zero_grad(set_to_none=True)
+def _optimizer_step(engine, micro, stage: StageConfig, info, cfg: TrainConfig):
+    engine.zero_grad()
     total_loss, n, ids = 0.0, 0, []
     for k in range(stage.grad_accum):
         batch = next(micro)
-        sync = k == stage.grad_accum - 1 or not info.enabled
-        ctx = contextlib.nullcontext() if sync else runner.no_sync()
-        with ctx, _autocast(cfg, info):
+        with engine.accumulating(last=k == stage.grad_accum - 1), _autocast(cfg, info):
             pixels = batch["pixel_values"]
-            out = runner(None if pixels is None else pixels.to(info.device),
-                         [t.to(info.device) for t in batch["input_ids"]],
-                         [t.to(info.device) for t in batch["labels"]])
-            (out.loss / stage.grad_accum).backward()
+            out = engine.module(None if pixels is None else pixels.to(info.device),
+                                [t.to(info.device) for t in batch["input_ids"]],
+                                [t.to(info.device) for t in batch["labels"]])
+            engine.backward(out.loss)
         total_loss += out.loss.item() / stage.grad_accum
         n += len(batch["ids"])
         ids += batch["ids"]
-    params = [p for g in optim.param_groups for p in g["params"]]
-    torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
-    optim.step()
+    engine.step()
     return total_loss, n, ids
-
-
-def _wrap(model, info):
-    if not info.enabled:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
 
 def _autocast(cfg: TrainConfig, info):

@@ -287,12 +287,13 @@ class TrtBackend(Backend):
         names = [raw["decoder"].get_tensor_name(i) for i in range(raw["decoder"].num_io_tensors)]
         self.pairs = kv_pairs([n for n in names if n.startswith(PAST)], names)
         self.decoder = Engine(trt, self.cuda, raw["decoder"], external=[p for p, _ in self.pairs])
+        d = self.decoder
         for p, q in self.pairs:  # both halves of a ping-pong pair hold a full (present-sized) cache
-            self.decoder.buffers[p] = self.cuda.malloc(nbytes(self.decoder.max_shapes[q], self.decoder.dtypes[q].itemsize))
+            d.buffers[p] = self.cuda.malloc(nbytes(d.max_shapes[q], d.dtypes[q].itemsize))
         self.embed = Engine(trt, self.cuda, raw["embed_tokens"])
         m = manifest.model
         self.hidden, self.kv_shape = m.hidden_size, (m.num_kv_heads, m.head_dim)
-        self.vocab = m.vocab_size
+        self.vocab = d.max_shapes["logits"][-1]  # [1, T, V]
         if self.embed.dtypes["inputs_embeds"] != self.decoder.dtypes["inputs_embeds"]:
             raise BundleError(f"{root}: embed_tokens and decoder engines disagree on the embedding dtype")
         self.n_ctx = min(m.max_positions, self.decoder.max_shapes["attention_mask"][1])
@@ -371,9 +372,9 @@ class TrtBackend(Backend):
         shapes = step_shapes(past, t, self.hidden, self.kv_shape, [p for p, _ in self.pairs])
         self.cuda.h2d(d.buffers["position_ids"], np.arange(past, past + t, dtype=d.dtypes["position_ids"]))
         addresses = {"inputs_embeds": embeds}
-        for p_name, q_name in self.pairs:  # ping-pong: read the cache from one buffer, write the other
-            src, dst = (d.buffers[q_name], d.buffers[p_name]) if self._flip else (d.buffers[p_name], d.buffers[q_name])
-            addresses[p_name], addresses[q_name] = src, dst
+        for p, q in self.pairs:  # ping-pong: read the cache from one buffer, write the whole of it to the other
+            a, b = d.buffers[p], d.buffers[q]
+            addresses[p], addresses[q] = (b, a) if self._flip else (a, b)
         d.run(shapes, addresses)
         self._flip = not self._flip
         self._pos = past + t

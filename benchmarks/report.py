@@ -1,0 +1,397 @@
+"""Turn benchmark results into ``report.md`` and a self-contained ``report.html`` (plots inlined).
+
+Example: python benchmarks/report.py results.jsonl [more.jsonl ...] --out report/
+
+Sections are labelled **Measured** (this host, this run) or **Projected** (roofline model, other
+devices); no table or figure mixes the two. Tables are sorted best first. Where a case id appears
+in several files or runs, the latest record wins.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import sys
+from pathlib import Path
+
+from edgevlm.runtime.errors import EdgeVLMError
+
+Block = tuple  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", name, png, caption)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_results(paths: list[str]) -> tuple[list[dict], list[dict]]:
+    """(environment records, case records: the latest per id)."""
+    from edgevlm.benchmarks.run import read_records
+
+    envs, cases = [], {}
+    for p in paths:
+        if not Path(p).is_file():
+            raise EdgeVLMError(f"{p}: no such results file")
+        for rec in read_records(Path(p)):
+            if rec.get("type") == "environment":
+                envs.append(rec)
+            elif rec.get("type") == "case":
+                cases[rec["id"]] = rec
+    if not cases:
+        raise EdgeVLMError(f"{', '.join(paths)}: no case records")
+    return envs, list(cases.values())
+
+
+def med(rec: dict, metric: str) -> float | None:
+    return ((rec.get("metrics") or {}).get(metric) or {}).get("median")
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if abs(v) >= 10 ** digits:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def spread(rec: dict, metric: str) -> str:
+    s = (rec.get("metrics") or {}).get(metric)
+    if not s:
+        return "-"
+    return f"{fmt(s['median'])} [{fmt(s['p10'])}-{fmt(s['p90'])}]"
+
+
+def label(rec: dict, full: bool = False) -> str:
+    base = f"{rec['model']['label']}/{rec['integrator'] or 'own'} {rec['backend']} {rec['precision']}"
+    w = rec["workload"]
+    return base + (f" t{w['threads']} i{w['images']} p{w['prompt_tokens']} n{w['new_tokens']}" if full else "")
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def environment_blocks(envs: list[dict]) -> list[Block]:
+    from edgevlm.benchmarks.environment import summary_line
+
+    seen, rows = set(), []
+    for e in envs:
+        if e["env_id"] in seen:
+            continue
+        seen.add(e["env_id"])
+        libs = ", ".join(f"{k} {v}" for k, v in sorted(e.get("libraries", {}).items()))
+        rows.append([e["env_id"], e.get("time_utc", ""), summary_line(e), f"{e.get('gemm_fp32_gflops', '-')} GFLOP/s", libs])
+    blocks: list[Block] = [("h2", "Environment"), ("table", ["env", "started", "host", "fp32 GEMM", "libraries"], rows)]
+    busy = [e for e in envs if (e.get("load_avg_1m") or 0) > 0.5 * (e.get("cores", {}).get("usable") or 1)]
+    if busy:
+        blocks.append(("p", f"Note: {len(busy)} run(s) started on a busy machine (1-minute load above half the "
+                            "usable cores); their timings are noisy and only good for checking the machinery."))
+    return blocks
+
+
+def status_blocks(cases: list[dict]) -> list[Block]:
+    counts: dict[str, int] = {}
+    for c in cases:
+        counts[c["status"]] = counts.get(c["status"], 0) + 1
+    blocks: list[Block] = [("p", "Cases: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))]
+    bad = [c for c in cases if c["status"] in ("failed", "timeout")]
+    if bad:
+        blocks += [("h3", "Failed cases"), ("table", ["case", "status", "stage", "error"],
+                                             [[c["id"], c["status"], c.get("stage", ""), c.get("error", "")[:300]] for c in bad])]
+    skipped = [c for c in cases if c["status"] == "skipped"]
+    if skipped:
+        blocks += [("h3", "Not measured here (skipped)"), ("table", ["case", "reason"], [[c["id"], c["reason"]] for c in skipped])]
+    return blocks
+
+
+def latency_blocks(ok: list[dict], full: bool) -> list[Block]:
+    from edgevlm.benchmarks import plots
+
+    rows = sorted(ok, key=lambda r: med(r, "ttft_ms") or float("inf"))
+    table = [[label(r, full), r["kind"], r.get("n_visual_tokens"), r.get("n_prompt_tokens"), spread(r, "ttft_ms"),
+              fmt(med(r, "vision_ms")), fmt(med(r, "tower_ms")), fmt(med(r, "integrator_ms")), fmt(med(r, "prefill_ms")),
+              fmt(med(r, "prefill_tok_s"))] for r in rows]
+    bars = [{"label": label(r, full), "ttft_ms": med(r, "ttft_ms") or 0, "vision_ms": med(r, "vision_ms"),
+             "tower_ms": med(r, "tower_ms"), "integrator_ms": med(r, "integrator_ms"),
+             "prefill_ms": med(r, "prefill_ms")} for r in rows]
+    return [("h2", "Measured: time to first token (best first)"),
+            ("p", "Median [p10-p90] over runs. vision = image to visual tokens (tower + integrator in one graph on "
+                  "ort/llamacpp); tower and integrator are timed apart on the torch backend only. "
+                  "Prompt tokens are text tokens; visual tokens come on top."),
+            ("table", ["case", "kind", "visual tok", "text tok", "TTFT ms", "vision ms", "tower ms", "integrator ms",
+                       "prefill ms", "prefill tok/s"], table),
+            ("img", "ttft_breakdown", plots.ttft_breakdown(bars), "TTFT broken into vision tower, integrator, prefill")]
+
+
+def throughput_blocks(ok: list[dict], full: bool) -> list[Block]:
+    from edgevlm.benchmarks import plots
+
+    rows = sorted(ok, key=lambda r: -(med(r, "decode_tok_s") or 0))
+    table = []
+    for r in rows:
+        art = r.get("artifact_mb") or {}
+        acc = r.get("accuracy") or {}
+        table.append([label(r, full), spread(r, "decode_tok_s"), fmt(r.get("peak_rss_mb")), fmt(r.get("rss_loaded_mb")),
+                      fmt(r.get("gpu_peak_mb")), fmt(sum(v for k, v in art.items() if not k.startswith("tokenizer"))),
+                      fmt(acc.get("accuracy")), fmt(acc.get("majority_baseline"))])
+    grouped = [{"group": f"{r['model']['label']}/{r['integrator'] or 'own'}", "series": f"{r['backend']} {r['precision']}",
+                **_with_spread(r, "ttft_ms"), **_with_spread(r, "decode_tok_s")} for r in ok]
+    mem = sorted(({"label": label(r, full), "peak_rss_mb": r.get("peak_rss_mb") or 0, "peer": r["kind"] == "peer"}
+                  for r in ok), key=lambda x: x["peak_rss_mb"])
+    return [("h2", "Measured: decode rate, memory, accuracy (best decode first)"),
+            ("p", "Decode tok/s = (new tokens - 1) / decode time, EOS ignored. Peak RSS is the case process's "
+                  "high-water mark (VmHWM), taken before any accuracy evaluation; artifact = files the backend "
+                  "loads. Accuracy only where the weights are trained (exact match, held-out split)."),
+            ("table", ["case", "decode tok/s", "peak RSS MB", "RSS after load MB", "GPU peak MB", "artifact MB",
+                       "accuracy", "majority baseline"], table),
+            ("img", "ttft_by_integrator", plots.grouped_bars(grouped, "ttft_ms", "TTFT ms",
+                                                              "Measured: TTFT by integrator x backend"), "TTFT by integrator and backend"),
+            ("img", "decode_by_integrator", plots.grouped_bars(grouped, "decode_tok_s", "decode tok/s",
+                                                                "Measured: decode tok/s by integrator x backend"),
+             "Decode rate by integrator and backend"),
+            ("img", "peak_memory", plots.horizontal_bars(mem, "peak_rss_mb", "peak RSS, MB",
+                                                          "Measured: peak memory per case (peers in red)"), "Peak memory")]
+
+
+def _with_spread(rec: dict, metric: str) -> dict:
+    s = (rec.get("metrics") or {}).get(metric) or {}
+    return {metric: s.get("median"), f"{metric}_p10": s.get("p10", s.get("median")),
+            f"{metric}_p90": s.get("p90", s.get("median"))}
+
+
+def pareto_blocks(ok: list[dict]) -> list[Block]:
+    from edgevlm.benchmarks import plots
+
+    pts = [{"label": label(r), "ttft_ms": med(r, "ttft_ms"), "accuracy": r["accuracy"]["accuracy"]}
+           for r in ok if (r.get("accuracy") or {}).get("accuracy") is not None and med(r, "ttft_ms")]
+    if not pts:
+        return [("h2", "Measured: accuracy vs TTFT"),
+                ("p", "No case in these results has trained weights with an eval spec (random-weight presets have "
+                      "no meaningful accuracy); add a trained model dir with `eval:` to the matrix.")]
+    return [("h2", "Measured: accuracy vs TTFT (Pareto)"), ("img", "pareto", plots.pareto(pts), "Accuracy vs TTFT")]
+
+
+def _peer_key(r: dict) -> tuple:
+    return r["model"]["label"], r["integrator"], json.dumps(r["workload"], sort_keys=True)
+
+
+def peer_blocks(ok: list[dict], full: bool) -> list[Block]:
+    peers = [r for r in ok if r["kind"] == "peer"]
+    rows = []
+    for r in (r for r in ok if r["kind"] == "edgevlm"):
+        for p in peers:
+            if _peer_key(p) != _peer_key(r):
+                continue
+            if p["backend"] == "llamacpp_raw" and (r["backend"] != "llamacpp" or p["precision"] != r["precision"]):
+                continue
+            t_e, t_p, d_e, d_p = med(r, "ttft_ms"), med(p, "ttft_ms"), med(r, "decode_tok_s"), med(p, "decode_tok_s")
+            rows.append([label(r, full), f"{p['backend']} {p['precision']}", fmt(t_e), fmt(t_p),
+                         fmt(t_p / t_e if t_e and t_p else None), fmt(d_e), fmt(d_p),
+                         fmt(d_e / d_p if d_e and d_p else None), fmt(r.get("peak_rss_mb")), fmt(p.get("peak_rss_mb"))])
+    if not rows:
+        return [("h2", "Measured: edgevlm vs peers"), ("p", "No peer ran beside these cases.")]
+    rows.sort(key=lambda x: -float(x[7]) if x[7] != "-" else 0)
+    return [("h2", "Measured: edgevlm vs peers, side by side"),
+            ("p", "Same weights, image, prompt length and new tokens, measured in the same run. Peers: `hf_eager` = "
+                  "Hugging Face generate() in eager PyTorch (MobileVLM's own inference path); `llamacpp_raw` = "
+                  "llama.cpp's C API on the same GGUF with no edgevlm code. Ratios > 1 mean edgevlm is faster."),
+            ("table", ["edgevlm case", "peer", "TTFT ms", "peer TTFT ms", "TTFT speed-up", "decode tok/s",
+                       "peer decode tok/s", "decode ratio", "peak RSS MB", "peer peak RSS MB"], rows)]
+
+
+def bandwidth_blocks(ok: list[dict], full: bool) -> list[Block]:
+    rows = []
+    for r in sorted(ok, key=lambda r: -((r.get("limits") or {}).get("decode_fraction_of_bound") or 0)):
+        lim = r.get("limits")
+        if not lim:
+            continue
+        frac = "n/a: weights fit in cache" if lim.get("cache_resident") else fmt(lim.get("decode_fraction_of_bound"))
+        rows.append([label(r, full), fmt(med(r, "decode_tok_s")), fmt(lim["bytes_per_token"] / 2**20),
+                     fmt(lim["bandwidth_gbs"]), fmt(lim["decode_bound_tok_s"]), frac])
+    if not rows:
+        return []
+    return [("h2", "Measured: decode rate against the memory-bandwidth bound"),
+            ("p", "Bound = measured read bandwidth (STREAM-like, this host) / bytes one decode step reads (LLM "
+                  "weights without the embedding table, from the artifact itself, plus the KV cache at the mean "
+                  "context). A fraction near 1 means the backend streams weights as fast as the memory allows."),
+            ("table", ["case", "decode tok/s", "MB read per token", "bandwidth GB/s", "bound tok/s", "fraction of bound"], rows)]
+
+
+def projection_blocks(envs: list[dict], ok: list[dict]) -> list[Block]:
+    from edgevlm.benchmarks import plots, projection as pj
+
+    devices = pj.load_devices()
+    env = next((e for e in reversed(envs) if (e.get("bandwidth") or {}).get("read_gbs")), None)
+    calib: dict = {}
+    blocks: list[Block] = [("h2", "Projected: other devices (roofline model, not measured)"),
+                           ("p", "Each stage: max(FLOPs / sustained compute, bytes / sustained bandwidth) / efficiency, "
+                                 "from analytic FLOPs and bytes (benchmarks/flops.py) and device profiles with sources "
+                                 "(benchmarks/devices/). CPU-class efficiency is calibrated on this host's records per "
+                                 "stack; GPU-class efficiency comes from llama.cpp's published RTX 4090 numbers.")]
+    if env is not None:
+        host = pj.host_device(devices["host"], env)
+        calib = pj.calibrate(ok, host)
+        blocks += _calibration_blocks(calib, pj.host_validation(ok, host))
+    blocks += _published_blocks(pj.published_validation(devices, calib.get("llamacpp")))
+    rows, table = _device_rows(ok, devices, calib)
+    if rows:
+        blocks += [("h3", "Projected latency and memory per target device"),
+                   ("p", "Cell: TTFT ms / decode tok/s / memory verdict (weights + KV cache of this request + "
+                         "runtime vs the memory one process can use)."), table,
+                   ("img", "projected_devices", plots.projected_devices(rows), "Projected TTFT and decode rate per device")]
+    return blocks
+
+
+def _calibration_blocks(calib: dict, host_rows: list[dict]) -> list[Block]:
+    if not calib:
+        return [("p", "No calibratable host record (all were cache-resident toys or failed): CPU-class factors "
+                      "are the documented defaults.")]
+    table = [[stack, fmt(f.get("vision")), fmt(f.get("prefill")), fmt(f.get("decode")), f["n_records"]]
+             for stack, f in sorted(calib.items())]
+    blocks: list[Block] = [("h3", "Efficiency factors calibrated on this host (fraction of the roofline reached)"),
+                           ("table", ["stack", "vision", "prefill", "decode", "records"], table)]
+    if host_rows:
+        rows = [[r["id"], r["n_calibration"]] + [_ratio(r.get(m)) for m in ("vision_ms", "prefill_ms", "ttft_ms", "decode_tok_s")]
+                for r in host_rows]
+        blocks += [("h3", "Validation on the host: projected / measured (leave-one-out)"),
+                   ("p", "Each record is projected with factors calibrated on the other records of its stack."),
+                   ("table", ["case", "calibration records", "vision", "prefill", "TTFT", "decode tok/s"], rows)]
+    return blocks
+
+
+def _ratio(v: dict | None) -> str:
+    return "-" if not v else f"x{v['ratio']:.2f} ({fmt(v['projected'])} vs {fmt(v.get('measured', v.get('published')))})"
+
+
+def _published_blocks(rows: list[dict]) -> list[Block]:
+    if not rows:
+        return []
+    table = [[r["label"], r["device"]] + [_ratio(r.get(m)) for m in ("vision_ms", "prefill_tok_s", "decode_tok_s")]
+             + [r["efficiency_source"][:90], r["source"][:120]] for r in rows]
+    return [("h3", "Validation against published numbers: projected / published"),
+            ("p", "MobileVLM-1.7B, 4-bit LLM + f16 vision, llama.cpp. x1.00 = exact; > 1 = the projection is "
+                  "optimistic (for vision ms, < 1 is optimistic)."),
+            ("table", ["published measurement", "projected on", "vision ms", "prefill tok/s", "decode tok/s",
+                       "efficiency from", "source"], table)]
+
+
+REFERENCE = ("mobilevlm-1.7b", "q4_k_m")  # always projected: the configuration MobileVLM published
+
+
+def _device_rows(ok: list[dict], devices: dict, calib: dict) -> tuple[list[dict], Block]:
+    """Projected TTFT / decode / memory verdict per configuration (llama.cpp records preferred, the
+    published MobileVLM-1.7B 4-bit configuration added when absent) and target device."""
+    from edgevlm.benchmarks import projection as pj
+    from edgevlm.benchmarks.flops import preset_shape, stage_costs
+
+    pool = [r for r in ok if r["kind"] == "edgevlm" and "costs" in r]
+    preferred = [r for r in pool if r["backend"] == "llamacpp"] or pool
+    configs: dict[str, tuple[dict, str]] = {}
+    for r in preferred:
+        configs.setdefault(f"{r['model']['label']}/{r['integrator'] or 'own'} {r['precision']}", (r["costs"], r["backend"]))
+    if not any(name.startswith(REFERENCE[0]) and name.endswith(REFERENCE[1]) for name in configs):
+        costs = stage_costs(preset_shape(REFERENCE[0]), REFERENCE[1], n_text=48, n_new=32)
+        configs[f"{REFERENCE[0]}/ldp {REFERENCE[1]} (reference, not in these results)"] = (costs, "llamacpp")
+    targets = [d for d in devices.values() if not d.get("measured")]
+    rows, table = [], []
+    for name, (costs, backend) in configs.items():
+        cells = [name]
+        for dev in targets:
+            _, eng = pj.engine_of(dev)
+            factors = calib.get(pj.stack_of(backend)) if eng["class"] == "cpu" else None
+            p = pj.project(costs, dev, efficiency=factors)
+            rows.append({"device": dev["name"], "config": name, "ttft_ms": p["ttft_ms"], "decode_tok_s": p["decode_tok_s"]})
+            cells.append(f"{fmt(p['ttft_ms'])} / {fmt(p['decode_tok_s'])} / {p['memory']['verdict']}")
+        table.append(cells)
+    return rows, ("table", ["configuration"] + [d["name"] for d in targets], table)
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def render_md(blocks: list[Block], plot_dir: str) -> str:
+    out = []
+    for b in blocks:
+        if b[0] in ("h1", "h2", "h3"):
+            out.append("#" * int(b[0][1]) + " " + b[1])
+        elif b[0] == "p":
+            out.append(b[1])
+        elif b[0] == "table":
+            out.append("| " + " | ".join(b[1]) + " |\n|" + "---|" * len(b[1]))
+            out[-1] += "".join("\n| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in b[2])
+        elif b[0] == "img":
+            out.append(f"![{b[3]}]({plot_dir}/{b[1]}.png)")
+    return "\n\n".join(out) + "\n"
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+       "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
+       "text-align:left}th{background:#f0f0f0}tr:nth-child(even){background:#fafafa}img{max-width:100%}"
+       "h2{border-bottom:2px solid #ddd;padding-bottom:3px;margin-top:2em}")
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    out = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+           f"<style>{CSS}</style></head><body>"]
+    for b in blocks:
+        if b[0] in ("h1", "h2", "h3"):
+            out.append(f"<{b[0]}>{html.escape(b[1])}</{b[0]}>")
+        elif b[0] == "p":
+            out.append(f"<p>{html.escape(b[1])}</p>")
+        elif b[0] == "table":
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b[1])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in b[2])
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif b[0] == "img":
+            data = base64.b64encode(b[2]).decode()
+            out.append(f"<figure><img alt=\"{html.escape(b[3])}\" src=\"data:image/png;base64,{data}\">"
+                       f"<figcaption>{html.escape(b[3])}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def build(paths: list[str]) -> list[Block]:
+    envs, cases = load_results(paths)
+    ok = [c for c in cases if c["status"] == "ok"]
+    workloads = {json.dumps(c["workload"], sort_keys=True) for c in ok}
+    full = len(workloads) > 1
+    blocks: list[Block] = [
+        ("h1", "edgevlm latency report"),
+        ("p", f"From {', '.join(paths)}. Sections titled 'Measured' were timed on the host below in fresh "
+              "processes (warm-up runs, then timed runs with fixed seeds and a fixed number of new tokens). "
+              "Sections titled 'Projected' are model estimates for hardware we did not run on.")]
+    blocks += environment_blocks(envs) + status_blocks(cases)
+    if ok:
+        blocks += latency_blocks(ok, full) + throughput_blocks(ok, full) + pareto_blocks(ok)
+        blocks += peer_blocks(ok, full) + bandwidth_blocks(ok, full) + projection_blocks(envs, ok)
+    return blocks
+
+
+def write_report(paths: list[str], out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    blocks = build(paths)
+    for b in blocks:
+        if b[0] == "img":
+            (out / "plots" / f"{b[1]}.png").write_bytes(b[2])
+    (out / "report.md").write_text(render_md(blocks, "plots"))
+    (out / "report.html").write_text(render_html(blocks, "edgevlm latency report"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks/report.py", description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="+", help="results JSONL file(s) from benchmarks/run.py")
+    p.add_argument("--out", default="report", help="output folder (default: %(default)s)")
+    args = p.parse_args(argv)
+    try:
+        out = write_report(args.results, args.out)
+    except EdgeVLMError as e:
+        print(f"benchmarks/report.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
