@@ -26,42 +26,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgevlm.benchmarks.matrix import bench_image, filler_question, image_prompt
 from edgevlm.runtime.errors import EdgeVLMError
 
-FILLER = ("Please look at the picture carefully and describe every shape, its colour, its size, where it "
-          "is placed relative to the others, and any text that is written on it")
 METRICS = ("vision_ms", "tower_ms", "integrator_ms", "prefill_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s",
            "total_ms")
 
 
-# --- inputs and statistics (shared with peers.py) -----------------------------------------------
-
-
-def bench_image(seed: int, size: int = 336):
-    """A deterministic RGB test image: smooth gradients, a few blocks of colour, mild noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    img = np.stack([x, y, (x + y) / 2], -1) * 180 + 40  # [S, S, 3]
-    for _ in range(4):
-        x0, y0 = rng.integers(0, size - 80, 2)
-        img[y0:y0 + 60, x0:x0 + 60] = rng.integers(0, 255, 3)
-    img += rng.normal(0, 6, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
-def filler_question(encode: Callable[[str], list[int]], n_tokens: int) -> str:
-    """A question of about ``n_tokens`` tokens (at least that many, cut at a word)."""
-    words = FILLER.split()
-    out: list[str] = []
-    while len(encode(" ".join(out))) < n_tokens:
-        out.append(words[len(out) % len(words)])
-    return " ".join(out) or "Describe."
-
-
-def image_prompt(question: str, n_images: int) -> str:
-    return "".join("<image>\n" for _ in range(n_images)) + question
+# --- statistics and memory (shared with peers.py) ------------------------------------------------
 
 
 def summarize(values: list[float | None]) -> dict | None:
@@ -143,7 +115,28 @@ def model_config(case: dict):
     return load_model(str(path)).cfg
 
 
-def load_torch_model(case: dict, dtype: str = "fp32"):
+def accelerator(case: dict) -> str:
+    """"cuda" / "gpu" when the matrix allows it (``accelerator: auto``, the default) and this backend
+    can use a GPU here (CUDA torch, onnxruntime-gpu, a CUDA/Metal llama.cpp build), else "cpu"."""
+    backend = case["backend"]
+    if case.get("accelerator", "auto") == "cpu":
+        return "cpu"
+    if backend in ("torch", "hf_eager"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if backend == "ort":
+        import onnxruntime
+
+        return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+    if backend in ("llamacpp", "llamacpp_raw"):
+        import llama_cpp
+
+        return "gpu" if llama_cpp.llama_supports_gpu_offload() else "cpu"
+    return "cuda"
+
+
+def load_torch_model(case: dict, dtype: str = "fp32", device: str = "cpu"):
     import torch
 
     from edgevlm import load_model
@@ -154,7 +147,7 @@ def load_torch_model(case: dict, dtype: str = "fp32"):
         overrides["integrator"] = case["integrator"]
     source = m["name"] if m["source"] == "preset" else m["path"]
     model = load_model(source, **overrides).eval()
-    return model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    return model.to(device=device, dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
 
 
 def prepare(case: dict) -> dict:
@@ -244,7 +237,7 @@ def open_runtime(case: dict, prepared: dict):
     """(Runtime, torch model or None) for an edgevlm case."""
     from edgevlm.runtime.engine import Runtime
 
-    backend, threads = case["backend"], threads_of(case)
+    backend, threads, acc = case["backend"], threads_of(case), accelerator(case)
     if backend == "torch":
         import torch
 
@@ -252,10 +245,12 @@ def open_runtime(case: dict, prepared: dict):
         from edgevlm.runtime.backends.torch import TorchBackend
 
         torch.set_num_threads(threads)
-        model = load_torch_model(case, case["precision"])
+        model = load_torch_model(case, case["precision"], acc)
         manifest = base_manifest(model, "torch", [], "edgevlm.torch")
         return Runtime(TorchBackend(model), model.tokenizer, manifest, Path(".")), model
-    options = {"ort": {"threads": threads}, "llamacpp": {"n_threads": threads, "quant": case["precision"]}}
+    options = {"ort": {"threads": threads, "providers": "cuda" if acc == "cuda" else "cpu"},
+               "llamacpp": {"n_threads": threads, "quant": case["precision"],
+                            "n_gpu_layers": -1 if acc == "gpu" else 0}}
     return Runtime.load(prepared["artifact"], backend=backend, **options.get(backend, {})), None
 
 
@@ -286,7 +281,7 @@ def measure_edgevlm(case: dict, prepared: dict) -> dict:
            "gpu_peak_mb": torch_gpu_peak_mb() if model is not None else None,
            "n_visual_tokens": last["n_visual_tokens"], "n_prompt_tokens": last["n_prompt_tokens"],
            "n_generated": last["n_generated"], "token_ids_head": last["token_ids"][:8],
-           "threads_effective": threads_of(case)}
+           "threads_effective": threads_of(case), "accelerator": accelerator(case)}
     if case.get("eval"):
         out["accuracy"] = held_out_accuracy(rt, case["eval"])
     rt.close()
@@ -335,9 +330,9 @@ def held_out_accuracy(rt, spec: dict) -> dict:
 
 
 def measure(case: dict, prepared: dict) -> dict:
-    from edgevlm.benchmarks.environment import TegraMemorySampler
+    from edgevlm.benchmarks.environment import NvidiaMemorySampler, TegraMemorySampler
 
-    with TegraMemorySampler() as tegra:  # a no-op off Jetson
+    with TegraMemorySampler() as tegra, NvidiaMemorySampler() as nvidia:  # no-ops without tegrastats/nvidia-smi
         if case["kind"] == "peer":
             from edgevlm.benchmarks import peers
 
@@ -346,6 +341,8 @@ def measure(case: dict, prepared: dict) -> dict:
             out = measure_edgevlm(case, prepared)
     if (mem := tegra.result()) is not None:
         out["tegra_memory"] = mem
+    if out.get("gpu_peak_mb") is None and (gpu := nvidia.peak_mb()) is not None:
+        out["gpu_peak_mb"] = gpu  # process GPU memory seen by nvidia-smi (ort / llama.cpp on CUDA)
     return out
 
 

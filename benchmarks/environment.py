@@ -244,3 +244,43 @@ class TegraMemorySampler:
             return None
         return {"system_ram_baseline_mb": self.baseline_mb, "system_ram_peak_mb": max(self.samples),
                 "added_mb": max(self.samples) - (self.baseline_mb or 0), "source": "tegrastats"}
+
+
+class NvidiaMemorySampler:
+    """Samples this process's GPU memory with ``nvidia-smi`` (for backends whose allocator torch
+    cannot see: ONNX Runtime CUDA, llama.cpp CUDA); a no-op without nvidia-smi or on Jetson."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._stop = None
+
+    def __enter__(self) -> "NvidiaMemorySampler":
+        import threading
+
+        if not shutil.which("nvidia-smi") or Path("/etc/nv_tegra_release").is_file():
+            return self
+        self._stop = threading.Event()
+        pid = str(os.getpid())
+        cmd = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+
+        def poll() -> None:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout
+                except (OSError, subprocess.TimeoutExpired):
+                    return
+                for line in out.splitlines():
+                    parts = [p.strip() for p in line.split(",")]
+                    if len(parts) == 2 and parts[0] == pid and parts[1].isdigit():
+                        self.samples.append(float(parts[1]))
+
+        threading.Thread(target=poll, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def peak_mb(self) -> float | None:
+        return max(self.samples) if self.samples else None

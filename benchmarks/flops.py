@@ -100,7 +100,8 @@ def vision_cost(vision: dict, n_images: int = 1) -> dict[str, float]:
     n = n_patch + 1  # CLS
     per_layer = 2 * n * (4 * d * d + 2 * d * inter) + 4 * n * n * d  # projections + MLP + QK^T/AV
     flops = n_images * (2 * n_patch * 3 * p * p * d + vision["layers_used"] * per_layer)
-    params = 3 * p * p * d + (n_patch + 1) * d + vision["layers_used"] * vit_params_per_layer(d, inter)
+    params = (3 * p * p * d + (n_patch + 1) * d + d + 2 * d  # patch conv, positions, CLS, pre-LayerNorm
+              + vision["layers_used"] * vit_params_per_layer(d, inter))
     return {"flops": flops, "params": params}
 
 

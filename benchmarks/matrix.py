@@ -22,8 +22,9 @@ import importlib.util
 import os
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import yaml
 
 from edgevlm.runtime.errors import EdgeVLMError
@@ -49,7 +50,8 @@ REQUIREMENTS: dict[str, tuple[str, ...]] = {
 }
 WORKLOAD_KEYS = ("images", "prompt_tokens", "new_tokens", "threads")
 DEFAULTS: dict[str, Any] = {"images": 1, "prompt_tokens": 32, "new_tokens": 32, "threads": 0, "warmup": 1,
-                            "runs": 5, "seed": 0, "timeout_s": 900, "export_timeout_s": 3600}
+                            "runs": 5, "seed": 0, "timeout_s": 900, "export_timeout_s": 3600,
+                            "accelerator": "auto"}  # auto: a GPU where the backend can use one; cpu: never
 MATRICES_DIR = Path(__file__).resolve().parent / "matrices"
 
 
@@ -160,8 +162,9 @@ def export_spec(backend: str, precision: str) -> dict | None:
     if backend in ("torch", "hf_eager"):
         return None
     if backend == "ort":
-        dtype, quantize = ("fp16", "none") if precision == "fp16" else ("fp32", {"fp32": "none"}.get(precision, precision))
-        return {"target": "onnx", "dtype": dtype, "quantize": quantize}
+        if precision == "fp16":
+            return {"target": "onnx", "dtype": "fp16", "quantize": "none"}
+        return {"target": "onnx", "dtype": "fp32", "quantize": "none" if precision == "fp32" else precision}
     if backend in ("llamacpp", "llamacpp_raw"):
         return {"target": "gguf", "quants": [precision]}
     return {"target": backend, "precision": precision}
@@ -177,7 +180,7 @@ def _case(model: dict, integrator: str | None, kind: str, backend: str, precisio
             "model": {k: v for k, v in model.items() if k not in ("eval", "missing", "optional")},
             "integrator": integrator, "workload": dict(w), "export": export_spec(backend, precision),
             "eval": model["eval"] if kind == "edgevlm" else None,
-            **{k: defaults[k] for k in ("warmup", "runs", "seed", "timeout_s", "export_timeout_s")}}
+            **{k: defaults[k] for k in ("warmup", "runs", "seed", "timeout_s", "export_timeout_s", "accelerator")}}
     case["skip"] = skip_reason(case, model)
     return case
 
@@ -217,6 +220,37 @@ def select(cases: list[dict], patterns: list[str] | None) -> list[dict]:
         if ok:
             keep.append(c)
     return keep
+
+
+# --- the workload a case runs: a fixed image and a question of a given token length ------------
+
+FILLER = ("Please look at the picture carefully and describe every shape, its colour, its size, where it "
+          "is placed relative to the others, and any text that is written on it")
+def bench_image(seed: int, size: int = 336):
+    """A deterministic RGB test image: smooth gradients, a few blocks of colour, mild noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.stack([x, y, (x + y) / 2], -1) * 180 + 40  # [S, S, 3]
+    for _ in range(4):
+        x0, y0 = rng.integers(0, size - 80, 2)
+        img[y0:y0 + 60, x0:x0 + 60] = rng.integers(0, 255, 3)
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def filler_question(encode: Callable[[str], list[int]], n_tokens: int) -> str:
+    """A question of about ``n_tokens`` tokens (at least that many, cut at a word)."""
+    words = FILLER.split()
+    out: list[str] = []
+    while len(encode(" ".join(out))) < n_tokens:
+        out.append(words[len(out) % len(words)])
+    return " ".join(out) or "Describe."
+
+
+def image_prompt(question: str, n_images: int) -> str:
+    return "".join("<image>\n" for _ in range(n_images)) + question
 
 
 # --- export cache keys -------------------------------------------------------------------------

@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgevlm.benchmarks.case import (accelerator, collect_metrics, current_rss_mb, load_torch_model, peak_rss_mb,
+                                     threads_of, timed_runs, torch_gpu_peak_mb)
+from edgevlm.benchmarks.matrix import bench_image, filler_question, image_prompt
 from edgevlm.runtime.errors import EdgeVLMError
-
-from edgevlm.benchmarks.case import (bench_image, collect_metrics, current_rss_mb, filler_question, image_prompt, load_torch_model,
-                   peak_rss_mb, threads_of, timed_runs, torch_gpu_peak_mb)
 
 # --- Hugging Face eager --------------------------------------------------------------------------
 
@@ -43,14 +43,18 @@ def measure_hf_eager(case: dict, prepared: dict) -> dict:
     from transformers import LogitsProcessorList
 
     torch.set_num_threads(threads_of(case))
-    model = load_torch_model(case, case["precision"])
-    model.llm.config._attn_implementation = "eager"  # MobileVLM's era: no SDPA
+    device = accelerator(case)
+    model = load_torch_model(case, case["precision"], device)
+    for hf in (model.llm, model.vision_tower.vision_tower):  # MobileVLM's era (transformers 4.33): no SDPA
+        hf.set_attn_implementation("eager")
     rss_loaded = current_rss_mb()
     wl, tok = case["workload"], model.tokenizer
     n_img, n_new = wl["images"], wl["new_tokens"]
     question = filler_question(tok.encode, wl["prompt_tokens"])
-    ids = torch.tensor(model.prompt_ids(image_prompt(question, n_img), with_image=n_img > 0))
-    pixels = torch.cat([model.preprocess(bench_image(case["seed"] + i)) for i in range(n_img)]) if n_img else None
+    ids = torch.tensor(model.prompt_ids(image_prompt(question, n_img), with_image=n_img > 0), device=device)
+    pixels = None
+    if n_img:
+        pixels = torch.cat([model.preprocess(bench_image(case["seed"] + i)) for i in range(n_img)]).to(device)
     last: dict = {}
 
     def run_once() -> dict:
@@ -60,7 +64,8 @@ def measure_hf_eager(case: dict, prepared: dict) -> dict:
             images = model.encode_images(pixels) if pixels is not None else None  # [B, M, D]
             t1 = time.perf_counter()
             embeds = model.embed_with_images(ids, images)[None]  # [1, T, D]
-            out = model.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+            out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask,
                                      max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
                                      use_cache=True, logits_processor=LogitsProcessorList([clock]),
                                      pad_token_id=tok.eos_id)
@@ -78,7 +83,7 @@ def measure_hf_eager(case: dict, prepared: dict) -> dict:
             "gpu_peak_mb": torch_gpu_peak_mb(), "n_visual_tokens": last["n_visual_tokens"],
             "n_prompt_tokens": last["n_prompt_tokens"], "n_generated": last["n_generated"],
             "token_ids_head": last["token_ids"][:8], "threads_effective": threads_of(case),
-            "attn_implementation": "eager"}
+            "attn_implementation": "eager", "accelerator": device}
 
 
 # --- raw llama.cpp -------------------------------------------------------------------------------
@@ -87,7 +92,7 @@ def measure_hf_eager(case: dict, prepared: dict) -> dict:
 class _RawLlama:
     """llama.cpp model + context + mtmd context, opened with the C API only."""
 
-    def __init__(self, llm: Path, mmproj: Path, threads: int, n_ctx: int):
+    def __init__(self, llm: Path, mmproj: Path, threads: int, n_ctx: int, gpu: bool = False):
         import llama_cpp as L
         from llama_cpp import mtmd_cpp as M
 
@@ -96,7 +101,9 @@ class _RawLlama:
         L.llama_log_set(self._log, ctypes.c_void_p(0))
         M.mtmd_helper_log_set(self._log, ctypes.c_void_p(0))
         L.llama_backend_init()
-        self.model = L.llama_model_load_from_file(str(llm).encode(), L.llama_model_default_params())
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = -1 if gpu else 0
+        self.model = L.llama_model_load_from_file(str(llm).encode(), mp)
         if not self.model:
             raise EdgeVLMError(f"llama.cpp could not load {llm}")
         cp = L.llama_context_default_params()
@@ -105,7 +112,7 @@ class _RawLlama:
         cp.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cp)
         mc = M.mtmd_context_params_default()
-        mc.use_gpu, mc.n_threads, mc.print_timings, mc.warmup = False, threads, False, False
+        mc.use_gpu, mc.n_threads, mc.print_timings, mc.warmup = gpu, threads, False, False
         self.mctx = M.mtmd_init_from_file(str(mmproj).encode(), self.model, mc)
         if not self.ctx or not self.mctx:
             raise EdgeVLMError(f"llama.cpp could not open a context for {llm} / {mmproj}")
@@ -186,7 +193,7 @@ def measure_llamacpp_raw(case: dict, prepared: dict) -> dict:
     tok = TextTokenizer.from_dir(bundle)  # only to size the question like the other cases; not timed
     question = filler_question(tok.encode, wl["prompt_tokens"])
     raw = _RawLlama(bundle / info["llm"][case["precision"]], bundle / info["mmproj"], threads_of(case),
-                    int(manifest["model"]["max_positions"]))
+                    int(manifest["model"]["max_positions"]), gpu=accelerator(case) == "gpu")
     rss_loaded = current_rss_mb()
     marker = raw.M.mtmd_default_marker().decode()
     text = TEMPLATES[manifest["chat_template"]].prompt_text(image_prompt(question, wl["images"]), first=True)
@@ -211,7 +218,7 @@ def measure_llamacpp_raw(case: dict, prepared: dict) -> dict:
     out = {"metrics": collect_metrics(runs), "rss_loaded_mb": rss_loaded, "peak_rss_mb": peak_rss_mb(),
            "gpu_peak_mb": None, "n_visual_tokens": last["n_visual"], "n_prompt_tokens": last["n_text"],
            "n_generated": len(last["tokens"]), "token_ids_head": last["tokens"][:8],
-           "threads_effective": threads_of(case)}
+           "threads_effective": threads_of(case), "accelerator": accelerator(case)}
     raw.close()
     return out
 

@@ -1,5 +1,7 @@
-"""Project latency and memory onto target devices we do not have, from analytic FLOPs and bytes
-per stage (``flops.py``) and device profiles (``devices/*.yaml``), with per-stage efficiency factors.
+"""Project latency and memory onto target devices we do not have (a roofline with efficiencies).
+
+Inputs: analytic FLOPs and bytes per stage (``flops.py``), device profiles (``devices/*.yaml``)
+and per-stage efficiency factors.
 
 The model is a roofline per stage: ``time = max(FLOPs / compute, bytes / bandwidth) / efficiency``
 (+ a fixed per-token overhead for decode), where compute and bandwidth are the engine's sustained
@@ -20,14 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from edgevlm.runtime.errors import EdgeVLMError
-
 from edgevlm.benchmarks.flops import stage_costs
+from edgevlm.runtime.errors import EdgeVLMError
 
 DEVICES_DIR = Path(__file__).resolve().parent / "devices"
 STAGES = ("vision", "integrator", "prefill", "decode")
@@ -144,7 +146,8 @@ def stage_efficiencies(record: dict, device: dict) -> dict[str, float]:
             ideal, _ = roofline_s(c["decode"]["flops_per_token"], c["decode"]["bytes_per_token"], compute, bandwidth)
             out[stage] = ideal * m[metric]["median"]
         elif stage == "vision":
-            ideal = sum(roofline_s(c[s]["flops"], c[s]["bytes"], compute, bandwidth)[0] for s in ("vision", "integrator"))
+            ideal = sum(roofline_s(c[s]["flops"], c[s]["bytes"], compute, bandwidth)[0]
+                        for s in ("vision", "integrator"))
             out[stage] = ideal / (m[metric]["median"] / 1e3)
         else:
             ideal, _ = roofline_s(c[stage]["flops"], c[stage]["bytes"], compute, bandwidth)
@@ -233,6 +236,34 @@ def _published_row(pub: dict, costs: dict, dev: dict, cpu_factors: dict | None, 
     return row
 
 
+REFERENCE = ("mobilevlm-1.7b", "q4_k_m")  # always projected: the configuration MobileVLM published
+
+
+def device_projections(records: list[dict], devices: dict, calib: dict) -> list[dict]:
+    """Projected TTFT / decode / memory verdict per configuration and target device: the measured
+    llama.cpp configurations (else every edgevlm one), plus MobileVLM-1.7B 4-bit when absent."""
+    from edgevlm.benchmarks.flops import preset_shape
+
+    pool = [r for r in records if r.get("kind") == "edgevlm" and r.get("status") == "ok" and "costs" in r]
+    preferred = [r for r in pool if r["backend"] == "llamacpp"] or pool
+    configs: dict[str, tuple[dict, str]] = {}
+    for r in preferred:
+        name = f"{r['model']['label']}/{r['integrator'] or 'own'} {r['precision']}"
+        configs.setdefault(name, (r["costs"], r["backend"]))
+    if not any(n.startswith(REFERENCE[0]) and n.endswith(REFERENCE[1]) for n in configs):
+        costs = stage_costs(preset_shape(REFERENCE[0]), REFERENCE[1], n_text=48, n_new=32)
+        configs[f"{REFERENCE[0]}/ldp {REFERENCE[1]} (reference, not in these results)"] = (costs, "llamacpp")
+    rows = []
+    for name, (costs, backend) in configs.items():
+        for dev in (d for d in devices.values() if not d.get("measured")):
+            _, eng = engine_of(dev)
+            p = project(costs, dev, efficiency=calib.get(stack_of(backend)) if eng["class"] == "cpu" else None)
+            rows.append({"config": name, "device": dev["name"], "engine": p["engine"], "ttft_ms": p["ttft_ms"],
+                         "decode_tok_s": p["decode_tok_s"], "verdict": p["memory"]["verdict"],
+                         "needed_mb": p["memory"]["needed_mb"]})
+    return rows
+
+
 def _format_rows(rows: list[dict], ref: str) -> str:
     lines = []
     for r in rows:
@@ -242,15 +273,16 @@ def _format_rows(rows: list[dict], ref: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="projected latency on target devices, and its validation")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", nargs="?", help="results JSONL (calibrates the cpu class on its host)")
     p.add_argument("--validate", action="store_true", help="projected vs published and vs measured")
     p.add_argument("--preset", default="mobilevlm-1.7b")
     p.add_argument("--precision", default="q4_k_m")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     devices = load_devices()
-    records, env, cpu = [], {}, None
+    cpu = None
     if args.results:
         from edgevlm.benchmarks.run import read_records
 
@@ -272,6 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<28} {r['engine']:<4} ttft {r['ttft_ms']:8.0f} ms  decode {r['decode_tok_s']:7.1f} tok/s  "
               f"memory {r['memory']['needed_mb']} MB -> {r['memory']['verdict']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks/projection.py", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    try:
+        return run(p.parse_args(argv))
+    except EdgeVLMError as e:
+        print(f"benchmarks/projection.py: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

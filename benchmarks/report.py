@@ -80,7 +80,8 @@ def environment_blocks(envs: list[dict]) -> list[Block]:
             continue
         seen.add(e["env_id"])
         libs = ", ".join(f"{k} {v}" for k, v in sorted(e.get("libraries", {}).items()))
-        rows.append([e["env_id"], e.get("time_utc", ""), summary_line(e), f"{e.get('gemm_fp32_gflops', '-')} GFLOP/s", libs])
+        gemm = f"{e.get('gemm_fp32_gflops', '-')} GFLOP/s"
+        rows.append([e["env_id"], e.get("time_utc", ""), summary_line(e), gemm, libs])
     blocks: list[Block] = [("h2", "Environment"), ("table", ["env", "started", "host", "fp32 GEMM", "libraries"], rows)]
     busy = [e for e in envs if (e.get("load_avg_1m") or 0) > 0.5 * (e.get("cores", {}).get("usable") or 1)]
     if busy:
@@ -96,11 +97,12 @@ def status_blocks(cases: list[dict]) -> list[Block]:
     blocks: list[Block] = [("p", "Cases: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))]
     bad = [c for c in cases if c["status"] in ("failed", "timeout")]
     if bad:
-        blocks += [("h3", "Failed cases"), ("table", ["case", "status", "stage", "error"],
-                                             [[c["id"], c["status"], c.get("stage", ""), c.get("error", "")[:300]] for c in bad])]
+        rows = [[c["id"], c["status"], c.get("stage", ""), c.get("error", "")[:300]] for c in bad]
+        blocks += [("h3", "Failed cases"), ("table", ["case", "status", "stage", "error"], rows)]
     skipped = [c for c in cases if c["status"] == "skipped"]
     if skipped:
-        blocks += [("h3", "Not measured here (skipped)"), ("table", ["case", "reason"], [[c["id"], c["reason"]] for c in skipped])]
+        rows = [[c["id"], c["reason"]] for c in skipped]
+        blocks += [("h3", "Not measured here (skipped)"), ("table", ["case", "reason"], rows)]
     return blocks
 
 
@@ -109,8 +111,8 @@ def latency_blocks(ok: list[dict], full: bool) -> list[Block]:
 
     rows = sorted(ok, key=lambda r: med(r, "ttft_ms") or float("inf"))
     table = [[label(r, full), r["kind"], r.get("n_visual_tokens"), r.get("n_prompt_tokens"), spread(r, "ttft_ms"),
-              fmt(med(r, "vision_ms")), fmt(med(r, "tower_ms")), fmt(med(r, "integrator_ms")), fmt(med(r, "prefill_ms")),
-              fmt(med(r, "prefill_tok_s"))] for r in rows]
+              *(fmt(med(r, m)) for m in ("vision_ms", "tower_ms", "integrator_ms", "prefill_ms", "prefill_tok_s"))]
+             for r in rows]
     bars = [{"label": label(r, full), "ttft_ms": med(r, "ttft_ms") or 0, "vision_ms": med(r, "vision_ms"),
              "tower_ms": med(r, "tower_ms"), "integrator_ms": med(r, "integrator_ms"),
              "prefill_ms": med(r, "prefill_ms")} for r in rows]
@@ -134,7 +136,8 @@ def throughput_blocks(ok: list[dict], full: bool) -> list[Block]:
         table.append([label(r, full), spread(r, "decode_tok_s"), fmt(r.get("peak_rss_mb")), fmt(r.get("rss_loaded_mb")),
                       fmt(r.get("gpu_peak_mb")), fmt(sum(v for k, v in art.items() if not k.startswith("tokenizer"))),
                       fmt(acc.get("accuracy")), fmt(acc.get("majority_baseline"))])
-    grouped = [{"group": f"{r['model']['label']}/{r['integrator'] or 'own'}", "series": f"{r['backend']} {r['precision']}",
+    grouped = [{"group": f"{r['model']['label']}/{r['integrator'] or 'own'}",
+                "series": f"{r['backend']} {r['precision']}",
                 **_with_spread(r, "ttft_ms"), **_with_spread(r, "decode_tok_s")} for r in ok]
     mem = sorted(({"label": label(r, full), "peak_rss_mb": r.get("peak_rss_mb") or 0, "peer": r["kind"] == "peer"}
                   for r in ok), key=lambda x: x["peak_rss_mb"])
@@ -144,13 +147,16 @@ def throughput_blocks(ok: list[dict], full: bool) -> list[Block]:
                   "loads. Accuracy only where the weights are trained (exact match, held-out split)."),
             ("table", ["case", "decode tok/s", "peak RSS MB", "RSS after load MB", "GPU peak MB", "artifact MB",
                        "accuracy", "majority baseline"], table),
-            ("img", "ttft_by_integrator", plots.grouped_bars(grouped, "ttft_ms", "TTFT ms",
-                                                              "Measured: TTFT by integrator x backend"), "TTFT by integrator and backend"),
-            ("img", "decode_by_integrator", plots.grouped_bars(grouped, "decode_tok_s", "decode tok/s",
-                                                                "Measured: decode tok/s by integrator x backend"),
+            ("img", "ttft_by_integrator",
+             plots.grouped_bars(grouped, "ttft_ms", "TTFT ms", "Measured: TTFT by integrator x backend"),
+             "TTFT by integrator and backend"),
+            ("img", "decode_by_integrator",
+             plots.grouped_bars(grouped, "decode_tok_s", "decode tok/s",
+                                "Measured: decode tok/s by integrator x backend"),
              "Decode rate by integrator and backend"),
-            ("img", "peak_memory", plots.horizontal_bars(mem, "peak_rss_mb", "peak RSS, MB",
-                                                          "Measured: peak memory per case (peers in red)"), "Peak memory")]
+            ("img", "peak_memory",
+             plots.horizontal_bars(mem, "peak_rss_mb", "peak RSS, MB", "Measured: peak memory per case (peers in red)"),
+             "Peak memory")]
 
 
 def _with_spread(rec: dict, metric: str) -> dict:
@@ -214,7 +220,8 @@ def bandwidth_blocks(ok: list[dict], full: bool) -> list[Block]:
             ("p", "Bound = measured read bandwidth (STREAM-like, this host) / bytes one decode step reads (LLM "
                   "weights without the embedding table, from the artifact itself, plus the KV cache at the mean "
                   "context). A fraction near 1 means the backend streams weights as fast as the memory allows."),
-            ("table", ["case", "decode tok/s", "MB read per token", "bandwidth GB/s", "bound tok/s", "fraction of bound"], rows)]
+            ("table", ["case", "decode tok/s", "MB read per token", "bandwidth GB/s", "bound tok/s",
+                       "fraction of bound"], rows)]
 
 
 def projection_blocks(envs: list[dict], ok: list[dict]) -> list[Block]:
@@ -223,11 +230,12 @@ def projection_blocks(envs: list[dict], ok: list[dict]) -> list[Block]:
     devices = pj.load_devices()
     env = next((e for e in reversed(envs) if (e.get("bandwidth") or {}).get("read_gbs")), None)
     calib: dict = {}
-    blocks: list[Block] = [("h2", "Projected: other devices (roofline model, not measured)"),
-                           ("p", "Each stage: max(FLOPs / sustained compute, bytes / sustained bandwidth) / efficiency, "
-                                 "from analytic FLOPs and bytes (benchmarks/flops.py) and device profiles with sources "
-                                 "(benchmarks/devices/). CPU-class efficiency is calibrated on this host's records per "
-                                 "stack; GPU-class efficiency comes from llama.cpp's published RTX 4090 numbers.")]
+    blocks: list[Block] = [
+        ("h2", "Projected: other devices (roofline model, not measured)"),
+        ("p", "Each stage: max(FLOPs / sustained compute, bytes / sustained bandwidth) / efficiency, from analytic "
+              "FLOPs and bytes (benchmarks/flops.py) and device profiles with sources (benchmarks/devices/). "
+              "CPU-class efficiency is calibrated on this host's records per stack; GPU-class efficiency comes from "
+              "llama.cpp's published RTX 4090 numbers.")]
     if env is not None:
         host = pj.host_device(devices["host"], env)
         calib = pj.calibrate(ok, host)
@@ -238,7 +246,8 @@ def projection_blocks(envs: list[dict], ok: list[dict]) -> list[Block]:
         blocks += [("h3", "Projected latency and memory per target device"),
                    ("p", "Cell: TTFT ms / decode tok/s / memory verdict (weights + KV cache of this request + "
                          "runtime vs the memory one process can use)."), table,
-                   ("img", "projected_devices", plots.projected_devices(rows), "Projected TTFT and decode rate per device")]
+                   ("img", "projected_devices", plots.projected_devices(rows),
+                    "Projected TTFT and decode rate per device")]
     return blocks
 
 
@@ -251,8 +260,8 @@ def _calibration_blocks(calib: dict, host_rows: list[dict]) -> list[Block]:
     blocks: list[Block] = [("h3", "Efficiency factors calibrated on this host (fraction of the roofline reached)"),
                            ("table", ["stack", "vision", "prefill", "decode", "records"], table)]
     if host_rows:
-        rows = [[r["id"], r["n_calibration"]] + [_ratio(r.get(m)) for m in ("vision_ms", "prefill_ms", "ttft_ms", "decode_tok_s")]
-                for r in host_rows]
+        metrics = ("vision_ms", "prefill_ms", "ttft_ms", "decode_tok_s")
+        rows = [[r["id"], r["n_calibration"]] + [_ratio(r.get(m)) for m in metrics] for r in host_rows]
         blocks += [("h3", "Validation on the host: projected / measured (leave-one-out)"),
                    ("p", "Each record is projected with factors calibrated on the other records of its stack."),
                    ("table", ["case", "calibration records", "vision", "prefill", "TTFT", "decode tok/s"], rows)]
@@ -260,7 +269,9 @@ def _calibration_blocks(calib: dict, host_rows: list[dict]) -> list[Block]:
 
 
 def _ratio(v: dict | None) -> str:
-    return "-" if not v else f"x{v['ratio']:.2f} ({fmt(v['projected'])} vs {fmt(v.get('measured', v.get('published')))})"
+    if not v:
+        return "-"
+    return f"x{v['ratio']:.2f} ({fmt(v['projected'])} vs {fmt(v.get('measured', v.get('published')))})"
 
 
 def _published_blocks(rows: list[dict]) -> list[Block]:
@@ -275,35 +286,17 @@ def _published_blocks(rows: list[dict]) -> list[Block]:
                        "efficiency from", "source"], table)]
 
 
-REFERENCE = ("mobilevlm-1.7b", "q4_k_m")  # always projected: the configuration MobileVLM published
-
-
 def _device_rows(ok: list[dict], devices: dict, calib: dict) -> tuple[list[dict], Block]:
-    """Projected TTFT / decode / memory verdict per configuration (llama.cpp records preferred, the
-    published MobileVLM-1.7B 4-bit configuration added when absent) and target device."""
-    from edgevlm.benchmarks import projection as pj
-    from edgevlm.benchmarks.flops import preset_shape, stage_costs
+    from edgevlm.benchmarks.projection import device_projections
 
-    pool = [r for r in ok if r["kind"] == "edgevlm" and "costs" in r]
-    preferred = [r for r in pool if r["backend"] == "llamacpp"] or pool
-    configs: dict[str, tuple[dict, str]] = {}
-    for r in preferred:
-        configs.setdefault(f"{r['model']['label']}/{r['integrator'] or 'own'} {r['precision']}", (r["costs"], r["backend"]))
-    if not any(name.startswith(REFERENCE[0]) and name.endswith(REFERENCE[1]) for name in configs):
-        costs = stage_costs(preset_shape(REFERENCE[0]), REFERENCE[1], n_text=48, n_new=32)
-        configs[f"{REFERENCE[0]}/ldp {REFERENCE[1]} (reference, not in these results)"] = (costs, "llamacpp")
-    targets = [d for d in devices.values() if not d.get("measured")]
-    rows, table = [], []
-    for name, (costs, backend) in configs.items():
-        cells = [name]
-        for dev in targets:
-            _, eng = pj.engine_of(dev)
-            factors = calib.get(pj.stack_of(backend)) if eng["class"] == "cpu" else None
-            p = pj.project(costs, dev, efficiency=factors)
-            rows.append({"device": dev["name"], "config": name, "ttft_ms": p["ttft_ms"], "decode_tok_s": p["decode_tok_s"]})
-            cells.append(f"{fmt(p['ttft_ms'])} / {fmt(p['decode_tok_s'])} / {p['memory']['verdict']}")
-        table.append(cells)
-    return rows, ("table", ["configuration"] + [d["name"] for d in targets], table)
+    rows = device_projections(ok, devices, calib)
+    targets = list(dict.fromkeys(r["device"] for r in rows))
+    table = []
+    for config in dict.fromkeys(r["config"] for r in rows):
+        cells = {r["device"]: r for r in rows if r["config"] == config}
+        table.append([config] + [f"{fmt(c['ttft_ms'])} / {fmt(c['decode_tok_s'])} / {c['verdict']}"
+                                 for c in (cells[d] for d in targets)])
+    return rows, ("table", ["configuration"] + targets, table)
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -379,18 +372,25 @@ def write_report(paths: list[str], out_dir: str | Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks/report.py", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", nargs="+", help="results JSONL file(s) from benchmarks/run.py")
     p.add_argument("--out", default="report", help="output folder (default: %(default)s)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = write_report(args.results, args.out)
+    print(f"wrote {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks/report.py", description=__doc__.splitlines()[0])
+    add_arguments(p)
     try:
-        out = write_report(args.results, args.out)
+        return run(p.parse_args(argv))
     except EdgeVLMError as e:
         print(f"benchmarks/report.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out / 'report.md'} and {out / 'report.html'}")
-    return 0
 
 
 if __name__ == "__main__":

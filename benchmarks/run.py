@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="results JSONL (appended; resumable)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="skip cases already ok in --out (default: on)")
-    p.add_argument("--timeout", type=float, default=None, help="per-case measurement timeout in s (default: the matrix's)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="per-case measurement timeout in s (default: the matrix's timeout_s)")
     p.add_argument("--filter", action="append", default=[],
                    help="only case ids containing this text (repeatable; '!text' excludes)")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -114,7 +115,8 @@ def run_case(case: dict, env: dict, timeout: float | None) -> dict:
     from edgevlm.benchmarks.case import describe
     from edgevlm.benchmarks.matrix import cache_root, export_key
 
-    record = {"type": "case", **{k: case[k] for k in CASE_KEYS}, "env_id": env["env_id"], "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = {"type": "case", **{k: case[k] for k in CASE_KEYS}, "env_id": env["env_id"],
+              "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if case["skip"]:
         return {**record, "status": "skipped", "reason": case["skip"]}
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -206,7 +207,6 @@ def export_graph(model, graph: str, path: Path, exporter: str = "dynamo", opset:
     return {"exporter": f"torch.onnx ({exporter})", "export_s": round(time.perf_counter() - t0, 2)}
 
 
-
 def export_graphs(model, out_dir: Path, exporter: str = "dynamo", opset: int = OPSET,
                   graphs: tuple[str, ...] = ("vision_encoder", "embed_tokens", "decoder")) -> dict[str, dict]:
     """Export fp32 graphs into ``out_dir``; returns {graph: {"path", "exporter", "export_s"}}."""
@@ -219,6 +219,115 @@ def export_graphs(model, out_dir: Path, exporter: str = "dynamo", opset: int = O
         info = export_graph(model, graph, path, exporter, opset)
         result[graph] = {"path": path, **info}
     return result
+
+
+# --- the ONNX Runtime decoder: GroupQueryAttention with an in-place KV cache ----------------------
+
+
+class _Builder:
+    """Tiny ONNX graph builder: unique node outputs, initializers from torch tensors."""
+
+    def __init__(self):
+        self.nodes, self.inits, self._n = [], [], 0
+
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "", **attrs):
+        self._n += 1
+        outs = [f"{op_type.lower()}_{self._n}_{i}" for i in range(n_out)]
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, name: str, value) -> str:
+        from onnx import numpy_helper
+
+        arr = value.detach().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def weight(self, name: str, *linears: nn.Linear) -> str:
+        """``x @ W`` weight [in, out] for one or several fused nn.Linear (no bias in LLaMA)."""
+        return self.const(name, torch.cat([lin.weight for lin in linears], dim=0).t())
+
+    def rms_norm(self, x: str, weight: str, eps: float) -> str:
+        # the Pow/ReduceMean/Add/Sqrt/Div/Mul pattern ONNX Runtime fuses into SimplifiedLayerNormalization
+        var = self.op("ReduceMean", self.op("Pow", x, "two"), "last_axis", keepdims=1)
+        y = self.op("Div", x, self.op("Sqrt", self.op("Add", var, self.const(f"{weight}.eps", np_f32(eps)))))
+        return self.op("Mul", y, weight)
+
+
+def np_f32(v: float) -> np.ndarray:
+    return np.array(v, dtype=np.float32)
+
+
+def _gqa_layer(b: _Builder, layer, i: int, h: str, seqlens_k: str, total: str, c) -> tuple[str, str, str]:
+    """One LLaMA block; returns (hidden, present key, present value)."""
+    att, mlp = layer.self_attn, layer.mlp
+    x = b.rms_norm(h, b.const(f"layers.{i}.input_layernorm.weight", layer.input_layernorm.weight), c.rms_norm_eps)
+    qkv = b.op("MatMul", x, b.weight(f"layers.{i}.qkv_proj.weight", att.q_proj, att.k_proj, att.v_proj))
+    out, pk, pv = b.op("GroupQueryAttention", qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                       seqlens_k, total, "cos_cache", "sin_cache", n_out=3, domain="com.microsoft",
+                       num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads, do_rotary=1,
+                       rotary_interleaved=0, scale=float(att.scaling))  # packed QKV [B, S, (N + 2 Nkv) Dh]
+    h = b.op("Add", h, b.op("MatMul", out, b.weight(f"layers.{i}.o_proj.weight", att.o_proj)))
+    x = b.rms_norm(h, b.const(f"layers.{i}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight),
+                   c.rms_norm_eps)
+    gate, up = b.op("Split", b.op("MatMul", x, b.weight(f"layers.{i}.gate_up_proj.weight", mlp.gate_proj, mlp.up_proj)),
+                    n_out=2, axis=-1, num_outputs=2)
+    act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+    return b.op("Add", h, b.op("MatMul", act, b.weight(f"layers.{i}.down_proj.weight", mlp.down_proj))), pk, pv
+
+
+def build_gqa_decoder(model, path: Path, opset: int = OPSET) -> dict:
+    """The decoder as ONNX Runtime's GroupQueryAttention graph: same names and semantics as the
+    exported one, plus in-place KV: bind one buffer [B, H_kv, capacity, Dh] as both past and present
+    and GQA writes the new positions into it (no per-step concat). Fused QKV and gate/up weights,
+    rotary inside GQA (cos/sin caches from the model's own inv_freq). ONNX Runtime only."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    t0 = time.perf_counter()
+    spec, c, llm = graph_specs(model)["decoder"], model.llm.config, model.llm.model
+    if getattr(c, "rope_scaling", None):
+        raise ValueError("the GQA decoder supports plain RoPE only (rope_scaling is set)")
+    b = _Builder()
+    b.const("two", np_f32(2.0))
+    b.const("last_axis", [-1])
+    pos = torch.arange(c.max_position_embeddings, dtype=torch.float32)
+    freqs = torch.outer(pos, llm.rotary_emb.inv_freq.float())  # [P, Dh/2], as LlamaRotaryEmbedding
+    b.const("cos_cache", freqs.cos() * llm.rotary_emb.attention_scaling)
+    b.const("sin_cache", freqs.sin() * llm.rotary_emb.attention_scaling)
+    # seqlens_k = valid keys - 1 per row; total = attention_mask width (the positions in use)
+    seqlens_k = b.op("Cast", b.op("Sub", b.op("ReduceSum", "attention_mask", b.const("axis1", [1]), keepdims=0),
+                                  b.const("one", np.array(1, np.int64))), to=TensorProto.INT32)
+    total = b.op("Cast", b.op("Gather", b.op("Shape", "attention_mask"), b.const("idx1", np.array(1, np.int64)),
+                              axis=0), to=TensorProto.INT32)
+    h, presents = "inputs_embeds", []
+    for i, layer in enumerate(llm.layers):
+        h, pk, pv = _gqa_layer(b, layer, i, h, seqlens_k, total, c)
+        presents += [pk, pv]
+    h = b.rms_norm(h, b.const("norm.weight", llm.norm.weight), c.rms_norm_eps)
+    b.nodes.append(helper.make_node("MatMul", [h, b.weight("lm_head.weight", model.llm.lm_head)], ["logits"]))
+    renames = dict(zip(presents, list(spec.outputs)[1:]))
+    for node in b.nodes:
+        node.output[:] = [renames.get(o, o) for o in node.output]
+    graph = helper.make_graph(b.nodes, "decoder_model_merged", _value_infos(spec.inputs, spec.name),
+                              _value_infos(spec.outputs, spec.name), b.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    from .onnx_quant import save_model
+
+    save_model(proto, path)
+    onnx.checker.check_model(str(path))
+    return {"exporter": "edgevlm GQA builder (onnx.helper)", "export_s": round(time.perf_counter() - t0, 2)}
+
+
+def _value_infos(dims: dict, graph: str) -> list:
+    from onnx import TensorProto, helper
+
+    ints = {"attention_mask", "position_ids", "input_ids"}
+    return [helper.make_tensor_value_info(n, TensorProto.INT64 if n in ints else TensorProto.FLOAT, list(d))
+            for n, d in dims.items()]
 
 
 def graph_files(path: str | os.PathLike) -> list[Path]:

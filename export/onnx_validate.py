@@ -45,8 +45,10 @@ def cpu_session(path: str | Path, threads: int = 0):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def validation_cases(model, graph: str) -> list[tuple[str, dict]]:
-    """Named input sets, different from the export examples: prefill (empty past) and decode."""
+def validation_cases(model, graph: str, gqa: bool = False) -> list[tuple[str, dict]]:
+    """Named input sets, different from the export examples: prefill (empty past) and decode.
+    ONNX Runtime's GroupQueryAttention takes several new tokens over a past at batch 1 only, so
+    the GQA decoder's batch-2 cases are a prefill and a decode step instead of a chunk."""
     from .onnx_graphs import example_inputs
 
     if graph == "vision_encoder":
@@ -54,9 +56,13 @@ def validation_cases(model, graph: str) -> list[tuple[str, dict]]:
                 ("batch3", example_inputs(model, graph, batch=3, seed=12))]
     if graph == "embed_tokens":
         return [("batch1", example_inputs(model, graph, batch=1, seq=7, seed=13))]
-    return [("prefill", example_inputs(model, graph, batch=1, seq=6, past=0, seed=14)),
-            ("decode", example_inputs(model, graph, batch=1, seq=1, past=9, seed=15)),
-            ("batch2_chunk", example_inputs(model, graph, batch=2, seq=4, past=3, seed=16))]
+    cases = [("prefill", example_inputs(model, graph, batch=1, seq=6, past=0, seed=14)),
+             ("decode", example_inputs(model, graph, batch=1, seq=1, past=9, seed=15))]
+    if not gqa:
+        return [*cases, ("batch2_chunk", example_inputs(model, graph, batch=2, seq=4, past=3, seed=16))]
+    return [*cases, ("batch1_chunk", example_inputs(model, graph, batch=1, seq=4, past=3, seed=16)),
+            ("batch2_prefill", example_inputs(model, graph, batch=2, seq=4, past=0, seed=17)),
+            ("batch2_decode", example_inputs(model, graph, batch=2, seq=1, past=5, seed=18))]
 
 
 def torch_outputs(model, graph: str, inputs: dict) -> list[np.ndarray]:
@@ -88,7 +94,7 @@ def image_cases(pixels) -> list[tuple[str, dict]]:
 
 
 def validate_graph(model, graph: str, path: str | Path, variant: str = "fp32",
-                   cases: list[tuple[str, dict]] | None = None) -> dict:
+                   cases: list[tuple[str, dict]] | None = None, gqa: bool = False) -> dict:
     """Run ``path`` in ONNX Runtime and the torch module on each case (default:
     ``validation_cases``); raise when over tolerance.
 
@@ -100,7 +106,7 @@ def validate_graph(model, graph: str, path: str | Path, variant: str = "fp32",
     names = [o.name for o in session.get_outputs()]
     report: dict = {"atol": atol, "rtol": rtol, "cases": {}}
     worst, worst_first, scale = 0.0, 0.0, 0.0
-    for case, inputs in cases or validation_cases(model, graph):
+    for case, inputs in cases or validation_cases(model, graph, gqa):
         ref = torch_outputs(model, graph, inputs)
         got = ort_outputs(session, inputs)
         diffs = {}

@@ -145,7 +145,7 @@ def check_graph(graph, support: OpSupport | None = None) -> list[str]:
 
 
 def _check_nodes(model, support: OpSupport) -> list[str]:
-    problems = []
+    problems, bad_zp, n_qdq = [], Counter(), 0
     for g in iter_graphs(model):
         consts = _constants(g)
         inits = {t.name: t for t in g.initializer}
@@ -155,25 +155,28 @@ def _check_nodes(model, support: OpSupport) -> list[str]:
                     problems.append(f"{n.op_type} {n.name or n.output[0]!r}: input {i} ({n.input[i]}) must be a "
                                     "constant (initializer or Constant) for TensorRT's parser")
             if n.op_type in QDQ_OPS:
+                n_qdq += 1
                 zp = _zero_point(g, n, inits)
                 if zp is not None and (zp[0] not in support.zero_point_types or not zp[1]):
-                    problems.append(f"{n.op_type} {n.name or n.output[0]!r}: zero point {zp[0]}"
-                                    f"{'' if zp[1] else ', non-zero'}; TensorRT takes "
-                                    f"{'/'.join(sorted(support.zero_point_types))} with zero point 0 only")
+                    bad_zp[zp[0] + ("" if zp[1] else " non-zero")] += 1
+    if bad_zp:  # one line for a whole Q/DQ graph, not one per node
+        kinds = ", ".join(f"{k} x{c}" for k, c in sorted(bad_zp.items()))
+        problems.append(f"{sum(bad_zp.values())} of {n_qdq} Q/DQ nodes have zero points TensorRT cannot take "
+                        f"({kinds}); it takes {'/'.join(sorted(support.zero_point_types))} zero points equal to 0")
     return _dedupe(problems)
 
 
 def _dedupe(problems: list[str], keep: int = 3) -> list[str]:
-    """At most ``keep`` messages per kind of problem (a QDQ graph has hundreds of identical ones)."""
+    """At most ``keep`` messages per operator type (a graph may repeat one problem many times)."""
     seen: Counter = Counter()
     out = []
     for p in problems:
-        kind = p.split(" ", 1)[0] + p.rsplit(":", 1)[-1]
+        kind = p.split(" ", 1)[0]
         seen[kind] += 1
         if seen[kind] <= keep:
             out.append(p)
         elif seen[kind] == keep + 1:
-            out.append(f"... and more like the above ({p.split(' ', 1)[0]})")
+            out.append(f"... and more {kind} nodes like the above")
     return out
 
 
@@ -204,15 +207,15 @@ def check_bundle(root: Path, manifest, graphs=("vision_encoder", "embed_tokens",
 
 
 def require_supported(report: dict[str, list[str]], support: OpSupport | None = None) -> None:
-    """Raise EdgeVLMError naming every graph TensorRT cannot parse (one line per problem)."""
+    """Raise one EdgeVLMError listing every problem of every graph TensorRT cannot parse."""
     support = support or load_support()
     bad = {g: p for g, p in report.items() if p}
     if not bad:
         return
     lines = [f"{g}: {p}" for g, ps in bad.items() for p in ps]
-    hint = ""
     text = " ".join(lines)
-    if "MatMulNBits" in text or "MatMulInteger" in text or "DynamicQuantizeLinear" in text or "UINT8" in text:
-        hint = ("; this ONNX bundle is quantised for ONNX Runtime: export an fp32 (or --dtype fp16) "
-                "bundle and let TensorRT quantise (--precision int8)")
+    hint = ""
+    if any(k in text for k in ("MatMulInteger", "DynamicQuantizeLinear", "UINT8", "com.microsoft")):
+        hint = ("; this ONNX bundle is made for ONNX Runtime (contrib operators or its int8/int4 quantisation): "
+                "export a plain fp32 (or --dtype fp16) bundle and let TensorRT quantise (--precision int8)")
     raise EdgeVLMError(f"TensorRT cannot parse this bundle ({support.describe()}): " + "; ".join(lines) + hint)

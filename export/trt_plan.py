@@ -303,7 +303,7 @@ def format_plan(plan: BuildPlan, manifest, memory: dict[str, int] | None = None)
         flags = ", ".join(e.flags + [f"no {f}" for f in e.clear_flags]) or "fp32"
         lines.append(f"  {e.onnx} -> {e.engine}   [{flags}]  {where}")
         for i, p in enumerate(e.profiles):
-            head = f"    profile {i} ({p.name})"
+            head = f"{f'    profile {i} ({p.name})':<23}"
             for j, (name, r) in enumerate(_group(p.shapes)):
                 lines.append(f"{head if j == 0 else ' ' * len(head)}  {name:<34} min {dims_str(r.min):<14} "
                              f"opt {dims_str(r.opt):<14} max {dims_str(r.max)}")

@@ -104,8 +104,10 @@ def test_check_graph_constant_inputs_and_qdq_zero_points():
 
     assert trt_ops.check_graph(qdq(TensorProto.INT8, 0)) == []
     assert trt_ops.quantization_kind(qdq(TensorProto.INT8, 0)) == "int8"
-    assert any("UINT8" in p for p in trt_ops.check_graph(qdq(TensorProto.UINT8, 0)))
-    assert any("non-zero" in p for p in trt_ops.check_graph(qdq(TensorProto.INT8, 3)))
+    assert trt_ops.check_graph(qdq(TensorProto.UINT8, 0)) == [
+        "2 of 2 Q/DQ nodes have zero points TensorRT cannot take (UINT8 x2); it takes FLOAT8E4M3FN/INT4/INT8 "
+        "zero points equal to 0"]
+    assert any("INT8 non-zero x2" in p for p in trt_ops.check_graph(qdq(TensorProto.INT8, 3)))
     assert trt_ops.quantization_kind(qdq(TensorProto.UINT8, 128)) == "uint8"
     assert trt_ops.quantization_kind(const) is None
 
@@ -148,8 +150,12 @@ def test_onnx_runtime_quantised_graphs_are_refused_with_a_hint(onnx_bundle, tmp_
     int4 = onnx_quant.quantize_int4(onnx_bundle / "decoder_model_merged.onnx", tmp_path / "d4.onnx")[0]
     problems = trt_ops.check_graph(int4)
     assert any("com.microsoft.MatMulNBits" in p for p in problems)
-    with pytest.raises(EdgeVLMError, match="quantised for ONNX Runtime"):
+    with pytest.raises(EdgeVLMError, match="made for ONNX Runtime"):
         trt_ops.require_supported({"decoder": problems})
+    pixels = [np.random.default_rng(i).standard_normal((1, 3, 336, 336), np.float32) for i in range(2)]
+    int8 = onnx_quant.quantize_int8_static(onnx_bundle / "vision_encoder.onnx", tmp_path / "v8.onnx", pixels)[0]
+    assert trt_ops.quantization_kind(int8) == "uint8"  # ONNX Runtime's static int8: uint8 activations
+    assert any("zero points TensorRT cannot take" in p for p in trt_ops.check_graph(int8))
 
 
 # --- the plan -------------------------------------------------------------------------------------
@@ -296,6 +302,24 @@ def test_without_tensorrt_exit_2_with_message_and_commands(onnx_bundle, tmp_path
     assert len(err) == 1 and "TensorRT" in err[0] and "tensorrt" in err[0]
     assert len([l for l in out.stdout.splitlines() if l.startswith("trtexec ")]) == 3
     assert not (tmp_path / "trt").exists()
+
+
+def test_building_on_a_jetson_needs_no_torch(onnx_bundle, tmp_path):
+    """The plan, the op check and int8 calibration images come without torch (JetPack boards have none)."""
+    code = "\n".join([
+        "import sys; sys.modules['torch'] = sys.modules['transformers'] = sys.modules['onnxruntime'] = None",
+        "from edgevlm.cli import main",
+        "from edgevlm.export.to_trt import _pixels_loader",
+        "from edgevlm.runtime.manifest import read_manifest",
+        "import edgevlm.runtime.backends.trt",
+        f"px = _pixels_loader(read_manifest({str(onnx_bundle)!r}), None, 2)()",
+        "assert len(px) == 2 and px[0].shape == (1, 3, 336, 336), [p.shape for p in px]",
+        f"sys.exit(main(['export', 'trt', '--bundle', {str(onnx_bundle)!r}, '--out', {str(tmp_path / 't')!r}, "
+        "'--dry-run', '--precision', 'int8']))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "FP16, INT8" in out.stdout
 
 
 def test_cli_user_errors_are_one_line(onnx_bundle, tmp_path):
