@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if not cases:
         raise EdgeVLMError("no case matches the filter")
     out = Path(args.out)
-    done = finished_ids(out) if args.resume else set()
+    done = finished(out) if args.resume else {}
     if not args.resume and out.exists():
         out.unlink()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     bar = tqdm(cases, desc=f"bench {matrix['name']}", unit="case")
     for case in bar:
-        if case["id"] in done:
+        prior = done.get(case["id"])
+        if prior is not None and (prior["status"] == "ok" or prior.get("reason") == case["skip"]):
             counts["resumed"] = counts.get("resumed", 0) + 1
             continue
         bar.set_postfix_str(case["id"])
@@ -82,14 +83,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def finished_ids(path: Path) -> set[str]:
+def finished(path: Path) -> dict[str, dict]:
+    """The latest record of each case already in ``path`` that need not run again: ok, or skipped
+    (a skip is re-recorded only when its reason changed)."""
     if not path.is_file():
-        return set()
-    status: dict[str, str] = {}
-    for rec in read_records(path):
-        if rec.get("type") == "case":
-            status[rec["id"]] = rec["status"]
-    return {i for i, s in status.items() if s == "ok"}
+        return {}
+    latest = {rec["id"]: rec for rec in read_records(path) if rec.get("type") == "case"}
+    return {i: r for i, r in latest.items() if r["status"] in ("ok", "skipped")}
 
 
 def read_records(path: Path) -> list[dict]:

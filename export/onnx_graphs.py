@@ -225,10 +225,14 @@ def export_graphs(model, out_dir: Path, exporter: str = "dynamo", opset: int = O
 
 
 class _Builder:
-    """Tiny ONNX graph builder: unique node outputs, initializers from torch tensors."""
+    """Tiny ONNX graph builder: unique node outputs, initializers from torch tensors. With
+    ``data_path`` the weights stream into that external-data file as they are added, so a large
+    model never has a second in-memory copy (protobuf cannot hold more than 2 GB anyway)."""
 
-    def __init__(self):
+    def __init__(self, data_path: Path | None = None):
         self.nodes, self.inits, self._n = [], [], 0
+        self.data_path = data_path
+        self._data = open(data_path, "wb") if data_path else None
 
     def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "", **attrs):
         self._n += 1
@@ -239,11 +243,27 @@ class _Builder:
         return outs[0] if n_out == 1 else outs
 
     def const(self, name: str, value) -> str:
-        from onnx import numpy_helper
+        from onnx import TensorProto, helper, numpy_helper
 
-        arr = value.detach().float().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        arr = np.ascontiguousarray(value.detach().float().numpy() if isinstance(value, torch.Tensor) else value)
+        if self._data is None or arr.nbytes < 1024:
+            self.inits.append(numpy_helper.from_array(arr, name))
+            return name
+        offset = self._data.seek(0, 2)
+        offset += -offset % 4096  # page-aligned, so ONNX Runtime can mmap it
+        self._data.seek(offset)
+        self._data.write(arr.tobytes())
+        t = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape)
+        tensor = TensorProto(name=name, data_type=t.type.tensor_type.elem_type, dims=arr.shape,
+                             data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+            tensor.external_data.add(key=k, value=v)
+        self.inits.append(tensor)
         return name
+
+    def close(self) -> None:
+        if self._data is not None:
+            self._data.close()
 
     def weight(self, name: str, *linears: nn.Linear) -> str:
         """``x @ W`` weight [in, out] for one or several fused nn.Linear (no bias in LLaMA)."""
@@ -290,7 +310,8 @@ def build_gqa_decoder(model, path: Path, opset: int = OPSET) -> dict:
     spec, c, llm = graph_specs(model)["decoder"], model.llm.config, model.llm.model
     if getattr(c, "rope_scaling", None):
         raise ValueError("the GQA decoder supports plain RoPE only (rope_scaling is set)")
-    b = _Builder()
+    params = sum(p.numel() * 4 for p in model.llm.parameters()) - model.llm.get_input_embeddings().weight.numel() * 4
+    b = _Builder(path.with_name(path.name + "_data") if params > LARGE_MODEL_BYTES else None)
     b.const("two", np_f32(2.0))
     b.const("last_axis", [-1])
     pos = torch.arange(c.max_position_embeddings, dtype=torch.float32)
@@ -303,11 +324,13 @@ def build_gqa_decoder(model, path: Path, opset: int = OPSET) -> dict:
     total = b.op("Cast", b.op("Gather", b.op("Shape", "attention_mask"), b.const("idx1", np.array(1, np.int64)),
                               axis=0), to=TensorProto.INT32)
     h, presents = "inputs_embeds", []
-    for i, layer in enumerate(llm.layers):
-        h, pk, pv = _gqa_layer(b, layer, i, h, seqlens_k, total, c)
-        presents += [pk, pv]
-    h = b.rms_norm(h, b.const("norm.weight", llm.norm.weight), c.rms_norm_eps)
-    b.nodes.append(helper.make_node("MatMul", [h, b.weight("lm_head.weight", model.llm.lm_head)], ["logits"]))
+    with torch.no_grad():
+        for i, layer in enumerate(llm.layers):
+            h, pk, pv = _gqa_layer(b, layer, i, h, seqlens_k, total, c)
+            presents += [pk, pv]
+        h = b.rms_norm(h, b.const("norm.weight", llm.norm.weight), c.rms_norm_eps)
+        b.nodes.append(helper.make_node("MatMul", [h, b.weight("lm_head.weight", model.llm.lm_head)], ["logits"]))
+    b.close()
     renames = dict(zip(presents, list(spec.outputs)[1:]))
     for node in b.nodes:
         node.output[:] = [renames.get(o, o) for o in node.output]
@@ -315,9 +338,12 @@ def build_gqa_decoder(model, path: Path, opset: int = OPSET) -> dict:
                               _value_infos(spec.outputs, spec.name), b.inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                     helper.make_opsetid("com.microsoft", 1)])
-    from .onnx_quant import save_model
+    if b.data_path is None:
+        from .onnx_quant import save_model
 
-    save_model(proto, path)
+        save_model(proto, path)
+    else:
+        onnx.save_model(proto, str(path))  # weights already in <file>_data
     onnx.checker.check_model(str(path))
     return {"exporter": "edgevlm GQA builder (onnx.helper)", "export_s": round(time.perf_counter() - t0, 2)}
 

@@ -145,6 +145,7 @@ class BundleWriter:
             f.size, f.sha256 = p.stat().st_size, sha256_file(p)
         manifest.exporter.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         (self.dir / MANIFEST).write_text(json.dumps(to_dict(manifest), indent=2))
+        os.chmod(self.dir, 0o755)  # mkdtemp makes it private; a bundle is an ordinary directory
         if self.out.exists():
             shutil.rmtree(self.out)
         os.replace(self.dir, self.out)

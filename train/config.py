@@ -104,7 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                     name_or_path="edgevlm-tiny-vit"),
         integrator=dict(name="ldpv2"),
-        llm=dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        llm=dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
     ),
     "mobilevlm-1.7b": dict(vision=_CLIP_L_336, integrator=dict(name="ldp"), llm=_MOBILELLAMA_1_4B),
