@@ -8,7 +8,7 @@
 Only weights feeding ``linear`` / ``conv`` / ``matmul`` ops are quantized: other large constants
 (RoPE tables, position embeddings) keep fp16, since a table with an all-zero row (sin at position 0)
 quantizes to NaN. Where a weight's input width is not a multiple of 32 the int4 block shrinks to
-the largest of 16 / 8 that divides it (the tiny preset's MLP width 688 -> 16), and a weight no
+the largest of 16 / 8 that divides it (e.g. an MLP width of 688 -> 16), and a weight no
 block fits stays fp16; all of it is recorded. For iOS 18 targets coremltools writes both modes as
 ``constexpr_blockwise_shift_scale`` ops (data int8 / int4, fp16 scales) that Core ML expands at load.
 """

@@ -159,15 +159,16 @@ def test_every_quant_type_is_written_and_loads(bundle):
         llm.close()
 
 
-def test_rows_that_do_not_fit_a_block_stay_unquantised(bundle):
-    """Row length (ggml ne[0]) must be a multiple of 32 (q4_0/q8_0/fallbacks) or 256 (k-quants);
-    tiny's ffn_down rows are 688 wide, so llama.cpp keeps them f16 in every quant type."""
+def test_every_llm_matrix_is_quantised(bundle):
+    """Rows must be a multiple of 32 (q4_0/q8_0) or 256 (k-quants) to quantise; the tiny preset's
+    widths (256, 768) are, so no 2-D LLM weight is left in f16 (llama.cpp would silently keep it)."""
     from gguf import GGUFReader
 
     for q in ("q8_0", "q4_k_m", "q4_0"):
         for t in GGUFReader(str(bundle / f"llm-{q}.gguf")).tensors:
-            if int(t.shape[0]) % 32:
-                assert t.tensor_type.name in ("F16", "F32"), (q, t.name)
+            if len(t.shape) == 2:
+                assert int(t.shape[0]) % 256 == 0, t.name
+                assert t.tensor_type.name not in ("F16", "F32"), (q, t.name)
 
 
 # --- refusals -------------------------------------------------------------------------------------
