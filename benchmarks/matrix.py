@@ -297,7 +297,8 @@ def _tree_digest(root: Path) -> str:
 
 
 def _files_digest(files: list[Path], root: Path) -> str:
-    """sha256 over (relative path, content sha256) of every file; contents memoised by size+mtime."""
+    """sha256 over (relative path, content sha256) of every file; contents memoised per path by
+    (size, mtime), so a big model dir is read once until it changes."""
     import hashlib
     import json
 
@@ -309,13 +310,13 @@ def _files_digest(files: list[Path], root: Path) -> str:
     h = hashlib.sha256()
     changed = False
     for f in files:
-        st = f.stat()
-        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in memo:
-            memo[key] = _sha256(f)
+        st, key = f.stat(), str(f.resolve())
+        if memo.get(key, [None, None, None])[:2] != [st.st_size, st.st_mtime_ns]:
+            memo[key] = [st.st_size, st.st_mtime_ns, _sha256(f)]
             changed = True
-        h.update(f"{f.relative_to(root)}\0{memo[key]}\n".encode())
+        h.update(f"{f.relative_to(root)}\0{memo[key][2]}\n".encode())
     if changed:
+        memo = {k: v for k, v in memo.items() if Path(k).exists()}  # forget deleted files
         memo_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(memo))

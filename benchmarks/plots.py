@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"vision": "#4C72B0", "tower": "#4C72B0", "integrator": "#DD8452", "prefill": "#55A868",
+COLORS = {"vision": "#8172B3", "tower": "#4C72B0", "integrator": "#DD8452", "prefill": "#55A868",
           "other": "#BBBBBB", "edgevlm": "#4C72B0", "peer": "#C44E52"}
 
 
@@ -49,8 +49,8 @@ def ttft_breakdown(rows: Sequence[dict]) -> bytes:
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("time to first token, ms (median)")
-    ax.set_title("Measured: TTFT = vision tower + integrator + prefill (+ other); 'vision' where the two are one graph")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Measured: time to first token by stage", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="stage", title_fontsize=8)
     return _png(fig)
 
 
@@ -59,7 +59,7 @@ def grouped_bars(rows: Sequence[dict], metric: str, xlabel: str, title: str) -> 
     groups = list(dict.fromkeys(r["group"] for r in rows))
     series = list(dict.fromkeys(r["series"] for r in rows))
     width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(series)) ** 0.5 + 3), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(groups) * max(1, len(series)) ** 0.5 + 4), 4))
     cmap = plt.get_cmap("tab10")
     for j, s in enumerate(series):
         xs, ys, errs = [], [], [[], []]
@@ -75,7 +75,7 @@ def grouped_bars(rows: Sequence[dict], metric: str, xlabel: str, title: str) -> 
     ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(xlabel)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, ncol=min(4, len(series)))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="backend precision", title_fontsize=8)
     return _png(fig)
 
 

@@ -122,7 +122,9 @@ def latency_blocks(ok: list[dict], full: bool) -> list[Block]:
                   "Prompt tokens are text tokens; visual tokens come on top."),
             ("table", ["case", "kind", "visual tok", "text tok", "TTFT ms", "vision ms", "tower ms", "integrator ms",
                        "prefill ms", "prefill tok/s"], table),
-            ("img", "ttft_breakdown", plots.ttft_breakdown(bars), "TTFT broken into vision tower, integrator, prefill")]
+            ("img", "ttft_breakdown", plots.ttft_breakdown(bars),
+             "TTFT by stage: vision tower + integrator (torch), or vision as one graph (ort, llama.cpp), prefill, "
+             "other (sampling, splicing)")]
 
 
 def throughput_blocks(ok: list[dict], full: bool) -> list[Block]:

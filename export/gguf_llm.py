@@ -16,6 +16,8 @@ import numpy as np
 from edgevlm.runtime.chat import TEMPLATES, ChatTemplate
 from edgevlm.runtime.errors import EdgeVLMError
 
+from .gguf_io import to_numpy, write_gguf
+
 
 def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """[n_head * head_dim, in] rows from half-split (HF) to interleaved (llama.cpp) rotary pairs."""
@@ -24,15 +26,11 @@ def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _np(t) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
-
-
 def llm_tensors(llm, cfg) -> Iterator[tuple[str, np.ndarray]]:
     """(gguf name, array) for a HF LlamaForCausalLM; matrices f16, norms f32."""
     m = llm.model
-    f16 = lambda t: _np(t).astype(np.float16)  # noqa: E731
-    f32 = lambda t: _np(t).astype(np.float32)  # noqa: E731
+    f16 = lambda t: to_numpy(t).astype(np.float16)  # noqa: E731
+    f32 = lambda t: to_numpy(t).astype(np.float32)  # noqa: E731
     yield "token_embd.weight", f16(m.embed_tokens.weight)  # [V, D]
     for i, layer in enumerate(m.layers):
         a, mlp, p = layer.self_attn, layer.mlp, f"blk.{i}"
@@ -142,21 +140,14 @@ def add_hparams(w, model) -> None:
 
 def write_llm(model, path) -> dict:
     """Write the f16 LLM GGUF at ``path``; returns a summary for the manifest."""
-    import gguf
-
     c = model.cfg.llm
     if c.hidden_size % c.num_attention_heads or (c.hidden_size // c.num_attention_heads) % 2:
         raise EdgeVLMError(f"llm head size {c.hidden_size}/{c.num_attention_heads} must be an "
                            "even integer for rotary embeddings")
-    w = gguf.GGUFWriter(str(path), "llama")
-    add_hparams(w, model)
-    add_tokenizer(w, model)
-    n = 0
-    for name, arr in llm_tensors(model.llm, c):
-        w.add_tensor(name, np.ascontiguousarray(arr))
-        n += 1
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def metadata(w) -> None:
+        add_hparams(w, model)
+        add_tokenizer(w, model)
+
+    n = write_gguf(path, "llama", metadata, llm_tensors(model.llm, c))
     return {"n_tensors": n, "embedding_length": c.hidden_size}

@@ -22,6 +22,8 @@ import numpy as np
 
 from edgevlm.runtime.errors import EdgeVLMError
 
+from .gguf_io import to_numpy, write_gguf
+
 # What to do with CLIP's CLS token. llama.cpp's llava graph (this project's build and upstream as
 # of 2026-10) appends the class embedding *after* the patches while still adding position rows
 # 0..N in order and reading rows 1..N back (issue 25814, fix proposed in PR 25844): every patch
@@ -75,16 +77,12 @@ def projector_type(model) -> str:
     return proj
 
 
-def _np(t) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
-
-
 def _mat(t) -> np.ndarray:
-    return _np(t).astype(np.float16)
+    return to_numpy(t).astype(np.float16)
 
 
 def _vec(t) -> np.ndarray:
-    return _np(t).astype(np.float32)
+    return to_numpy(t).astype(np.float32)
 
 
 def _linear(prefix: str, lin) -> Iterator[tuple[str, np.ndarray]]:
@@ -123,11 +121,11 @@ def vision_tensors(tower, cls: str = "omit") -> Iterator[tuple[str, np.ndarray]]
 
 
 def _dwconv(t) -> np.ndarray:
-    return _np(t)[:, 0].astype(np.float16)  # depthwise [C, 1, 3, 3] -> [C, 3, 3]
+    return to_numpy(t)[:, 0].astype(np.float16)  # depthwise [C, 1, 3, 3] -> [C, 3, 3]
 
 
 def _pwconv(t) -> np.ndarray:
-    return _np(t)[:, :, 0, 0].astype(np.float16)  # 1x1 conv [O, I, 1, 1] -> matrix [O, I]
+    return to_numpy(t)[:, :, 0, 0].astype(np.float16)  # 1x1 conv [O, I, 1, 1] -> matrix [O, I]
 
 
 def _ldp_block(i: int, ir) -> Iterator[tuple[str, np.ndarray]]:
@@ -193,21 +191,10 @@ def add_metadata(w, model, proj: str) -> None:
 
 def write_mmproj(model, path, cls: str = "omit") -> dict:
     """Write ``path``; returns a summary for the manifest (projector type, layers, tensors)."""
-    import gguf
-
     if cls not in CLS_MODES:
         raise EdgeVLMError(f"unknown CLS mode {cls!r}; valid: {', '.join(CLS_MODES)}")
     proj = projector_type(model)
-    w = gguf.GGUFWriter(str(path), "clip")
-    add_metadata(w, model, proj)
-    n = 0
     tensors = (*vision_tensors(model.vision_tower, cls), *projector_tensors(model.integrator, proj))
-    for name, arr in tensors:
-        w.add_tensor(name, np.ascontiguousarray(arr))
-        n += 1
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    n = write_gguf(path, "clip", lambda w: add_metadata(w, model, proj), tensors)
     return {"projector_type": proj, "vision_layers": model.vision_tower.layers_used, "cls": cls,
             "n_tensors": n, "mm_embd": model.cfg.llm.hidden_size}

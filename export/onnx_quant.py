@@ -89,12 +89,15 @@ def to_fp16(src: str | Path, dst: str | Path) -> list[Path]:
 def quantize_int8_dynamic(src: str | Path, dst: str | Path) -> list[Path]:
     """Dynamic int8 for MatMuls with constant weights (per-channel weights; activations quantised
     at run time). Attention's activation x activation MatMuls stay fp32."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with quiet_logs():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                          per_channel=True, use_external_data_format=is_large(src),
-                         extra_options={"MatMulConstBOnly": True})
+                         extra_options={"MatMulConstBOnly": True,
+                                        # shape inference cannot type outputs of com.microsoft ops (GQA)
+                                        "DefaultTensorType": onnx.TensorProto.FLOAT})
     return _renormalise(dst)
 
 

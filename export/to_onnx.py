@@ -22,6 +22,7 @@ from edgevlm.runtime.errors import EdgeVLMError
 
 DTYPES = ("fp32", "fp16")
 QUANTIZE = ("none", "int8", "int4")
+ATTENTION = ("auto", "standard", "gqa")
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder")
 
 
@@ -38,6 +39,18 @@ def variant_plan(dtype: str, quantize: str) -> dict[str, str]:
         return dict.fromkeys(GRAPHS, "fp32")
     return {"vision_encoder": "int8_static", "embed_tokens": "fp32",
             "decoder": "int8_dynamic" if quantize == "int8" else "int4"}
+
+
+def decoder_attention(dtype: str, quantize: str, attention: str = "auto") -> str:
+    """``standard`` (plain ONNX ops: any runtime, TensorRT included) or ``gqa`` (ONNX Runtime's
+    GroupQueryAttention, in-place KV cache). auto: gqa for the quantised, ONNX-Runtime-only bundles."""
+    if attention not in ATTENTION:
+        raise EdgeVLMError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if attention == "auto":
+        return "gqa" if quantize != "none" else "standard"
+    if attention == "gqa" and dtype == "fp16":
+        raise EdgeVLMError("--attention gqa is for fp32/int8/int4 decoders; fp16 bundles use the standard graph")
+    return attention
 
 
 def calibration_pixels(model, calib_data: str | None, count: int) -> tuple[list, dict]:
@@ -92,12 +105,28 @@ def export_fp32_graphs(model, work_dir: Path, exporter: str = "dynamo", opset: i
     return graphs
 
 
+def _gqa_source(model, fp32_graphs: dict, opset: int | None) -> dict:
+    """The fp32 GQA decoder beside the exported graphs (built and validated once, then cached in
+    ``fp32_graphs``)."""
+    from .onnx_graphs import OPSET, build_gqa_decoder
+    from .onnx_validate import validate_graph
+
+    if "decoder_gqa" not in fp32_graphs:
+        folder = Path(fp32_graphs["decoder"]["path"]).parent / "gqa"
+        folder.mkdir(exist_ok=True)
+        path = folder / "decoder_model_merged.onnx"
+        info = {"path": path, **build_gqa_decoder(model, path, opset or OPSET)}
+        info["validation_fp32"] = validate_graph(model, "decoder", path, "fp32", gqa=True)
+        fp32_graphs["decoder_gqa"] = info
+    return fp32_graphs["decoder_gqa"]
+
+
 def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "none", exporter: str = "dynamo",
                 opset: int | None = None, ort_format: bool = False, calib_data: str | None = None,
                 calib_count: int = 32, source: str | None = None, fp32_graphs: dict | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, attention: str = "auto") -> Path:
     """Write an ONNX bundle to ``out``. ``fp32_graphs`` (from ``export_fp32_graphs``) lets several
-    variants share one export."""
+    variants share one export; ``attention`` picks the decoder graph (see ``decoder_attention``)."""
     from tqdm.auto import tqdm
 
     from edgevlm.runtime.manifest import BundleWriter
@@ -106,6 +135,7 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
     from .onnx_graphs import OPSET
 
     plan = variant_plan(dtype, quantize)
+    attn = decoder_attention(dtype, quantize, attention)
     t0 = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,17 +146,21 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
             bar.set_postfix_str("export + validate fp32 graphs")
             fp32_graphs = export_fp32_graphs(model, Path(tmp), exporter, opset)
         bar.update(1)
-        info["exporter"] = next(iter(fp32_graphs.values()))["exporter"]
+        info["exporter"] = fp32_graphs["decoder"]["exporter"]
+        sources = {g: fp32_graphs[g] for g in GRAPHS}
+        if attn == "gqa":
+            sources["decoder"] = _gqa_source(model, fp32_graphs, opset)
+            info["decoder_exporter"] = sources["decoder"]["exporter"]
         calib = None
         if "int8_static" in plan.values():
             calib, info["calibration"] = _calibration_split(model, calib_data, calib_count)
-        files = _write_variants(model, plan, fp32_graphs, writer, calib, info, bar)
+        files = _write_variants(model, plan, sources, writer, calib, info, bar, attn)
         if ort_format:
             bar.set_postfix_str("convert to .ort")
             files += _write_ort(model, writer, info)
             bar.update(1)
         files += copy_tokenizer(model, writer)
-        info.update(_decoder_info(model, plan, dtype, source))
+        info.update(_decoder_info(model, plan, dtype, source, attn))
         info["export_s"] = round(time.perf_counter() - t0, 1)
         manifest = base_manifest(model, "onnx", files, "edgevlm.export.to_onnx", ("onnx", "onnxruntime", "onnxscript"),
                                  info)
@@ -143,7 +177,7 @@ def _calibration_split(model, calib_data: str | None, count: int) -> tuple[tuple
     return (calib, held_out), {**desc, "n_images": len(calib), "method": "MinMax", "validation_images": len(held_out)}
 
 
-def _write_variants(model, plan: dict, fp32_graphs: dict, writer, calib, info: dict, bar) -> list:
+def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict, bar, attn: str) -> list:
     """Each graph in its variant, validated against PyTorch; returns the manifest file entries."""
     from edgevlm.runtime.manifest import FileEntry
 
@@ -155,11 +189,14 @@ def _write_variants(model, plan: dict, fp32_graphs: dict, writer, calib, info: d
     for graph, variant in plan.items():
         bar.set_postfix_str(f"{graph}: {variant}")
         pixels = calib[0] if calib else None
-        written = _make_variant(variant, fp32_graphs[graph]["path"], writer.path(specs[graph].file), pixels)
+        written = _make_variant(variant, sources[graph]["path"], writer.path(specs[graph].file), pixels)
         files += [FileEntry(p.name, graph if i == 0 else f"{graph}_data") for i, p in enumerate(written)]
         cases = image_cases(calib[1]) if variant == "int8_static" else None  # calibrated: real images only
-        report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases)
+        gqa = graph == "decoder" and attn == "gqa"
+        report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases, gqa=gqa)
         info["graphs"][graph] = {**specs[graph].to_dict(), "variant": variant, "validation": report}
+        if graph == "decoder":
+            info["graphs"][graph]["attention"] = attn
         bar.update(1)
     return files
 
@@ -177,12 +214,13 @@ def _write_ort(model, writer, info: dict) -> list:
             for p in written]
 
 
-def _decoder_info(model, plan: dict, dtype: str, source: str | None) -> dict:
+def _decoder_info(model, plan: dict, dtype: str, source: str | None, attn: str) -> dict:
     from .onnx_quant import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE
 
     c = model.cfg.llm
+    # in_place: one buffer [B, H_kv, capacity, Dh] may be bound as both past and present
     info: dict[str, Any] = {"kv_cache": {"layout": ["batch", "num_kv_heads", "sequence", "head_dim"],
-                                         "num_layers": c.num_hidden_layers,
+                                         "num_layers": c.num_hidden_layers, "in_place": attn == "gqa",
                                          "dtype": "float16" if dtype == "fp16" else "float32"}}
     if plan["decoder"] == "int4":
         info["int4"] = {"block_size": INT4_BLOCK_SIZE, "accuracy_level": INT4_ACCURACY_LEVEL, "symmetric": True,
@@ -210,6 +248,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-data", help="images for static int8 calibration: a folder or a LLaVA .json "
                                         "(default: freshly generated ShapesVQA scenes)")
     p.add_argument("--calib-count", type=int, default=32, help="calibration images (default: %(default)s)")
+    p.add_argument("--attention", choices=ATTENTION, default="auto",
+                   help="decoder attention graph: standard ONNX ops (any runtime) or ONNX Runtime's "
+                        "GroupQueryAttention with an in-place KV cache (default auto: gqa when quantised)")
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="torch.onnx exporter (default: %(default)s)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18; >= 17)")
@@ -224,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
     if args.opset is not None and args.opset < 17:
         raise EdgeVLMError(f"--opset must be >= 17, got {args.opset}")
     variant_plan(args.dtype, args.quantize)  # bad combinations fail before the model loads
+    decoder_attention(args.dtype, args.quantize, args.attention)
     if args.calib_count < 1:
         raise EdgeVLMError(f"--calib-count must be >= 1, got {args.calib_count}")
     overrides = {}
@@ -235,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_for_export(args.model, **overrides)
     source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else None
     out = export_onnx(model, args.out, args.dtype, args.quantize, args.exporter, args.opset, args.ort_format,
-                      args.calib_data, args.calib_count, source=source)
+                      args.calib_data, args.calib_count, source=source, attention=args.attention)
     total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out} ({total / 1e6:.1f} MB)")
     return 0

@@ -43,9 +43,25 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 return from_dict(arg, value, where)
             if typing.get_origin(arg) is tuple and isinstance(value, (list, tuple)):
                 return tuple(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp in (int, float, bool, str):
+        return _scalar(tp, value, where)
     return value
+
+
+def _scalar(tp: type, value: Any, where: str) -> Any:
+    """Coerce YAML/CLI scalars to the annotated type (``lr=1e-3`` reads as a string in YAML 1.1)."""
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    try:
+        if tp is float and not isinstance(value, bool):
+            return float(value)
+        if tp is int and not isinstance(value, (bool, float)):
+            return int(value)
+        if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    except ValueError:
+        pass
+    raise EdgeVLMError(f"config {where}: expected {tp.__name__}, got {value!r}")
 
 
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:

@@ -76,6 +76,18 @@ def test_export_key_follows_what_the_export_depends_on():
     assert keys[q4] == mx.export_key(dict(cases[q4]))  # stable
 
 
+def test_bench_command_lists_cases(capsys):
+    import argparse
+
+    from edgevlm.benchmarks import cli
+
+    parser = argparse.ArgumentParser(prog="edgevlm bench")
+    cli.add_arguments(parser)
+    args = parser.parse_args(["run", "--matrix", "smoke", "--out", "unused.jsonl", "--list"])
+    assert cli.run(args) == 0
+    assert "tiny-small/ldpv2/torch/fp32/t1-i1-p16-n8" in capsys.readouterr().out
+
+
 # --- analytic costs against the real modules -----------------------------------------------------
 
 
@@ -184,7 +196,7 @@ def test_smoke_peers_run_the_same_request(smoke):
 def test_smoke_resume_skips_finished_cases(smoke, tmp_path):
     copy = tmp_path / "results.jsonl"
     copy.write_text(smoke.read_text())
-    out = _run("--matrix", "smoke", "--out", str(copy), "--no-limits", cwd=tmp_path)
+    out = _run("--matrix", "smoke", "--out", str(copy), "--no-limits", cwd=smoke.parent)  # same relative dirs
     assert out.returncode == 0, out.stderr[-2000:]
     recs = _records(copy)
     assert [r["type"] for r in recs].count("environment") == 2

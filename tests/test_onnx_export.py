@@ -109,13 +109,15 @@ def test_manifest_describes_the_bundle(tiny_model, bundles):
     assert not [p for p in root.parent.iterdir() if ".partial-" in p.name]
 
 
-def test_variants_have_the_expected_operators(bundles):
-    assert "MatMulNBits" in _ops(bundles["int4"] / GRAPH_FILES["decoder"])
-    nbits = [n for n in onnx.load(str(bundles["int4"] / GRAPH_FILES["decoder"])).graph.node
-             if n.op_type == "MatMulNBits"]
+def test_variants_have_the_expected_operators(tiny_model, bundles):
+    n_layers = tiny_model.cfg.llm.num_hidden_layers
+    dec4 = onnx.load(str(bundles["int4"] / GRAPH_FILES["decoder"])).graph
+    nbits = [n for n in dec4.node if n.op_type == "MatMulNBits"]
     attrs = {a.name: a.i for a in nbits[0].attribute}
     assert attrs["block_size"] == 32 and attrs["accuracy_level"] == 4 and attrs["bits"] == 4
-    assert len(nbits) == 7 * 2 + 1  # q k v o gate up down per layer + LM head
+    assert len(nbits) == 4 * n_layers + 1  # fused qkv, o, fused gate/up, down per layer + LM head
+    assert sum(n.op_type == "GroupQueryAttention" for n in dec4.node) == n_layers  # quantised: gqa decoder
+    assert "GroupQueryAttention" not in _ops(bundles["fp32"] / GRAPH_FILES["decoder"])  # portable graph
     assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(bundles["int8"] / GRAPH_FILES["vision_encoder"])
     assert "MatMulInteger" in _ops(bundles["int8"] / GRAPH_FILES["decoder"])
     dec16 = onnx.load(str(bundles["fp16"] / GRAPH_FILES["decoder"])).graph
@@ -125,6 +127,33 @@ def test_variants_have_the_expected_operators(bundles):
         info = read_manifest(bundles[name]).target_info
         for graph, g in info["graphs"].items():
             print(f"{name} {graph} ({g['variant']}): max |ort - torch| = {g['validation']['max_abs_diff']:.3g}")
+
+
+def test_kv_cache_mode_is_recorded(bundles):
+    for name, in_place in (("fp32", False), ("fp16", False), ("int8", True), ("int4", True)):
+        info = read_manifest(bundles[name]).target_info
+        assert info["kv_cache"]["in_place"] is in_place
+        assert info["graphs"]["decoder"]["attention"] == ("gqa" if in_place else "standard")
+    cases = read_manifest(bundles["int4"]).target_info["graphs"]["decoder"]["validation"]["cases"]
+    assert {"prefill", "decode", "batch2_decode"} <= set(cases)
+
+
+def test_gqa_decoder_matches_torch_in_fp32(tiny_model, tmp_path):
+    """The GroupQueryAttention decoder is built from the weights, not traced: check it strictly."""
+    info = onnx_graphs.build_gqa_decoder(tiny_model, tmp_path / "decoder_model_merged.onnx")
+    report = validate_graph(tiny_model, "decoder", tmp_path / "decoder_model_merged.onnx", gqa=True)
+    print(f"gqa decoder ({info['exporter']}): max |ort - torch| = {report['max_abs_diff']:.3g}")
+    assert report["max_abs_diff"] < 1e-4
+
+
+def test_gqa_builder_streams_large_weights_to_external_data(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_graphs, "LARGE_MODEL_BYTES", 1000)
+    path = tmp_path / "decoder_model_merged.onnx"
+    onnx_graphs.build_gqa_decoder(tiny_model, path)
+    files = onnx_graphs.graph_files(path)
+    assert [f.name for f in files] == ["decoder_model_merged.onnx", "decoder_model_merged.onnx_data"]
+    assert files[0].stat().st_size < 100_000
+    assert validate_graph(tiny_model, "decoder", path, gqa=True)["max_abs_diff"] < 1e-4
 
 
 def test_ort_format_files_load_in_onnx_runtime(bundles):
@@ -168,6 +197,9 @@ def test_cli_rejects_bad_combinations(tmp_path, capsys):
     rc = main(["export", "onnx", "--model", "tiny", "--out", str(tmp_path / "b"), "--dtype", "fp16",
                "--quantize", "int8"])
     assert rc == 2 and "cannot be combined" in capsys.readouterr().err
+    rc = main(["export", "onnx", "--model", "tiny", "--out", str(tmp_path / "b"), "--dtype", "fp16",
+               "--attention", "gqa"])
+    assert rc == 2 and "fp32/int8/int4" in capsys.readouterr().err
     assert main(["export", "onnx", "--model", "tiny", "--out", str(tmp_path / "b"), "--opset", "13"]) == 2
     assert not (tmp_path / "b").exists()
 

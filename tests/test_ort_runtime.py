@@ -35,9 +35,21 @@ def _image(seed: int = 0, size=(300, 220)) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_model, tmp_path_factory):
-    return export_onnx(tiny_model, tmp_path_factory.mktemp("ort_rt") / "tiny", exporter="torchscript",
+def tiny_graphs(tiny_model, tmp_path_factory):
+    return export_fp32_graphs(tiny_model, tmp_path_factory.mktemp("ort_rt_graphs"), exporter="torchscript")
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_model, tiny_graphs, tmp_path_factory):
+    return export_onnx(tiny_model, tmp_path_factory.mktemp("ort_rt") / "tiny", fp32_graphs=tiny_graphs,
                        progress=False)
+
+
+@pytest.fixture(scope="module")
+def gqa_bundle(tiny_model, tiny_graphs, tmp_path_factory):
+    """fp32 with the GroupQueryAttention decoder (in-place KV cache)."""
+    return export_onnx(tiny_model, tmp_path_factory.mktemp("ort_rt") / "tiny-gqa", attention="gqa",
+                       fp32_graphs=tiny_graphs, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +67,24 @@ def test_generate_matches_torch_and_reports_timings(rt, tiny_model):
     assert t.n_visual_tokens == tiny_model.n_visual_tokens and t.n_generated == 10
     assert t.n_prompt_tokens == len(rt.prompt_ids("What colour is the circle?", True)) - 1
     assert t.vision_ms > 0 and t.prefill_ms > 0 and t.ttft_ms >= t.prefill_ms and t.decode_tok_s > 0
+
+
+def test_in_place_kv_cache_matches_torch_while_it_grows(gqa_bundle, tiny_model, monkeypatch):
+    from edgevlm.runtime.backends import ort as ort_backend
+
+    monkeypatch.setattr(ort_backend, "KV_BLOCK", 16)  # grow (and copy) the buffers several times
+    with Runtime.load(gqa_bundle, backend="ort", threads=1) as r:
+        assert r.backend.in_place
+        for prompt, n in (("What colour is the circle?", 40), ("Is there a square?", 12)):  # reused buffers
+            got = r.generate(_image(9), prompt, max_new_tokens=n, ignore_eos=True).token_ids
+            assert got == tiny_model.generate(_image(9), prompt, max_new_tokens=n, ignore_eos=True).token_ids
+        cap = r.backend._buffers[0].shape[2]
+        assert cap % 16 == 0 and cap >= tiny_model.n_visual_tokens + 40
+    with Runtime.load(gqa_bundle, backend="ort", io_binding=False) as r:  # the same graph, concat mode
+        assert not r.backend.in_place
+        got = r.generate(_image(9), "Is there a square?", max_new_tokens=12, ignore_eos=True).token_ids
+        assert got == tiny_model.generate(_image(9), "Is there a square?", max_new_tokens=12,
+                                          ignore_eos=True).token_ids
 
 
 def test_io_binding_and_plain_runs_agree(bundle):

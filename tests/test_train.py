@@ -69,6 +69,9 @@ def test_lora_merges_into_plain_llama(shapes_dir, tmp_path, dora):
 def test_recipe_overrides_and_validation(tmp_path):
     cfg = load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.1.lr=0.01", "output_dir=x"])
     assert cfg.stages[1].lr == 0.01 and cfg.output_dir == "x"
+    assert load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.1.lr=1e-3"]).stages[1].lr == 1e-3
+    with pytest.raises(EdgeVLMError, match="expected float"):
+        load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.1.lr=fast"])
     with pytest.raises(EdgeVLMError, match="unknown key"):
         load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.0.nope=1"])
     with pytest.raises(EdgeVLMError, match="LoRA"):

@@ -7,9 +7,13 @@ Options (``Runtime.load(bundle, backend="ort", **options)``):
     io_binding          keep the KV cache as OrtValues between steps (default True)
     model_format        "onnx" (default) | "ort" (the bundle's .ort files, as ONNX Runtime Mobile runs them)
 
-The KV cache never round-trips through numpy: the decoder's ``present.*`` outputs are bound as the
-next step's ``past_key_values.*`` inputs (on the GPU for CUDA/TensorRT). Only the logits come back
-to the host. onnxruntime is imported when a backend is opened, never at import time.
+The KV cache never round-trips through numpy. With a standard decoder graph the ``present.*``
+outputs are bound as the next step's ``past_key_values.*`` inputs (on the GPU for CUDA/TensorRT).
+With a GroupQueryAttention decoder (manifest ``kv_cache.in_place``) on CPU, one preallocated buffer
+per layer and kind, [1, H_kv, capacity, Dh], is bound as both past and present: the graph writes
+each new position into it, so no step copies the cache. Capacity grows in blocks of
+``KV_BLOCK`` positions, up to the context. Only the logits come back to the host.
+onnxruntime is imported when a backend is opened, never at import time.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ PROVIDER_ALIASES = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 OPT_LEVELS = ("disable", "basic", "extended", "all")
+KV_BLOCK = 256  # in-place KV buffers grow by this many positions
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -106,7 +111,10 @@ class OrtBackend(Backend):
         self.embeds_dtype = _NP_TYPES[types["inputs_embeds"]]
         self.kv_dtype = _NP_TYPES[types[self.past_names[0]]]
         self.kv_shape = (1, manifest.model.num_kv_heads, 0, manifest.model.head_dim)  # [B, H_kv, 0, Dh]
+        in_place = bool(manifest.target_info.get("kv_cache", {}).get("in_place"))
+        self.in_place = in_place and io_binding and self.device == "cpu"
         self._past: list[Any] | None = None  # OrtValues (io_binding) or numpy arrays
+        self._buffers: list[np.ndarray] = []  # in-place mode: [1, H_kv, capacity, Dh] each
         self._pos = 0
 
     def _session(self, root: Path, manifest: Manifest, role: str, opts):
@@ -130,17 +138,20 @@ class OrtBackend(Backend):
     def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
         parts = [s if is_visual_segment(s) else self.embed(s) for s in segments]
         x = np.concatenate([p.astype(self.embeds_dtype, copy=False) for p in parts])[None]  # [1, T, D]
-        self._past, self._pos = self._empty_past(), 0
+        self._pos = 0
+        if not self.in_place:  # in place: keep the buffers, positions >= 0 are simply rewritten
+            self._past = self._empty_past()
         return self._step(x)
 
     def decode(self, token_id: int) -> np.ndarray:
-        if self._past is None:
+        if self._past is None or (self.in_place and self._pos == 0):
             raise RuntimeError("decode before prefill")
         x = self.embed(np.array([token_id], dtype=np.int64)).astype(self.embeds_dtype, copy=False)[None]  # [1, 1, D]
         return self._step(x)
 
     def close(self) -> None:
         self._past = None
+        self._buffers = []
 
     # --- the decoder step --------------------------------------------------------------------------
 
@@ -156,10 +167,39 @@ class OrtBackend(Backend):
         total = self._pos + t
         feeds = {"inputs_embeds": x, "attention_mask": np.ones((1, total), dtype=np.int64),
                  "position_ids": np.arange(self._pos, total, dtype=np.int64)[None]}  # [1, T]
-        run = self._run_bound if self.io_binding else self._run_plain
-        logits, self._past = run(feeds)
+        if self.in_place:
+            self._reserve(total)
+            logits = self._run_in_place(feeds)
+        else:
+            run = self._run_bound if self.io_binding else self._run_plain
+            logits, self._past = run(feeds)
         self._pos = total
         return np.asarray(logits[0, -1], dtype=np.float32)
+
+    def _reserve(self, total: int) -> None:
+        """Make the in-place buffers hold ``total`` positions (keeping the first ``self._pos``)."""
+        capacity = self._buffers[0].shape[2] if self._buffers else 0
+        if total <= capacity:
+            return
+        capacity = max(total, min(self.n_ctx, -(-total // KV_BLOCK) * KV_BLOCK))
+        shape = (*self.kv_shape[:2], capacity, self.kv_shape[3])
+        grown = [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+        for new, old in zip(grown, self._buffers):
+            new[:, :, : self._pos] = old[:, :, : self._pos]
+        self._buffers = grown
+        self._past = [self.ort.OrtValue.ortvalue_from_numpy(b) for b in grown]  # shares their memory
+
+    def _run_in_place(self, feeds: dict) -> np.ndarray:
+        s = self.sessions["decoder"]
+        io = s.io_binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        io.bind_output("logits", "cpu")
+        for past, present, value in zip(self.past_names, self.present_names, self._past):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)  # GroupQueryAttention writes the new positions in place
+        s.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
 
     def _run_plain(self, feeds: dict) -> tuple[np.ndarray, list]:
         s = self.sessions["decoder"]
