@@ -1,7 +1,7 @@
 """Variants of the fp32 graphs: fp16, int8 (dynamic for the decoder's MatMuls, static QDQ for the
 vision graph), int4 weight-only (MatMulNBits) for the decoder, and ``.ort`` files for ONNX
 Runtime Mobile. All through onnxruntime's own tools; each function reads one .onnx path and writes
-another (weights external when the graph is over ~2 GB).
+another (weights in ``<file>_data`` above EXTERNAL_DATA_BYTES).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from edgevlm.runtime.errors import EdgeVLMError
 
-from .onnx_graphs import LARGE_MODEL_BYTES, graph_files
+from .onnx_graphs import EXTERNAL_DATA_BYTES, LARGE_MODEL_BYTES, graph_files, iter_tensors
 
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations (fastest on CPU)
@@ -42,9 +42,7 @@ def quiet_logs():
 
 
 def _tensor_bytes(proto) -> int:
-    from onnx.external_data_helper import _get_all_tensors
-
-    return sum(t.ByteSize() for t in _get_all_tensors(proto))
+    return sum(t.ByteSize() for t in iter_tensors(proto))
 
 
 def is_large(path: str | Path) -> bool:
@@ -52,11 +50,11 @@ def is_large(path: str | Path) -> bool:
 
 
 def save_model(proto, path: str | Path) -> list[Path]:
-    """Save ``proto``; weights go to ``<file>_data`` when over ~2 GB. Returns the files written."""
+    """Save ``proto``; weights go to ``<file>_data`` above EXTERNAL_DATA_BYTES. Returns the files written."""
     import onnx
 
     path = Path(path)
-    large = _tensor_bytes(proto) > LARGE_MODEL_BYTES
+    large = _tensor_bytes(proto) > EXTERNAL_DATA_BYTES
     if large:
         data = path.with_name(path.name + "_data")
         data.unlink(missing_ok=True)  # onnx appends to an existing data file
@@ -153,9 +151,10 @@ def quantize_int4(src: str | Path, dst: str | Path, block_size: int = INT4_BLOCK
 
 
 def _renormalise(path: str | Path) -> list[Path]:
-    """onnxruntime's quantizers name external data their own way; re-save with ours if needed."""
+    """onnxruntime's quantizers choose external data their own way; re-save by our rule if it differs."""
     files = graph_files(path)
-    if len(files) == 1:
+    size = sum(f.stat().st_size for f in files)
+    if len(files) == 1 and size <= EXTERNAL_DATA_BYTES:
         return files
     import onnx
 

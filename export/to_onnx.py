@@ -6,9 +6,11 @@ Example:
 
 --dtype fp16 converts every graph to fp16 (for GPUs and mobile accelerators). --quantize int8:
 dynamic int8 decoder MatMuls + static QDQ int8 vision graph calibrated on --calib-data images;
-int4: MatMulNBits decoder (block 32, accuracy level 4) + the int8 vision graph. --ort-format also
-writes .ort files and the reduced-operator config for ONNX Runtime Mobile. Every graph passes
-onnx.checker and is checked against PyTorch; the bundle appears only when complete.
+int4: MatMulNBits decoder (block 32, accuracy level 4) + the int8 vision graph. Quantised bundles
+use ONNX Runtime's GroupQueryAttention decoder with an in-place KV cache (--attention gqa; fp32/fp16
+keep the standard, portable graph unless asked). --ort-format also writes .ort files and the
+reduced-operator config for ONNX Runtime Mobile. Every graph passes onnx.checker and is checked
+against PyTorch; the bundle appears only when complete.
 """
 from __future__ import annotations
 

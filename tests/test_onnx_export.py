@@ -147,7 +147,7 @@ def test_gqa_decoder_matches_torch_in_fp32(tiny_model, tmp_path):
 
 
 def test_gqa_builder_streams_large_weights_to_external_data(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_graphs, "LARGE_MODEL_BYTES", 1000)
+    monkeypatch.setattr(onnx_graphs, "EXTERNAL_DATA_BYTES", 1000)
     path = tmp_path / "decoder_model_merged.onnx"
     onnx_graphs.build_gqa_decoder(tiny_model, path)
     files = onnx_graphs.graph_files(path)
@@ -216,7 +216,7 @@ def test_failed_export_leaves_no_bundle(tiny_model, fp32_graphs, tmp_path, monke
 
 
 def test_large_graphs_keep_weights_in_external_data(fp32_graphs, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_quant, "LARGE_MODEL_BYTES", 1000)  # pretend the embedding table is > 2 GB
+    monkeypatch.setattr(onnx_quant, "EXTERNAL_DATA_BYTES", 1000)  # pretend the embedding table is large
     files = onnx_quant.copy_graph(fp32_graphs["embed_tokens"]["path"], tmp_path / "embed_tokens.onnx")
     assert [f.name for f in files] == ["embed_tokens.onnx", "embed_tokens.onnx_data"]
     assert files[0].stat().st_size < 10_000 < files[1].stat().st_size
