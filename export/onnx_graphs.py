@@ -171,7 +171,8 @@ def example_inputs(model, graph: str, batch: int = 2, seq: int = 3, past: int = 
 
 
 def graph_module(model, graph: str) -> nn.Module:
-    return {"vision_encoder": VisionEncoder, "embed_tokens": EmbedTokens, "decoder": DecoderWithPast}[graph](model).eval()
+    modules = {"vision_encoder": VisionEncoder, "embed_tokens": EmbedTokens, "decoder": DecoderWithPast}
+    return modules[graph](model).eval()
 
 
 # --- export ---------------------------------------------------------------------------------------

@@ -96,12 +96,13 @@ def _make_variant(variant: str, src: Path, dst: Path, pixels: Sequence | None) -
     return q.quantize_int4(src, dst)
 
 
-def export_fp32_graphs(model, work_dir: Path, exporter: str = "dynamo", opset: int | None = None) -> dict[str, dict]:
+def export_fp32_graphs(model, work_dir: Path, exporter: str = "dynamo", opset: int | None = None,
+                       graphs: Sequence[str] = GRAPHS) -> dict[str, dict]:
     """Export and strictly validate the fp32 graphs (the source of every variant)."""
     from .onnx_graphs import OPSET, export_graphs
     from .onnx_validate import validate_graph
 
-    graphs = export_graphs(model, work_dir, exporter, opset or OPSET)
+    graphs = export_graphs(model, work_dir, exporter, opset or OPSET, tuple(graphs))
     for name, info in graphs.items():
         info["validation_fp32"] = validate_graph(model, name, info["path"], "fp32")
     return graphs
@@ -114,7 +115,7 @@ def _gqa_source(model, fp32_graphs: dict, opset: int | None) -> dict:
     from .onnx_validate import validate_graph
 
     if "decoder_gqa" not in fp32_graphs:
-        folder = Path(fp32_graphs["decoder"]["path"]).parent / "gqa"
+        folder = Path(fp32_graphs["vision_encoder"]["path"]).parent / "gqa"
         folder.mkdir(exist_ok=True)
         path = folder / "decoder_model_merged.onnx"
         info = {"path": path, **build_gqa_decoder(model, path, opset or OPSET)}
@@ -144,15 +145,15 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
     info: dict[str, Any] = {"opset": opset or OPSET, "dtype": dtype, "quantize": quantize, "graphs": {}}
     bar = tqdm(total=2 + len(GRAPHS) + ort_format, desc="onnx export", disable=not progress)
     with tempfile.TemporaryDirectory(prefix=".onnx-work-", dir=out.parent) as tmp, BundleWriter(out) as writer:
-        if fp32_graphs is None:
+        if fp32_graphs is None:  # the traced decoder is not needed when the GQA one is built instead
             bar.set_postfix_str("export + validate fp32 graphs")
-            fp32_graphs = export_fp32_graphs(model, Path(tmp), exporter, opset)
+            fp32_graphs = export_fp32_graphs(model, Path(tmp), exporter, opset,
+                                             GRAPHS if attn == "standard" else GRAPHS[:2])
         bar.update(1)
-        info["exporter"] = fp32_graphs["decoder"]["exporter"]
-        sources = {g: fp32_graphs[g] for g in GRAPHS}
-        if attn == "gqa":
-            sources["decoder"] = _gqa_source(model, fp32_graphs, opset)
-            info["decoder_exporter"] = sources["decoder"]["exporter"]
+        info["exporter"] = fp32_graphs["vision_encoder"]["exporter"]
+        sources = {g: fp32_graphs[g] for g in GRAPHS[:2]}
+        sources["decoder"] = _gqa_source(model, fp32_graphs, opset) if attn == "gqa" else fp32_graphs["decoder"]
+        info["decoder_exporter"] = sources["decoder"]["exporter"]
         calib = None
         if "int8_static" in plan.values():
             calib, info["calibration"] = _calibration_split(model, calib_data, calib_count)

@@ -152,6 +152,7 @@ def smoke(tmp_path_factory) -> Path:
     return work / "results.jsonl"
 
 
+@pytest.mark.slow  # runs the smoke matrix (about a minute on 2 cores, exports cached)
 def test_smoke_results_schema(smoke):
     recs = _records(smoke)
     env = recs[0]
@@ -180,6 +181,7 @@ def test_smoke_results_schema(smoke):
     assert {"tower_ms", "integrator_ms"} <= set(torch_case["metrics"])
 
 
+@pytest.mark.slow  # runs the smoke matrix (about a minute on 2 cores, exports cached)
 def test_smoke_peers_run_the_same_request(smoke):
     cases = {c["backend"]: c for c in _records(smoke) if c["type"] == "case" and c["status"] == "ok"}
     assert {"torch", "hf_eager"} <= set(cases)
@@ -193,6 +195,7 @@ def test_smoke_peers_run_the_same_request(smoke):
         assert cases["llamacpp_raw"]["export"]["key"] == cases["llamacpp"]["export"]["key"]
 
 
+@pytest.mark.slow  # runs the smoke matrix (about a minute on 2 cores, exports cached)
 def test_smoke_resume_skips_finished_cases(smoke, tmp_path):
     copy = tmp_path / "results.jsonl"
     copy.write_text(smoke.read_text())
@@ -203,6 +206,7 @@ def test_smoke_resume_skips_finished_cases(smoke, tmp_path):
     assert len([r for r in recs if r["type"] == "case"]) == len([r for r in _records(smoke) if r["type"] == "case"])
 
 
+@pytest.mark.slow
 def test_failures_and_timeouts_are_recorded_and_the_run_goes_on(tmp_path):
     m = {"name": "failing", "defaults": {"new_tokens": 2, "runs": 1, "warmup": 0, "threads": 1},
          "models": [{"preset": "tiny", "label": label, "overrides": dict(SMALL), "integrators": ["ldpv2"]}
@@ -270,6 +274,7 @@ class _Checker(HTMLParser):
             self.headings.append(data)
 
 
+@pytest.mark.slow  # runs the smoke matrix (about a minute on 2 cores, exports cached)
 def test_report_renders_from_the_smoke_results(smoke, tmp_path):
     from edgevlm.benchmarks.report import main
 

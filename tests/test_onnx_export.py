@@ -16,7 +16,6 @@ from edgevlm import load_model  # noqa: E402
 from edgevlm.export import onnx_graphs, onnx_quant  # noqa: E402
 from edgevlm.export.onnx_validate import TOLERANCES, validate_graph  # noqa: E402
 from edgevlm.export.to_onnx import export_fp32_graphs, export_onnx  # noqa: E402
-from edgevlm.runtime.errors import EdgeVLMError  # noqa: E402
 from edgevlm.runtime.manifest import read_manifest  # noqa: E402
 from edgevlm.train.integrators import INTEGRATORS  # noqa: E402
 

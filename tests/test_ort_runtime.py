@@ -18,7 +18,6 @@ from PIL import Image  # noqa: E402
 from edgevlm import load_model  # noqa: E402
 from edgevlm.export.to_onnx import export_fp32_graphs, export_onnx  # noqa: E402
 from edgevlm.runtime import Runtime  # noqa: E402
-from edgevlm.runtime.backends.ort import OrtBackend  # noqa: E402
 from edgevlm.runtime.backends.torch import TorchBackend  # noqa: E402
 from edgevlm.runtime.errors import BundleError, ContextLengthError, EdgeVLMError, ImageError  # noqa: E402
 from edgevlm.runtime.generate import split_segments  # noqa: E402
@@ -271,17 +270,31 @@ def test_accuracy_per_variant(trained, trained_bundles, trained_data, tmp_path_f
             return r.text
         return answer
 
+    def first_logits(rt):  # a finer fidelity signal than exact-match accuracy: prefill logits [N, V]
+        out = []
+        for rec in records[:20]:
+            vis = rt.backend.encode_image(rt.pixel_values(images[rec.id]))
+            out.append(rt.backend.prefill(split_segments(rt.prompt_ids(rec.turns[0][0], True), vis)))
+        return np.stack(out)
+
     results = {f"torch (first {N_TORCH})": score(records[:N_TORCH], answer_with("torch", trained.generate),
                                                   majority, progress=False)}
+    logits = {}
     for name, b in trained_bundles.items():
         with Runtime.load(b, backend="ort") as r:
             results[name] = score(records, answer_with(name, r.generate), majority, progress=False)
+            logits[name] = first_logits(r)
         same = sum(tokens[name][k] == tokens["fp32"][k] for k in tokens["fp32"])
         results[name]["same_tokens_as_fp32"] = f"{same}/{len(records)}"
+        results[name]["prefill_logits_vs_fp32"] = {
+            "max_abs_diff": float(np.abs(logits[name] - logits["fp32"]).max()),
+            "scale": float(np.abs(logits["fp32"]).max()), "n_prompts": len(logits[name])}
     out = tmp_path_factory.mktemp("onnx_accuracy") / "accuracy.json"
     out.write_text(json.dumps(results, indent=2))
     for name, res in results.items():
-        extra = f", same tokens as fp32: {res['same_tokens_as_fp32']}" if "same_tokens_as_fp32" in res else ""
+        extra = "" if "same_tokens_as_fp32" not in res else (
+            f", same tokens as fp32: {res['same_tokens_as_fp32']}, prefill logits max |diff| vs fp32 "
+            f"{res['prefill_logits_vs_fp32']['max_abs_diff']:.3g} (scale {res['prefill_logits_vs_fp32']['scale']:.3g})")
         print(f"\n== {name} (held-out, n={res['overall']['n']}{extra}) ==\n{format_table(res)}")
     print(f"written to {out}")
     mismatched = [rid for rid, ids in tokens["torch"].items() if tokens["fp32"][rid] != ids]
