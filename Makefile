@@ -37,7 +37,9 @@ demo: install
 	$(BIN)/edgevlm eval --model $(RUN)/final --data $(DATA) --split test --json $(RUN)/eval_test.json
 	$(BIN)/edgevlm ask --model $(RUN)/final --image $(DATA)/images/test_000000.png \
 		--prompt "How many shapes are there?" --stream
-	@echo "data: $(DATA)  model: $(RUN)/final  eval: $(RUN)/eval_test.json"
+	$(BIN)/python benchmarks/run.py --matrix smoke --out $(RUN)/bench/smoke.jsonl --no-resume
+	$(BIN)/python benchmarks/report.py $(RUN)/bench/smoke.jsonl --out report/
+	@echo "data: $(DATA)  model: $(RUN)/final  eval: $(RUN)/eval_test.json  benchmark report: report/report.md"
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "ask": "edgevlm.train.ask",
     "export": "edgevlm.export.cli",
     "run": "edgevlm.runtime.cli_run",
+    "bench": "edgevlm.benchmarks.cli",
 }
 
 

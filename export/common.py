@@ -6,18 +6,35 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from edgevlm.runtime.errors import EdgeVLMError
 
 from edgevlm.runtime.manifest import BundleWriter, FileEntry, Manifest, ModelSummary
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
-def load_for_export(model: str, **overrides: Any):
-    """A model dir or preset, in fp32 eval mode, LoRA already merged (checkpoints store merged weights)."""
+def load_for_export(model: str, cli_overrides: Sequence[str] = (), **overrides: Any):
+    """A model dir or preset, in fp32 eval mode, LoRA already merged (checkpoints store merged weights).
+
+    ``cli_overrides``: ``key=value`` strings from the command line (``llm.num_hidden_layers=2``).
+    """
+    import yaml
+
     from edgevlm import load_model
 
+    for ov in cli_overrides:
+        if "=" not in ov:
+            raise EdgeVLMError(f"override {ov!r} is not of the form key=value")
+        key, raw = ov.split("=", 1)
+        overrides[key] = yaml.safe_load(raw)
     return load_model(model, **overrides).float().eval()
+
+
+def model_source(model: str) -> str | None:
+    """The absolute model dir recorded in a manifest (None for presets)."""
+    return str(Path(model).resolve()) if Path(model).is_dir() else None
 
 
 def model_summary(model) -> ModelSummary:

@@ -260,18 +260,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
+    from .common import load_for_export, model_source
 
-    from .common import load_for_export
-
-    overrides = {}
-    for ov in args.overrides:
-        if "=" not in ov:
-            raise EdgeVLMError(f"override {ov!r} is not of the form key=value")
-        key, raw = ov.split("=", 1)
-        overrides[key] = yaml.safe_load(raw)
-    model = load_for_export(args.model, **overrides)
-    source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else None
+    model = load_for_export(args.model, args.overrides)
+    source = model_source(args.model)
     out = export_coreml(model, args.out, args.weights, args.max_context, source=source,
                         validate=not args.no_validate)
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
