@@ -1,10 +1,11 @@
 """Checks every exported graph: ``onnx.checker`` and ONNX Runtime against PyTorch on fresh inputs.
 
-Like optimum's per-model ATOL, each graph and variant has a tolerance: an output passes when
-``max|ort - torch| <= atol + rtol * max|torch|``. fp32 graphs must match closely; fp16 and
-quantized graphs get a bound relative to the output's scale (their task-level fidelity is measured
-by the accuracy tests, not here). The decoder is checked in both modes it serves: prefill with an
-empty past and decode with a cache.
+Like optimum's per-model ATOL, each graph and variant has a tolerance. fp32 and fp16 outputs pass
+when ``max|ort - torch| <= atol + rtol * max|torch|``. Quantised graphs are judged by the relative
+L2 error ``||ort - torch|| / ||torch||`` (one outlier position says little about int4 weights; the
+max is still reported), on realistic inputs: real images for the calibrated vision graph, embedding
+rows and a PyTorch-computed past for the decoder. Task-level fidelity is the accuracy tests' job.
+The decoder is checked in both modes it serves: prefill with an empty past and decode with a cache.
 """
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ import numpy as np
 
 from edgevlm.runtime.errors import EdgeVLMError
 
-# variant -> graph -> (atol, rtol)
-TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
-    "fp32": {"vision_encoder": (1e-4, 1e-4), "embed_tokens": (1e-6, 0.0), "decoder": (1e-4, 1e-4)},
-    "fp16": {"vision_encoder": (1e-3, 2e-2), "embed_tokens": (1e-3, 1e-3), "decoder": (1e-3, 2e-2)},
-    "int8": {"vision_encoder": (1e-3, 0.25), "embed_tokens": (1e-6, 0.0), "decoder": (1e-3, 0.25)},
-    "int4": {"vision_encoder": (1e-3, 0.25), "embed_tokens": (1e-6, 0.0), "decoder": (1e-3, 0.4)},
+# variant -> graph -> {"atol", "rtol"} (max-abs bound) or {"rel_l2"} (relative L2 bound)
+TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
+    "fp32": {"vision_encoder": {"atol": 1e-4, "rtol": 1e-4}, "embed_tokens": {"atol": 1e-6, "rtol": 0.0},
+             "decoder": {"atol": 1e-4, "rtol": 1e-4}},
+    "fp16": {"vision_encoder": {"atol": 1e-3, "rtol": 2e-2}, "embed_tokens": {"atol": 1e-3, "rtol": 1e-3},
+             "decoder": {"atol": 1e-3, "rtol": 2e-2}},
+    # measured: int8 decoder <= 0.044, int8 QDQ vision ~0.006, int4 decoder <= 0.19 (random weights)
+    "int8": {"vision_encoder": {"rel_l2": 0.1}, "embed_tokens": {"atol": 1e-6, "rtol": 0.0},
+             "decoder": {"rel_l2": 0.1}},
+    "int4": {"vision_encoder": {"rel_l2": 0.1}, "embed_tokens": {"atol": 1e-6, "rtol": 0.0},
+             "decoder": {"rel_l2": 0.35}},
 }
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -45,6 +51,29 @@ def cpu_session(path: str | Path, threads: int = 0):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def decoder_case(model, batch: int, seq: int, past: int, seed: int) -> dict:
+    """Decoder inputs a real prompt could produce: embedding rows of random token ids, and a past
+    the PyTorch decoder computed from the first ``past`` of them (random activations would stray
+    outside what quantised weights were fitted for and make the bound meaningless)."""
+    import torch
+
+    from .onnx_graphs import example_inputs, graph_module, kv_names
+
+    g = torch.Generator().manual_seed(seed)
+    emb = model.llm.get_input_embeddings().weight
+    x = emb[torch.randint(0, emb.shape[0], (batch, past + seq), generator=g)].detach()  # [B, P + T, D]
+    inputs = example_inputs(model, "decoder", batch=batch, seq=past, past=0, seed=seed)  # empty past
+    inputs["inputs_embeds"] = x[:, :past]
+    names = kv_names(model.cfg.llm.num_hidden_layers, "past_key_values")
+    if past:
+        with torch.no_grad():
+            present = graph_module(model, "decoder")(*inputs.values())[1:]  # [B, H_kv, P, Dh] each
+        inputs.update(zip(names, present))
+    inputs.update(inputs_embeds=x[:, past:], attention_mask=torch.ones(batch, past + seq, dtype=torch.long),
+                  position_ids=torch.arange(past, past + seq).repeat(batch, 1))
+    return inputs
+
+
 def validation_cases(model, graph: str, gqa: bool = False) -> list[tuple[str, dict]]:
     """Named input sets, different from the export examples: prefill (empty past) and decode.
     ONNX Runtime's GroupQueryAttention takes several new tokens over a past at batch 1 only, so
@@ -56,13 +85,13 @@ def validation_cases(model, graph: str, gqa: bool = False) -> list[tuple[str, di
                 ("batch3", example_inputs(model, graph, batch=3, seed=12))]
     if graph == "embed_tokens":
         return [("batch1", example_inputs(model, graph, batch=1, seq=7, seed=13))]
-    cases = [("prefill", example_inputs(model, graph, batch=1, seq=6, past=0, seed=14)),
-             ("decode", example_inputs(model, graph, batch=1, seq=1, past=9, seed=15))]
+    cases = [("prefill", decoder_case(model, batch=1, seq=6, past=0, seed=14)),
+             ("decode", decoder_case(model, batch=1, seq=1, past=9, seed=15))]
     if not gqa:
-        return [*cases, ("batch2_chunk", example_inputs(model, graph, batch=2, seq=4, past=3, seed=16))]
-    return [*cases, ("batch1_chunk", example_inputs(model, graph, batch=1, seq=4, past=3, seed=16)),
-            ("batch2_prefill", example_inputs(model, graph, batch=2, seq=4, past=0, seed=17)),
-            ("batch2_decode", example_inputs(model, graph, batch=2, seq=1, past=5, seed=18))]
+        return [*cases, ("batch2_chunk", decoder_case(model, batch=2, seq=4, past=3, seed=16))]
+    return [*cases, ("batch1_chunk", decoder_case(model, batch=1, seq=4, past=3, seed=16)),
+            ("batch2_prefill", decoder_case(model, batch=2, seq=4, past=0, seed=17)),
+            ("batch2_decode", decoder_case(model, batch=2, seq=1, past=5, seed=18))]
 
 
 def torch_outputs(model, graph: str, inputs: dict) -> list[np.ndarray]:
@@ -98,31 +127,48 @@ def validate_graph(model, graph: str, path: str | Path, variant: str = "fp32",
     """Run ``path`` in ONNX Runtime and the torch module on each case (default:
     ``validation_cases``); raise when over tolerance.
 
-    Returns {"max_abs_diff", "max_abs_diff_first_output", "ref_scale", "atol", "rtol", "cases"}.
+    Returns {"max_abs_diff", "max_abs_diff_first_output", "max_rel_l2", "ref_scale", "tolerance", "cases"}.
     """
     check_graph(path)
-    atol, rtol = TOLERANCES[variant][graph]
+    tol = TOLERANCES[variant][graph]
     session = cpu_session(path)
     names = [o.name for o in session.get_outputs()]
-    report: dict = {"atol": atol, "rtol": rtol, "cases": {}}
-    worst, worst_first, scale = 0.0, 0.0, 0.0
+    report: dict = {"tolerance": dict(tol), "cases": {}}
+    worst, worst_first, worst_l2, scale = 0.0, 0.0, 0.0, 0.0
     for case, inputs in cases or validation_cases(model, graph, gqa):
         ref = torch_outputs(model, graph, inputs)
         got = ort_outputs(session, inputs)
-        diffs = {}
+        diffs, l2 = {}, {}
         for name, r, g in zip(names, ref, got):
             if r.shape != g.shape:
                 raise EdgeVLMError(f"{Path(path).name}: output {name} has shape {g.shape} in ONNX Runtime, "
                                    f"{r.shape} in PyTorch ({case})")
-            diffs[name] = float(np.abs(r - g).max()) if r.size else 0.0
-            bound = atol + rtol * float(np.abs(r).max() if r.size else 0.0)
-            if not np.isfinite(g).all() or diffs[name] > bound:
-                raise EdgeVLMError(f"{Path(path).name} ({variant}): output {name} differs from PyTorch by "
-                                   f"{diffs[name]:.3g} > tolerance {bound:.3g} on case {case!r}")
+            diffs[name], l2[name] = _errors(r, g)
+            _check(tol, r, g, diffs[name], l2[name], f"{Path(path).name} ({variant}): output {name}, case {case!r}")
         first = names[0]
-        worst_first = max(worst_first, diffs[first])
+        worst_first, worst_l2 = max(worst_first, diffs[first]), max(worst_l2, l2[first])
         worst = max(worst, *diffs.values())
         scale = max(scale, float(np.abs(ref[0]).max()))
-        report["cases"][case] = {first: diffs[first], "max_all_outputs": max(diffs.values())}
-    report.update(max_abs_diff=worst, max_abs_diff_first_output=worst_first, ref_scale=scale)
+        report["cases"][case] = {first: diffs[first], f"{first}_rel_l2": l2[first],
+                                 "max_all_outputs": max(diffs.values())}
+    report.update(max_abs_diff=worst, max_abs_diff_first_output=worst_first, max_rel_l2=worst_l2, ref_scale=scale)
     return report
+
+
+def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """(max |got - ref|, ||got - ref|| / ||ref||); zero for empty outputs (an empty KV cache)."""
+    if not ref.size:
+        return 0.0, 0.0
+    diff = got - ref
+    return float(np.abs(diff).max()), float(np.linalg.norm(diff) / max(float(np.linalg.norm(ref)), 1e-12))
+
+
+def _check(tol: dict, ref: np.ndarray, got: np.ndarray, max_abs: float, rel_l2: float, where: str) -> None:
+    if not np.isfinite(got).all():
+        raise EdgeVLMError(f"{where}: ONNX Runtime produced non-finite values")
+    if "rel_l2" in tol and rel_l2 > tol["rel_l2"]:
+        raise EdgeVLMError(f"{where}: relative L2 error vs PyTorch {rel_l2:.3g} > tolerance {tol['rel_l2']}")
+    if "atol" in tol:
+        bound = tol["atol"] + tol["rtol"] * float(np.abs(ref).max() if ref.size else 0.0)
+        if max_abs > bound:
+            raise EdgeVLMError(f"{where}: differs from PyTorch by {max_abs:.3g} > tolerance {bound:.3g}")
