@@ -261,9 +261,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from .common import load_for_export
+    from .common import load_for_export, model_source
 
     if args.opset is not None and args.opset < 17:
         raise EdgeVLMError(f"--opset must be >= 17, got {args.opset}")
@@ -271,14 +269,8 @@ def run(args: argparse.Namespace) -> int:
     decoder_attention(args.dtype, args.quantize, args.attention)
     if args.calib_count < 1:
         raise EdgeVLMError(f"--calib-count must be >= 1, got {args.calib_count}")
-    overrides = {}
-    for ov in args.overrides:
-        if "=" not in ov:
-            raise EdgeVLMError(f"override {ov!r} is not of the form key=value")
-        key, raw = ov.split("=", 1)
-        overrides[key] = yaml.safe_load(raw)
-    model = load_for_export(args.model, **overrides)
-    source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else None
+    model = load_for_export(args.model, args.overrides)
+    source = model_source(args.model)
     out = export_onnx(model, args.out, args.dtype, args.quantize, args.exporter, args.opset, args.ort_format,
                       args.calib_data, args.calib_count, source=source, attention=args.attention)
     total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

@@ -18,6 +18,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--backend", default="ort", help="ort (default) | torch | any registered backend")
+    add_generation_arguments(p)
+    p.add_argument("--threads", type=int, default=None, help="ort: intra-op threads (default: ONNX Runtime's)")
+    p.add_argument("--providers", default=None, help="ort: cpu | cuda | tensorrt (default: cpu)")
+    p.add_argument("--model-format", choices=("onnx", "ort"), default=None,
+                   help="ort: run the .onnx graphs (default) or the bundle's .ort files")
+    p.add_argument("--json", action="store_true", help="print the result (text, ids, timings) as one JSON line")
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """Decoding flags shared by ``edgevlm run`` (bundles) and ``edgevlm ask`` (torch model)."""
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -25,11 +35,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="ort: intra-op threads (default: ONNX Runtime's)")
-    p.add_argument("--providers", default=None, help="ort: cpu | cuda | tensorrt (default: cpu)")
-    p.add_argument("--model-format", choices=("onnx", "ort"), default=None,
-                   help="ort: run the .onnx graphs (default) or the bundle's .ort files")
-    p.add_argument("--json", action="store_true", help="print the result (text, ids, timings) as one JSON line")
+
+
+def answer(target, args: argparse.Namespace, stream: bool):
+    """Run ``target.generate``/``target.stream`` (a Runtime or a torch model) with the CLI's decoding
+    flags, printing the text (piece by piece when streaming); returns the GenerationResult."""
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if not stream:
+        return target.generate(image=args.image, prompt=args.prompt, **gen)
+    pieces = target.stream(image=args.image, prompt=args.prompt, **gen)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+    return pieces.result
 
 
 def backend_options(args: argparse.Namespace) -> dict:
@@ -44,17 +63,8 @@ def run(args: argparse.Namespace) -> int:
     options = backend_options(args)
     if options and args.backend != "ort":
         raise EdgeVLMError(f"--threads/--providers/--model-format apply to --backend ort, not {args.backend}")
-    gen = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-               seed=args.seed)
     with Runtime.load(args.bundle, backend=args.backend, **options) as rt:
-        if args.stream and not args.json:
-            pieces = rt.stream(args.image, args.prompt, max_new_tokens=args.max_new_tokens, **gen)
-            for piece in pieces:
-                print(piece, end="", flush=True)
-            print()
-            result = pieces.result
-        else:
-            result = rt.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens, **gen)
+        result = answer(rt, args, stream=args.stream and not args.json)
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                           "timings": result.timings.to_dict()}))
