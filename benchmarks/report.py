@@ -12,7 +12,6 @@ import argparse
 import base64
 import html
 import json
-import sys
 from pathlib import Path
 
 from edgevlm.runtime.errors import EdgeVLMError
@@ -389,15 +388,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks/report.py", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    try:
-        return run(p.parse_args(argv))
-    except EdgeVLMError as e:
-        print(f"benchmarks/report.py: error: {e}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from edgevlm.cli import script_main
+
+    script_main("bench", "report")

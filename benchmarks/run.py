@@ -198,20 +198,7 @@ def subprocess_step(step: str, case: dict, timeout: float) -> dict:
                 "output_tail": output.decode(errors="replace")[-2000:]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except EdgeVLMError as e:
-        print(f"benchmarks/run.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished cases are in the results file; run again to resume", file=sys.stderr)
-        return 130
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from edgevlm.cli import script_main
+
+    script_main("bench", "run")

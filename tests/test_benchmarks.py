@@ -276,9 +276,9 @@ class _Checker(HTMLParser):
 
 @pytest.mark.slow  # runs the smoke matrix (about a minute on 2 cores, exports cached)
 def test_report_renders_from_the_smoke_results(smoke, tmp_path):
-    from edgevlm.benchmarks.report import main
+    from edgevlm.cli import main
 
-    assert main([str(smoke), "--out", str(tmp_path / "report")]) == 0
+    assert main(["bench", "report", str(smoke), "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
     page = (tmp_path / "report" / "report.html").read_text()
     checker = _Checker()
@@ -300,6 +300,6 @@ def test_report_renders_from_the_smoke_results(smoke, tmp_path):
 
 
 def test_report_refuses_missing_input(tmp_path):
-    from edgevlm.benchmarks.report import main
+    from edgevlm.cli import main
 
-    assert main([str(tmp_path / "nothing.jsonl"), "--out", str(tmp_path)]) == 2
+    assert main(["bench", "report", str(tmp_path / "nothing.jsonl"), "--out", str(tmp_path)]) == 2

@@ -51,3 +51,12 @@ class Backend(abc.ABC):
 def is_visual_segment(segment: np.ndarray) -> bool:
     """True for a [M, D] float embedding segment, False for a [T] integer token-id segment."""
     return segment.ndim == 2
+
+
+def check_options(backend: str, options: dict, valid: Sequence[str]) -> None:
+    """Refuse backend options the backend does not know, listing the ones it does."""
+    from ..errors import EdgeVLMError
+
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise EdgeVLMError(f"unknown {backend} backend option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")

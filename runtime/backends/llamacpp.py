@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import BundleError, ContextLengthError, EdgeVLMError
 from ..gguf_check import check_pair
 from . import BACKENDS
-from .base import Backend, is_visual_segment
+from .base import check_options, Backend, is_visual_segment
 
 _LOG = {"installed": False, "verbose": False, "errors": [], "callback": None}
 GGML_LOG_LEVEL_ERROR = 4
@@ -282,10 +282,7 @@ OPTIONS = ("n_threads", "n_gpu_layers", "n_ctx", "n_batch", "verbose", "warmup")
 
 
 def open_bundle(root, manifest, quant: str | None = None, **options) -> LlamaCppBackend:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise EdgeVLMError(f"unknown llamacpp backend option(s) {', '.join(unknown)}; valid: quant, "
-                           f"{', '.join(OPTIONS)}")
+    check_options("llamacpp", options, ("quant", *OPTIONS))
     root = Path(root)
     llm, mmproj, quant = bundle_files(root, manifest, quant)
     pp = manifest.preprocess

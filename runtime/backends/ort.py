@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import BundleError, EdgeVLMError
 from ..manifest import Manifest
 from . import BACKENDS
-from .base import Backend, is_visual_segment
+from .base import check_options, Backend, is_visual_segment
 
 PROVIDER_ALIASES = {
     "cpu": ["CPUExecutionProvider"],
@@ -225,9 +225,7 @@ OPTIONS = ("providers", "threads", "graph_optimization", "io_binding", "model_fo
 
 
 def _open(root: Path, manifest: Manifest, **options: Any) -> OrtBackend:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise EdgeVLMError(f"unknown ort backend option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+    check_options("ort", options, OPTIONS)
     return OrtBackend(root, manifest, **options)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import BundleError, EdgeVLMError
 from ..manifest import Manifest
 from . import BACKENDS
-from .base import Backend, is_visual_segment
+from .base import check_options, Backend, is_visual_segment
 
 PAST, PRESENT = "past_key_values.", "present."
 
@@ -399,9 +399,7 @@ OPTIONS = ("device", "verbose")
 
 
 def _open(root: Path, manifest: Manifest, **options: Any) -> TrtBackend:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise EdgeVLMError(f"unknown trt backend option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+    check_options("trt", options, OPTIONS)
     return TrtBackend(root, manifest, **options)
 
 
