@@ -1,0 +1,82 @@
+"""Next-token selection: greedy, seeded sampling, top-k/top-p, repetition penalty."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgevlm.runtime.chat import IMAGE_TOKEN_INDEX
+from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.sampling import (
+    SamplingConfig,
+    apply_repetition_penalty,
+    select_token,
+    top_k_mask,
+    top_p_mask,
+)
+
+
+def test_greedy_is_argmax_with_ties_to_lowest_id():
+    logits = np.array([0.1, 3.0, -1.0, 3.0], np.float32)
+    assert select_token(logits, SamplingConfig()) == 1
+
+
+def test_sampling_is_reproducible_by_seed():
+    logits = np.random.default_rng(0).standard_normal(50).astype(np.float32)
+    cfg = SamplingConfig(do_sample=True, temperature=1.5)
+
+    def draw(seed):
+        rng = np.random.default_rng(seed)
+        return [select_token(logits, cfg, rng) for _ in range(30)]
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+
+
+def test_sampling_follows_the_softmax():
+    logits = np.log(np.array([0.6, 0.3, 0.1], np.float32))
+    rng = np.random.default_rng(0)
+    counts = np.bincount(
+        [select_token(logits, SamplingConfig(do_sample=True), rng) for _ in range(3000)]
+    )
+    np.testing.assert_allclose(counts / 3000, [0.6, 0.3, 0.1], atol=0.04)
+
+
+def test_top_k_and_top_p_masks():
+    logits = np.log(np.array([0.05, 0.5, 0.15, 0.3], np.float32))
+    assert top_k_mask(logits, 2).tolist() == [False, True, False, True]
+    assert top_k_mask(logits, 0).all()
+    assert top_p_mask(logits, 0.7).tolist() == [False, True, False, True]  # 0.5 + 0.3 reaches 0.7
+    assert top_p_mask(logits, 0.81).tolist() == [False, True, True, True]
+    assert top_p_mask(logits, 1e-6).tolist() == [False, True, False, False]  # keeps at least one
+    rng = np.random.default_rng(0)
+    cfg = SamplingConfig(do_sample=True, top_k=2, temperature=5.0)
+    assert {select_token(logits, cfg, rng) for _ in range(300)} == {1, 3}
+    cfg = SamplingConfig(do_sample=True, top_p=0.6, temperature=1.0)
+    assert {select_token(logits, cfg, rng) for _ in range(300)} == {1, 3}
+
+
+def test_repetition_penalty_direction():
+    logits = np.array([2.0, -2.0, 1.5, 0.0], np.float32)
+    out = apply_repetition_penalty(logits, [0, 1, IMAGE_TOKEN_INDEX], 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.5, 0.0]
+    assert logits[0] == 2.0  # input not modified
+    assert select_token(logits, SamplingConfig(repetition_penalty=2.0), context=[0]) == 2
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(do_sample=True, temperature=0.0),
+        dict(top_p=0.0),
+        dict(top_k=-1),
+        dict(repetition_penalty=0),
+    ],
+)
+def test_bad_sampling_settings_are_user_errors(kw):
+    with pytest.raises(EdgeVLMError):
+        SamplingConfig(**kw).validate()
+
+
+def test_nan_logits_are_reported():
+    with pytest.raises(EdgeVLMError, match="NaN"):
+        select_token(np.array([0.0, np.nan], np.float32), SamplingConfig())
