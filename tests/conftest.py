@@ -67,3 +67,12 @@ def trained_tiny(trained_data, tmp_path_factory) -> Path:
 
 
 TRAINED_STEPS = 120
+
+
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    """A writable copy of a session-scoped bundle, for tests that damage files."""
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle, dst)
+    return dst

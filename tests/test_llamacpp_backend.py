@@ -4,7 +4,6 @@ question type for every quant type -- plus the interface (options, streaming) an
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install 'edgevlm[gguf]')")
 pytest.importorskip("llama_cpp", reason="the llamacpp backend needs llama-cpp-python (pip install 'edgevlm[gguf]')")
 
-from conftest import SMALL  # noqa: E402
+from conftest import SMALL, copy_bundle  # noqa: E402
 
 from edgevlm.runtime.errors import BundleError, EdgeVLMError  # noqa: E402
 
@@ -125,7 +124,7 @@ def test_cls_keep_mode_meets_llama_cpps_cls_order(bundle, tiny_model, tmp_path):
 
     from edgevlm.export.gguf_mmproj import write_mmproj
 
-    b = _copy(bundle, tmp_path)
+    b = copy_bundle(bundle, tmp_path)
     write_mmproj(tiny_model, b / "mmproj-f16.gguf", cls="keep")
     with _runtime(b, verify=False) as rt:
         pixels = rt.pixel_values(_image(4))
@@ -186,14 +185,8 @@ def test_pixel_values_not_made_from_8bit_pixels_are_refused(bundle):
 # --- bad files: clear errors before llama.cpp sees them --------------------------------------------
 
 
-def _copy(bundle, tmp_path):
-    dst = tmp_path / "copy"
-    shutil.copytree(bundle, dst)
-    return dst
-
-
 def test_truncated_llm_is_refused_before_llama_cpp(bundle, tmp_path):
-    b = _copy(bundle, tmp_path)
+    b = copy_bundle(bundle, tmp_path)
     data = (b / "llm-f16.gguf").read_bytes()
     (b / "llm-f16.gguf").write_bytes(data[: len(data) // 3])
     with pytest.raises(BundleError, match="truncated or altered"):
@@ -203,7 +196,7 @@ def test_truncated_llm_is_refused_before_llama_cpp(bundle, tmp_path):
 
 
 def test_non_gguf_mmproj_is_refused(bundle, tmp_path):
-    b = _copy(bundle, tmp_path)
+    b = copy_bundle(bundle, tmp_path)
     (b / "mmproj-f16.gguf").write_bytes(b"PK\x03\x04 not a gguf file" * 10)
     with pytest.raises(BundleError, match="not a GGUF file"):
         _runtime(b, verify=False)
@@ -213,7 +206,7 @@ def test_mmproj_of_another_width_is_refused(bundle, tmp_path):
     from edgevlm import load_model
     from edgevlm.export.gguf_mmproj import write_mmproj
 
-    b = _copy(bundle, tmp_path)
+    b = copy_bundle(bundle, tmp_path)
     other = load_model("tiny", llm__hidden_size=128, **SMALL).float().eval()
     write_mmproj(other, b / "mmproj-f16.gguf")
     with pytest.raises(BundleError, match="projects images to width 128 but llm-f16.gguf has hidden size 256"):

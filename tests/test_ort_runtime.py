@@ -22,6 +22,8 @@ from edgevlm.runtime.backends.torch import TorchBackend  # noqa: E402
 from edgevlm.runtime.errors import BundleError, ContextLengthError, EdgeVLMError, ImageError  # noqa: E402
 from edgevlm.runtime.generate import split_segments  # noqa: E402
 
+from conftest import copy_bundle  # noqa: E402
+
 VARIANTS = {"fp32": ("fp32", "none"), "fp16": ("fp16", "none"), "int8": ("fp32", "int8"), "int4": ("fp32", "int4")}
 MAX_DROP = {"fp16": 0.01, "int8": 0.03}  # accuracy points (as fractions) below fp32; int4 is reported only
 
@@ -133,19 +135,13 @@ def test_bad_images_are_clear_errors_and_the_runtime_keeps_working(rt, tmp_path)
     assert rt.generate(_image(7), "What colour?", max_new_tokens=2).timings.n_generated >= 1
 
 
-def _copy(bundle, tmp_path):
-    dst = tmp_path / "copy"
-    shutil.copytree(bundle, dst)
-    return dst
-
-
 def test_missing_or_altered_files_are_named(bundle, tmp_path):
-    b = _copy(bundle, tmp_path)
+    b = copy_bundle(bundle, tmp_path)
     (b / "embed_tokens.onnx").unlink()
     with pytest.raises(BundleError, match="embed_tokens.onnx.*missing"):
         Runtime.load(b, backend="ort")
     shutil.rmtree(b)
-    b = _copy(bundle, tmp_path)
+    b = copy_bundle(bundle, tmp_path)
     data = bytearray((b / "decoder_model_merged.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different bytes
     (b / "decoder_model_merged.onnx").write_bytes(bytes(data))
@@ -155,7 +151,7 @@ def test_missing_or_altered_files_are_named(bundle, tmp_path):
 
 @pytest.mark.parametrize("version", [0, 2])
 def test_other_manifest_versions_are_refused(bundle, tmp_path, version):
-    b = _copy(bundle, tmp_path)
+    b = copy_bundle(bundle, tmp_path)
     m = json.loads((b / "manifest.json").read_text())
     m["format_version"] = version
     (b / "manifest.json").write_text(json.dumps(m))
