@@ -39,7 +39,7 @@ class TorchBackend(Backend):
             parts = [t.from_numpy(np.ascontiguousarray(s)).to(dev, dtype) if is_visual_segment(s)
                      else emb(t.from_numpy(np.asarray(s, dtype=np.int64)).to(dev)) for s in segments]
             x = t.cat(parts, dim=0)[None]  # [1, T, D]
-            out = self.model.llm(inputs_embeds=x, use_cache=True)
+            out = self.model.llm(inputs_embeds=x, use_cache=True, logits_to_keep=1)  # last position only
         self._past = out.past_key_values
         return out.logits[0, -1].float().cpu().numpy()
 
