@@ -32,6 +32,16 @@ def load_for_export(model: str, cli_overrides: Sequence[str] = (), **overrides: 
     return load_model(model, **overrides).float().eval()
 
 
+def require_exportable(model, target: str) -> None:
+    """EdgeVLMError with the integrator's reason if ``model`` cannot be exported to ``target``."""
+    from edgevlm.train.integrators import export_refusal
+
+    name = model.cfg.integrator.name
+    reason = export_refusal(name, target)
+    if reason:
+        raise EdgeVLMError(f"integrator {name!r} cannot be exported to {target}: {reason}")
+
+
 def model_source(model: str) -> str | None:
     """The absolute model dir recorded in a manifest (None for presets)."""
     return str(Path(model).resolve()) if Path(model).is_dir() else None

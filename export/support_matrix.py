@@ -3,14 +3,14 @@
     python -m edgevlm.export.support_matrix        # prints the Markdown table for the README
 
 Each cell is either supported (and parity- or spec-tested by the test named in the legend) or the
-reason the exporter refuses it. Integrators declare GGUF support with ``gguf_projector``; ONNX,
-TensorRT (through the ONNX graphs and the parser's operator list) and Core ML convert every
-registered integrator, which ``tests/test_onnx_export.py``, ``tests/test_trt.py`` and
-``tests/test_coreml.py`` check by parametrising over the registry.
+reason the exporter refuses it. Integrators declare GGUF support with ``gguf_projector`` and
+refusals with ``export_refusals`` (``edgevlm.train.integrators.export_refusal``); the exporters
+call ``export.common.require_exportable`` so the matrix and the tools cannot disagree. The export
+tests parametrise over the registry: every "yes" cell is converted and checked, every "no" cell
+must be refused with its reason.
 """
 from __future__ import annotations
 
-TARGETS = ("onnx", "tensorrt", "gguf", "coreml")
 LEGEND = {
     "onnx": "torch vs ONNX Runtime parity (tests/test_onnx_export.py)",
     "tensorrt": "every op in TensorRT 10.3's ONNX parser list (tests/test_trt.py); engine parity runs where TensorRT exists",
@@ -21,16 +21,20 @@ LEGEND = {
 
 def support(name: str) -> dict[str, str]:
     """target -> 'yes (projector type)' or 'no: reason' for integrator ``name``."""
-    from edgevlm.train.integrators import INTEGRATORS
+    from edgevlm.train.integrators import EXPORT_TARGETS, INTEGRATORS, export_refusal
 
-    cls = INTEGRATORS.get(name)
-    proj = getattr(cls, "gguf_projector", None)
-    gguf = f"yes (`{proj}`)" if proj else "no: llama.cpp has no projector type for it"
-    return {"onnx": "yes", "tensorrt": "yes", "gguf": gguf, "coreml": "yes"}
+    out = {}
+    for t in EXPORT_TARGETS:
+        reason = export_refusal(name, t)
+        out[t] = f"no: {reason}" if reason else "yes"
+    proj = getattr(INTEGRATORS.get(name), "gguf_projector", None)
+    if out["gguf"] == "yes":
+        out["gguf"] = f"yes (`{proj}`)"
+    return out
 
 
 def markdown() -> str:
-    from edgevlm.train.integrators import INTEGRATORS
+    from edgevlm.train.integrators import EXPORT_TARGETS as TARGETS, INTEGRATORS
 
     rows = ["| integrator | " + " | ".join(TARGETS) + " |", "|---" * (len(TARGETS) + 1) + "|"]
     for name in INTEGRATORS.names():

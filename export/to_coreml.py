@@ -124,6 +124,9 @@ def export_coreml(model, out: str | Path, weights: str = "fp16", max_context: in
     ``convert_fp16``) lets several --weights variants share one conversion."""
     if weights not in WEIGHTS:
         raise EdgeVLMError(f"--weights must be one of {WEIGHTS}, got {weights!r}")
+    from .common import require_exportable
+
+    require_exportable(model, "coreml")
     max_context = resolve_max_context(model, max_context)  # before the heavy imports: fail fast
     from tqdm.auto import tqdm
 

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def export_gguf(model, out, quants=DEFAULT_QUANTS, cls: str = "omit", threads: int = 0,
                 source: str | None = None, progress: bool = True) -> Path:
     """Write the GGUF bundle for ``model`` (an EdgeVLM) to ``out``; returns its path."""
-    from edgevlm.export.common import base_manifest, copy_tokenizer
+    from edgevlm.export.common import base_manifest, copy_tokenizer, require_exportable
     from edgevlm.export.gguf_llm import write_llm
     from edgevlm.export.gguf_mmproj import projector_type, write_mmproj
     from edgevlm.export.gguf_quant import check_quant_types, llama_cpp_versions, quantize, tensor_types
@@ -39,7 +39,8 @@ def export_gguf(model, out, quants=DEFAULT_QUANTS, cls: str = "omit", threads: i
     from edgevlm.runtime.manifest import BundleWriter, FileEntry
 
     quants = check_quant_types(quants)
-    projector_type(model)  # refuse unsupported integrators before writing anything
+    require_exportable(model, "gguf")  # refuse unsupported integrators before writing anything
+    projector_type(model)
     quiet_llama_logs()
     with BundleWriter(out) as w:
         steps = _progress(["llm f16", *[f"quantise {q}" for q in quants if q != "f16"], "mmproj"], progress)

@@ -132,6 +132,10 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
     variants share one export; ``attention`` picks the decoder graph (see ``decoder_attention``)."""
     from tqdm.auto import tqdm
 
+    from .common import require_exportable
+
+    require_exportable(model, "onnx")
+
     from edgevlm.runtime.manifest import BundleWriter
 
     from .common import base_manifest, copy_tokenizer

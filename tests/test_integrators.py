@@ -63,3 +63,43 @@ def test_unknown_integrator_lists_valid_names():
 def test_registry_rejects_duplicates():
     with pytest.raises(ValueError):
         INTEGRATORS.add("ldp", object)
+
+
+class _RefusingProjector(torch.nn.Linear):
+    """Test-only integrator that refuses two targets."""
+
+    gguf_projector = None
+    export_refusals = {"onnx": "test reason one", "coreml": "test reason two"}
+
+    def __init__(self, vision_dim, llm_dim, grid):
+        super().__init__(vision_dim, llm_dim)
+
+    def num_tokens(self, n_features):
+        return n_features
+
+
+def test_export_refusals_reach_matrix_and_exporters(monkeypatch, tmp_path):
+    from edgevlm import load_model
+    from edgevlm.export import support_matrix
+    from edgevlm.train.integrators import export_refusal
+    from conftest import SMALL
+
+    monkeypatch.setitem(INTEGRATORS._items, "refusing_test", _RefusingProjector)  # this test only
+    cells = support_matrix.support("refusing_test")
+    assert cells == {"onnx": "no: test reason one", "tensorrt": "yes",
+                     "gguf": "no: llama.cpp has no projector type for it", "coreml": "no: test reason two"}
+    assert export_refusal("refusing_test", "tensorrt") is None
+    with pytest.raises(ValueError, match="unknown export target"):
+        export_refusal("refusing_test", "tflite")
+    model = load_model("tiny", integrator="refusing_test", **SMALL)
+    from edgevlm.export.to_onnx import export_onnx
+    from edgevlm.export.to_coreml import export_coreml
+    from edgevlm.export.to_gguf import export_gguf
+
+    with pytest.raises(EdgeVLMError, match="cannot be exported to onnx: test reason one"):
+        export_onnx(model, tmp_path / "onnx")
+    with pytest.raises(EdgeVLMError, match="cannot be exported to gguf: llama.cpp has no projector"):
+        export_gguf(model, tmp_path / "gguf")
+    with pytest.raises(EdgeVLMError, match="cannot be exported to coreml: test reason two"):
+        export_coreml(model, tmp_path / "coreml")
+    assert not any(tmp_path.iterdir())  # refused before writing anything

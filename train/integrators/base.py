@@ -22,6 +22,25 @@ def build_integrator(cfg: "IntegratorConfig", vision_dim: int, llm_dim: int, gri
         raise EdgeVLMError(f"integrator {cfg.name!r}: bad kwargs {cfg.kwargs}: {e}") from None
 
 
+EXPORT_TARGETS = ("onnx", "tensorrt", "gguf", "coreml")
+
+
+def export_refusal(name: str, target: str) -> str | None:
+    """Why integrator ``name`` cannot go to ``target`` (one of EXPORT_TARGETS), or None if it can.
+
+    Integrators declare refusals as a class attribute ``export_refusals = {target: reason}``;
+    GGUF additionally needs a ``gguf_projector`` (a llama.cpp projector type)."""
+    from . import INTEGRATORS
+
+    if target not in EXPORT_TARGETS:
+        raise ValueError(f"unknown export target {target!r}; valid: {', '.join(EXPORT_TARGETS)}")
+    cls = INTEGRATORS.get(name)
+    reason = getattr(cls, "export_refusals", {}).get(target)
+    if reason is None and target == "gguf" and not getattr(cls, "gguf_projector", None):
+        reason = "llama.cpp has no projector type for it"
+    return reason
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
