@@ -57,7 +57,7 @@ def train_stage(model, stage: StageConfig, cfg: TrainConfig, info, stage_dir: Pa
     data = load_llava_records(stage.data, stage.image_root or None, skip_bad_records=stage.skip_bad_records)
     records = data.records[: stage.max_records] if stage.max_records else data.records
     ds = VQADataset(records, model.tokenizer, stage.template, model.cfg.preprocess, stage.max_length,
-                    model.n_visual_tokens)
+                    model.n_visual_tokens, stage.qa_mode)
     model.train()
     groups = set_trainable(model, stage)
     model.to(info.device)
@@ -105,13 +105,18 @@ def _optimizer_step(engine, micro, stage: StageConfig, info, cfg: TrainConfig):
             pixels = batch["pixel_values"]
             out = engine.module(None if pixels is None else pixels.to(info.device),
                                 [t.to(info.device) for t in batch["input_ids"]],
-                                [t.to(info.device) for t in batch["labels"]])
+                                [t.to(info.device) for t in batch["labels"]],
+                                _to(batch["segments"], info.device))
             engine.backward(out.loss)
         total_loss += out.loss.item() / stage.grad_accum
         n += len(batch["ids"])
         ids += batch["ids"]
     engine.step()
     return total_loss, n, ids
+
+
+def _to(tensors: list[torch.Tensor] | None, device) -> list[torch.Tensor] | None:
+    return None if tensors is None else [t.to(device) for t in tensors]
 
 
 def _autocast(cfg: TrainConfig, info):

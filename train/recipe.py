@@ -33,6 +33,9 @@ class StageConfig:
     data: str = ""  # LLaVA-format JSON
     image_root: str = ""  # default: the JSON's folder
     template: str = "vicuna_v1"  # plain for caption pretraining
+    # multi-turn records: "conversation" (as written) or "independent" (each question packed as a
+    # single-turn sample sharing the image; no answer can be read off an earlier turn)
+    qa_mode: str = "conversation"
     train: list[str] = field(default_factory=lambda: ["integrator", "llm"])  # fully trained modules
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA/DoRA on the LLM (instead of "llm")
     lr: float = 2e-5
@@ -86,5 +89,7 @@ def validate(cfg: TrainConfig) -> None:
             raise EdgeVLMError(f"stage {s.name}: choose full LLM training ('llm' in train) or LoRA, not both")
         if not s.data:
             raise EdgeVLMError(f"stage {s.name}: no 'data' (a LLaVA-format JSON file)")
+        if s.qa_mode not in ("conversation", "independent"):
+            raise EdgeVLMError(f"stage {s.name}: qa_mode {s.qa_mode!r}; use conversation or independent")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise EdgeVLMError(f"precision {cfg.precision!r}: use auto, fp32 or bf16")

@@ -82,12 +82,14 @@ class EdgeVLM(nn.Module):
         return torch.cat(pieces, dim=0)
 
     def forward(self, pixel_values: torch.Tensor | None, input_ids: list[torch.Tensor],
-                labels: list[torch.Tensor] | None = None):
+                labels: list[torch.Tensor] | None = None, segments: list[torch.Tensor] | None = None):
         """Training/eval forward on a batch of variable-length sequences.
 
         ``input_ids[i]``: [T_i] with IMAGE_TOKEN_INDEX where an image goes (text-only samples have
         none); ``pixel_values``: [K, 3, S, S], the K images in placeholder order across the batch;
         ``labels[i]``: [T_i] with -100 on non-targets. Sequences are right-padded after splicing.
+        ``segments[i]``: [T_i] packed-QA segment ids (``train/packing.py``; 0 = shared prefix), or
+        None for ordinary causal sequences.
         """
         images = None if pixel_values is None else self.encode_images(pixel_values)  # [K, M, D]
         embeds, targets, used = [], [], 0
@@ -97,7 +99,7 @@ class EdgeVLM(nn.Module):
             used += n
             embeds.append(self.embed_with_images(ids, img))  # [T_i', D]
             if labels is not None:
-                targets.append(_expand_labels(ids, labels[i], self.n_visual_tokens))
+                targets.append(_expand(ids, labels[i], self.n_visual_tokens, -100))
         length = max(e.shape[0] for e in embeds)
         x = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])  # [B, L, D]
         mask = torch.zeros(len(embeds), length, dtype=torch.long, device=x.device)
@@ -107,7 +109,14 @@ class EdgeVLM(nn.Module):
             mask[i, : e.shape[0]] = 1
             if labels is not None:
                 y[i, : e.shape[0]] = targets[i]
-        return self.llm(inputs_embeds=x, attention_mask=mask, labels=y if labels is not None else None)
+        y = y if labels is not None else None
+        if segments is None:
+            return self.llm(inputs_embeds=x, attention_mask=mask, labels=y)
+        from edgevlm.train.packing import attention_and_positions
+
+        segs = [_expand(ids, s, self.n_visual_tokens, 0) for ids, s in zip(input_ids, segments)]
+        mask4d, positions = attention_and_positions(segs, length, x.dtype)
+        return self.llm(inputs_embeds=x, attention_mask=mask4d, position_ids=positions, labels=y)
 
     # ---- generation (the runtime's one loop, torch backend) ---------------------------------
     def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
@@ -147,12 +156,13 @@ class EdgeVLM(nn.Module):
         return self.tokenizer
 
 
-def _expand_labels(ids: torch.Tensor, labels: torch.Tensor, n_visual: int) -> torch.Tensor:
-    """Labels for the spliced sequence: visual positions are never targets."""
+def _expand(ids: torch.Tensor, values: torch.Tensor, n_visual: int, fill: int) -> torch.Tensor:
+    """A per-id vector (labels, segment ids) for the spliced sequence: each image placeholder
+    becomes ``n_visual`` copies of ``fill`` (visual positions are never targets)."""
     out = []
-    for t, lab in zip(ids.tolist(), labels.tolist()):
-        out += [-100] * n_visual if t == IMAGE_TOKEN_INDEX else [lab]
-    return torch.tensor(out, dtype=torch.long, device=labels.device)
+    for t, v in zip(ids.tolist(), values.tolist()):
+        out += [fill] * n_visual if t == IMAGE_TOKEN_INDEX else [v]
+    return torch.tensor(out, dtype=torch.long, device=values.device)
 
 
 def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
