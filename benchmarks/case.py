@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import time
@@ -28,6 +27,7 @@ import numpy as np
 
 from edgevlm.benchmarks.matrix import bench_image, filler_question, image_prompt
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.memory import current_rss_mb, peak_rss_mb
 
 METRICS = ("vision_ms", "tower_ms", "integrator_ms", "prefill_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s",
            "total_ms")
@@ -43,30 +43,6 @@ def summarize(values: list[float | None]) -> dict | None:
     p10, med, p90 = np.percentile(vals, [10, 50, 90])
     return {"median": round(float(med), 3), "p10": round(float(p10), 3), "p90": round(float(p90), 3),
             "n": len(vals), "values": [round(v, 3) for v in vals]}
-
-
-def _status_kb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set. VmHWM belongs to the process's own address space;
-    ru_maxrss is not used on Linux because it carries the parent's RSS across fork + exec."""
-    kb = _status_kb("VmHWM")
-    if kb is None:
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
-    return round(kb / 1024, 1)
-
-
-def current_rss_mb() -> float:
-    kb = _status_kb("VmRSS")
-    return round(kb / 1024, 1) if kb is not None else peak_rss_mb()
 
 
 def threads_of(case: dict) -> int:

@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgevlm.benchmarks.case import (accelerator, collect_metrics, current_rss_mb, load_torch_model, peak_rss_mb,
+from edgevlm.runtime.memory import current_rss_mb, peak_rss_mb
+from edgevlm.benchmarks.case import (accelerator, collect_metrics, load_torch_model,
                                      threads_of, timed_runs, torch_gpu_peak_mb)
 from edgevlm.benchmarks.matrix import bench_image, filler_question, image_prompt
 from edgevlm.runtime.errors import EdgeVLMError

@@ -40,7 +40,36 @@ def test_two_stage_trains_only_what_the_stage_says(shapes_dir, tmp_path):
     changed2 = {k.split(".")[0] for k in start if not torch.equal(after1[k], after2[k])}
     assert changed2 == {"integrator", "llm"}
     log = [json.loads(l) for l in (tmp_path / "r" / "instruct" / "log.jsonl").read_text().splitlines()]
-    assert log[0]["trainable_params"] > 0 and log[-1]["event"] == "end" and log[-1]["peak_rss_mb"] > 0
+    model = load_model(final)
+    counts = model.parameter_counts()
+    assert log[0]["trainable_by_group"] == {"integrator": counts["integrator"], "llm": counts["llm"]}
+    assert log[0]["trainable_params"] == counts["integrator"] + counts["llm"]
+    assert log[-1]["event"] == "end" and log[-1]["peak_rss_mb"] > 0 and log[-1]["peak_rss_scope"] == "stage"
+
+
+def test_fresh_integrator_on_a_trained_model(shapes_dir, tmp_path):
+    """Paradigm starting point: a trained vision tower + LLM, a new (differently shaped) integrator."""
+    final = run(recipe(shapes_dir, tmp_path / "base"))
+    with pytest.raises(EdgeVLMError, match="integrator.*shape mismatch|missing|unexpected"):
+        load_model(final, integrator="mlp2x_gelu")  # the trained ldpv2 weights do not fit
+    base = load_model(final)
+    swapped = load_model(final, fresh=["integrator"], integrator="mlp2x_gelu")
+    a, b = base.state_dict(), swapped.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("integrator."))
+    assert swapped.cfg.integrator.name == "mlp2x_gelu" and swapped.n_visual_tokens == 576
+    with pytest.raises(EdgeVLMError, match="fresh: unknown module"):
+        load_model(final, fresh=["projector"])
+    cfg = TrainConfig(model=str(final), fresh=["integrator"], model_overrides={"integrator": "mlp2x_gelu"},
+                      output_dir=str(tmp_path / "single"),
+                      stages=[StageConfig(name="single", data=str(shapes_dir / "captions.json"), template="plain",
+                                          train=["integrator"], lr=1e-3, max_steps=2, batch_size=2)])
+    with pytest.raises(EdgeVLMError, match="max_length 512 leaves no room for text after the image's 576"):
+        run(cfg)
+    cfg.stages[0].max_length = 700
+    out = load_model(run(cfg))
+    c = out.state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a if not k.startswith("integrator."))
+    assert out.cfg.integrator.name == "mlp2x_gelu"
 
 
 def test_resume_after_kill_matches_uninterrupted(shapes_dir, tmp_path):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from edgevlm.runtime.chat import IMAGE_TOKEN_INDEX, TEMPLATES, encode_turns
+from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.preprocess import preprocess_image
 from edgevlm.runtime.preprocess_config import PreprocessConfig
 from edgevlm.runtime.tokenizer import TextTokenizer
@@ -32,6 +33,9 @@ class VQADataset(torch.utils.data.Dataset):
                  max_length: int, n_visual_tokens: int, qa_mode: str = "conversation"):
         if qa_mode not in QA_MODES:
             raise ValueError(f"qa_mode must be one of {QA_MODES}, got {qa_mode!r}")
+        if n_visual_tokens + 16 > max_length:
+            raise EdgeVLMError(f"max_length {max_length} leaves no room for text after the image's "
+                               f"{n_visual_tokens} visual tokens; raise the stage's max_length")
         self.qa_mode = qa_mode
         self.records = list(records)
         self.tok = tokenizer

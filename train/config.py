@@ -10,6 +10,9 @@ from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.preprocess_config import PreprocessConfig
 
 
+MODULES = ("vision_tower", "integrator", "llm")  # top-level EdgeVLM modules (state-dict prefixes)
+
+
 @dataclass
 class VisionConfig:
     """A CLIP ViT (Hugging Face ``CLIPVisionModel``). Features are ``hidden_states[select_layer]``."""

@@ -5,7 +5,6 @@ import contextlib
 import hashlib
 import json
 import math
-import resource
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from edgevlm.train import distributed
+from edgevlm.runtime.memory import peak_rss_mb, reset_peak_rss
 from edgevlm.train.batches import VQADataset, collate
 from edgevlm.train.data.llava import load_llava_records
 from edgevlm.train.engines import make_engine
@@ -34,7 +34,7 @@ def run(cfg: TrainConfig, resume: bool = False, stop_at_step: int = 0) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
-    model = load_model(cfg.model, **cfg.model_overrides)
+    model = load_model(cfg.model, fresh=cfg.fresh, **cfg.model_overrides)
     for i, stage in enumerate(cfg.stages):
         last = i == len(cfg.stages) - 1
         stage_out = out / "final" if last else out / stage.name / "model"
@@ -70,7 +70,7 @@ def train_stage(model, stage: StageConfig, cfg: TrainConfig, info, stage_dir: Pa
     ckpt = latest_checkpoint(stage_dir / "checkpoints") if resume else None
     if ckpt is not None:
         step = load_checkpoint(ckpt, model, optim)
-    n_train = sum(p.numel() for _, ps in groups for p in ps)
+    n_train = {name: sum(p.numel() for p in ps) for name, ps in groups}
     engine = make_engine(model, optim, cfg, stage, info)
     log = _Logger(stage_dir, stage, info, total, n_train, data.n_skipped)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=PlanSampler(plan, step * stage.grad_accum,
@@ -130,7 +130,8 @@ class _Logger:
     """tqdm bar and ``log.jsonl`` on rank 0; a per-rank ``rank{r}.json`` (sample ids seen, final
     checksum of trainable weights) under DDP, so a test can check the sharding and the sync."""
 
-    def __init__(self, stage_dir: Path, stage: StageConfig, info, total: int, n_train: int, n_skipped: int):
+    def __init__(self, stage_dir: Path, stage: StageConfig, info, total: int, n_train: dict[str, int],
+                 n_skipped: int):
         self.dir, self.info, self.t0 = stage_dir, info, time.perf_counter()
         self.samples = 0
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +139,11 @@ class _Logger:
         self.f = open(stage_dir / "log.jsonl", "a") if info.is_main else None
         self.rank_f = open(stage_dir / f"rank{info.rank}.jsonl", "a") if info.enabled else None
         self.every = max(1, stage.log_every)
-        self._write({"event": "start", "stage": stage.name, "trainable_params": n_train, "total_steps": total,
+        self.rss_reset = reset_peak_rss()  # peak memory of this stage, not of earlier ones
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._write({"event": "start", "stage": stage.name, "trainable_params": sum(n_train.values()),
+                     "trainable_by_group": n_train, "total_steps": total,
                      "skipped_records": n_skipped, "world_size": info.world})
 
     def step(self, step: int, loss: float, n: int, lr: float, ids: list[str]) -> None:
@@ -159,11 +164,11 @@ class _Logger:
                     digest.update(name.encode() + p.detach().cpu().float().numpy().tobytes())
             self.rank_f.write(json.dumps({"trainable_sha256": digest.hexdigest()}) + "\n")
             self.rank_f.close()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         self._write({"event": "end", "seconds": round(time.perf_counter() - self.t0, 2),
                      "samples_per_s": round(self.samples / max(1e-9, time.perf_counter() - self.t0), 2),
-                     "peak_rss_mb": round(peak, 1), "gpu_peak_mb": gpu})
+                     "peak_rss_mb": peak_rss_mb(), "peak_rss_scope": "stage" if self.rss_reset else "process",
+                     "gpu_peak_mb": gpu})
         self.bar.close()
         if self.f:
             self.f.close()

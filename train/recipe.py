@@ -13,7 +13,7 @@ from typing import Any
 from edgevlm.runtime.configio import apply_overrides, load_yaml
 from edgevlm.runtime.errors import EdgeVLMError
 
-MODULES = ("vision_tower", "integrator", "llm")
+from edgevlm.train.config import MODULES
 
 
 @dataclass
@@ -59,6 +59,9 @@ class StageConfig:
 class TrainConfig:
     model: str = "tiny"  # start point: preset, edgevlm dir, or official MobileVLM dir
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {integrator: ldp}
+    # modules initialised fresh instead of loaded from `model` (a checkpoint): [integrator] trains a
+    # new integrator between a trained vision tower and LLM (MobileVLM's starting point)
+    fresh: list[str] = field(default_factory=list)
     output_dir: str = "runs/tiny"
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     seed: int = 0
@@ -91,5 +94,8 @@ def validate(cfg: TrainConfig) -> None:
             raise EdgeVLMError(f"stage {s.name}: no 'data' (a LLaVA-format JSON file)")
         if s.qa_mode not in ("conversation", "independent"):
             raise EdgeVLMError(f"stage {s.name}: qa_mode {s.qa_mode!r}; use conversation or independent")
+    bad = [m for m in cfg.fresh if m not in MODULES]
+    if bad:
+        raise EdgeVLMError(f"fresh: unknown module(s) {bad}; valid: {', '.join(MODULES)}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise EdgeVLMError(f"precision {cfg.precision!r}: use auto, fp32 or bf16")

@@ -57,8 +57,8 @@ def read_config(path: Path) -> VLMConfig:
     return VLMConfig.from_dict(data)
 
 
-def load_weights_into(model, path: Path) -> None:
-    load_state_strict(model, read_weights(path), str(path))
+def load_weights_into(model, path: Path, fresh: tuple[str, ...] = ()) -> None:
+    load_state_strict(model, read_weights(path), str(path), fresh)
 
 
 def _read_json(path: Path) -> dict:

@@ -6,13 +6,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.tokenizer import TextTokenizer
-from edgevlm.train.config import PRESETS, VLMConfig, override_config, preset_config
+from edgevlm.train.config import MODULES, PRESETS, VLMConfig, override_config, preset_config
 from edgevlm.train.model import checkpoint, official
 from edgevlm.train.model.vlm import EdgeVLM
 from edgevlm.train.model.weights import load_state_strict, read_weights
@@ -31,15 +31,22 @@ def build_model(cfg: VLMConfig, tokenizer_dir: Path) -> EdgeVLM:
     return model.eval()
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, **overrides: Any) -> EdgeVLM:
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,
+               fresh: Sequence[str] = (), **overrides: Any) -> EdgeVLM:
     """Load a model; keyword overrides change the config (``integrator="ldp"``, ``llm__num_hidden_layers=2``).
 
-    Overrides that change weight shapes only make sense for presets; for checkpoints they make the
-    strict weight check fail with the list of mismatched keys.
+    Overrides that change weight shapes only make sense for presets, or for checkpoint modules
+    named in ``fresh`` (``vision_tower``, ``integrator``, ``llm``): those start from the seeded
+    random initialisation instead of the checkpoint, e.g. ``load_model(dir, fresh=["integrator"],
+    integrator="resampler")`` puts a new integrator between a trained vision tower and LLM. Any
+    other mismatch fails the strict weight check with the list of mismatched keys.
     """
+    bad = [m for m in fresh if m not in MODULES]
+    if bad:
+        raise EdgeVLMError(f"fresh: unknown module(s) {bad}; valid: {', '.join(MODULES)}")
     path = Path(name_or_path)
     if path.is_dir():
-        model = _load_dir(path, overrides)
+        model = _load_dir(path, overrides, tuple(fresh))
     elif str(name_or_path) in PRESETS:
         cfg = preset_config(str(name_or_path), **overrides)
         model = build_model(cfg, preset_tokenizer_dir(cfg))
@@ -49,18 +56,18 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     return model.to(dtype) if dtype is not None else model
 
 
-def _load_dir(path: Path, overrides: dict[str, Any]) -> EdgeVLM:
+def _load_dir(path: Path, overrides: dict[str, Any], fresh: tuple[str, ...]) -> EdgeVLM:
     if checkpoint.is_edgevlm_dir(path):
         cfg = override_config(checkpoint.read_config(path), **overrides)
         model = build_model(cfg, path)
-        checkpoint.load_weights_into(model, path)
+        checkpoint.load_weights_into(model, path, fresh)
         return model
     if official.is_official_dir(path):
         hf = json.loads((path / "config.json").read_text())
         raw = read_weights(path)
         cfg = override_config(official.official_config(path, hf, raw), **overrides)
         model = build_model(cfg, _official_tokenizer_dir(path))
-        load_state_strict(model, official.official_state(path, hf, raw), str(path))
+        load_state_strict(model, official.official_state(path, hf, raw), str(path), fresh)
         return model
     raise EdgeVLMError(f"{path}: not an edgevlm or MobileVLM checkpoint (config.json lacks "
                        "'edgevlm_format' and 'mm_projector_type')")

@@ -54,10 +54,14 @@ def write_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict | N
     save_file(out, str(path), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
 
 
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                      fresh: tuple[str, ...] = ()) -> None:
     """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error that
-    lists them (up to 10 of each)."""
-    own = model.state_dict()
+    lists them (up to 10 of each). Keys under a ``fresh`` module prefix (e.g. ``integrator``)
+    are neither loaded nor checked: those modules keep their fresh initialisation."""
+    skip = tuple(f"{m}." for m in fresh)
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
     tied = _tied_keys(model)
     missing = [k for k in own if k not in state and k not in tied]
     unexpected = [k for k in state if k not in own]
