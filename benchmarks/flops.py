@@ -60,7 +60,8 @@ def preset_shape(preset: str, **overrides: Any) -> dict[str, Any]:
 def config_shape(cfg) -> dict[str, Any]:
     """The ``shape`` of a VLMConfig; the integrator is counted by torch on the meta device."""
     v, c = cfg.vision, cfg.llm
-    flops, params, tokens = integrator_cost(cfg.integrator, v.hidden_size, c.hidden_size, v.grid, v.num_features)
+    flops, params, tokens = integrator_cost(cfg.integrator, v.hidden_size, c.hidden_size, v.grid, v.num_features,
+                                            llm=c)
     sel = v.select_layer
     layers_used = sel if sel >= 0 else v.num_hidden_layers + 1 + sel  # as VisionTower runs it
     return {
@@ -74,19 +75,26 @@ def config_shape(cfg) -> dict[str, Any]:
     }
 
 
-def integrator_cost(icfg, vision_dim: int, llm_dim: int, grid: int, n_features: int) -> tuple[int, int, int]:
-    """(FLOPs per image, parameters, visual tokens) of an integrator, counted by torch on the meta device."""
+def integrator_cost(icfg, vision_dim: int, llm_dim: int, grid: int, n_features: int,
+                    llm=None) -> tuple[int, int, int]:
+    """(FLOPs per image, parameters, visual tokens) of an integrator, counted by torch on the meta device.
+
+    Integrators acting inside the LLM (``placement`` weights / in_block) need the LLM config ``llm``;
+    their per-image weights (vlora's generators, gated_prefix's projection) count as per-image FLOPs.
+    What they add per LLM token is not included here (vlora: ``integrator.cost()``)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from edgevlm.train.integrators import build_integrator, count_parameters
 
     with torch.device("meta"):
-        module = build_integrator(icfg, vision_dim, llm_dim, grid)
+        module = build_integrator(icfg, vision_dim, llm_dim, grid, llm=llm)
         x = torch.empty(1, n_features, vision_dim)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         module(x)
+        if hasattr(module, "image_weights"):
+            module.image_weights(x)
     return int(counter.get_total_flops()), int(count_parameters(module)), int(module.num_tokens(n_features))
 
 

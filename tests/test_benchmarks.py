@@ -112,10 +112,13 @@ def test_analytic_parameter_counts_match_the_model(tiny_model, small_shape):
 def test_integrator_costs_cover_the_registry():
     from edgevlm.benchmarks.flops import preset_shape
     from edgevlm.train.integrators import INTEGRATORS
+    from edgevlm.train.integrators.base import placement
 
     for name in INTEGRATORS.names():
         shape = preset_shape("tiny", integrator=name)
-        assert shape["integrator"]["flops"] > 0 and shape["integrator"]["n_visual_tokens"] > 0, name
+        assert shape["integrator"]["flops"] > 0, name  # vlora / gated_prefix: their per-image weights
+        if placement(INTEGRATORS.get(name)) == "tokens":
+            assert shape["integrator"]["n_visual_tokens"] > 0, name
 
 
 def test_stage_costs_scale_with_precision_and_context(small_shape):

@@ -11,20 +11,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def integrator_rows(preset: str) -> list[dict]:
-    """Each integrator at ``preset``'s widths: visual tokens out and parameter count."""
+    """Each integrator at ``preset``'s widths: placement (tokens / weights / in_block), visual
+    tokens out and parameter count."""
     import torch
 
     from edgevlm.train.config import preset_config
     from edgevlm.train.integrators import INTEGRATORS, build_integrator, count_parameters
     from edgevlm.train.config import IntegratorConfig
+    from edgevlm.train.integrators.base import placement
 
     cfg = preset_config(preset)
     rows = []
     with torch.device("meta"):  # shapes only: no memory, no init time
         for name in INTEGRATORS:
             m = build_integrator(IntegratorConfig(name), cfg.vision.hidden_size, cfg.llm.hidden_size,
-                                 cfg.vision.grid)
-            rows.append({"integrator": name, "visual_tokens": m.num_tokens(cfg.vision.num_features),
+                                 cfg.vision.grid, llm=cfg.llm)
+            rows.append({"integrator": name, "placement": placement(m),
+                         "visual_tokens": m.num_tokens(cfg.vision.num_features),
                          "params": count_parameters(m), "gguf": getattr(m, "gguf_projector", None) or "-"})
     return rows
 

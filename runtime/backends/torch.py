@@ -1,6 +1,10 @@
 """Backend ``torch``: the PyTorch model behind the runtime interface (the fidelity reference).
 
 torch is imported lazily; the rest of ``edgevlm.runtime`` never needs it.
+
+Integrators that condition the LLM per image (vlora's weight deltas, gated_prefix's prompts) give
+zero visual tokens; ``encode_image`` keeps their per-image weights, and ``prefill`` and every
+``decode`` of that sequence run the LLM conditioned on the weights of the images it holds.
 """
 from __future__ import annotations
 
@@ -25,11 +29,13 @@ class TorchBackend(Backend):
             self.model.to(device)
         self.n_ctx = model.cfg.llm.max_position_embeddings
         self._past = None
+        self._image_weights = None  # [B, ...] from the last encode_image (None: integrator has none)
+        self._weights: tuple = (None, [0])  # (weights, counts) this sequence's LLM calls are conditioned on
 
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
-            out = self.model.encode_images(self.torch.from_numpy(np.ascontiguousarray(pixel_values)))
-        return out.float().cpu().numpy()  # [B, M, D]
+            out, self._image_weights = self.model.encode(self.torch.from_numpy(np.ascontiguousarray(pixel_values)))
+        return out.float().cpu().numpy()  # [B, M, D]; M = 0 for vlora / gated_prefix
 
     def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
         t = self.torch
@@ -38,8 +44,10 @@ class TorchBackend(Backend):
         with t.inference_mode():
             parts = [t.from_numpy(np.ascontiguousarray(s)).to(dev, dtype) if is_visual_segment(s)
                      else emb(t.from_numpy(np.asarray(s, dtype=np.int64)).to(dev)) for s in segments]
-            x = t.cat(parts, dim=0)[None]  # [1, T, D]
-            out = self.model.llm(inputs_embeds=x, use_cache=True, logits_to_keep=1)  # last position only
+            x = t.cat(parts, dim=0)[None]  # [1, T, D]; a visual segment may be [0, D]
+            self._weights = self._sequence_weights(segments)
+            with self.model.conditioned(*self._weights):
+                out = self.model.llm(inputs_embeds=x, use_cache=True, logits_to_keep=1)  # last position only
         self._past = out.past_key_values
         return out.logits[0, -1].float().cpu().numpy()
 
@@ -49,12 +57,25 @@ class TorchBackend(Backend):
             raise RuntimeError("decode before prefill")
         with t.inference_mode():
             ids = t.tensor([[token_id]], device=self.model.llm.get_input_embeddings().weight.device)
-            out = self.model.llm(input_ids=ids, past_key_values=self._past, use_cache=True)
+            with self.model.conditioned(*self._weights):
+                out = self.model.llm(input_ids=ids, past_key_values=self._past, use_cache=True)
         self._past = out.past_key_values
         return out.logits[0, -1].float().cpu().numpy()
 
+    def _sequence_weights(self, segments: Sequence[np.ndarray]) -> tuple:
+        """(per-image weights, [n images]) for a sequence: the images of the last encode_image,
+        which the shared loop calls right before prefill with exactly this sequence's images."""
+        n = sum(1 for s in segments if is_visual_segment(s))
+        weights, self._image_weights = self._image_weights, None
+        if not n or weights is None:
+            return None, [0]
+        if weights.shape[0] != n:
+            raise RuntimeError(f"prefill holds {n} image(s) but the last encode_image had {weights.shape[0]}")
+        return weights, [n]
+
     def close(self) -> None:
-        self._past = None
+        self._past = self._image_weights = None
+        self._weights = (None, [0])
 
 
 def open_model_dir(root):

@@ -1,4 +1,4 @@
-"""Shared integrator helpers: construction from config and parameter counting."""
+"""Shared integrator helpers: construction from config, placement, export refusals, parameter counting."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -8,16 +8,38 @@ from torch import nn
 from edgevlm.runtime.errors import EdgeVLMError
 
 if TYPE_CHECKING:
-    from edgevlm.train.config import IntegratorConfig
+    from edgevlm.train.config import IntegratorConfig, LLMConfig
+
+# Where an integrator puts the image (class attribute ``placement``; absent means "tokens"):
+#   tokens    visual tokens spliced into the LLM's input sequence (forward -> [B, M, D], M > 0)
+#   weights   per-image low-rank deltas on LLM weights (vlora); forward -> [B, 0, D]
+#   in_block  modules inside the decoder blocks (bottleneck_adapter, gated_prefix)
+# Non-token integrators are LLMHookIntegrators (hooks.py): built with the LLM's config, attached to
+# the LLM with forward hooks by EdgeVLM, their parameters under ``integrator.*``.
+PLACEMENTS = ("tokens", "weights", "in_block")
 
 
-def build_integrator(cfg: "IntegratorConfig", vision_dim: int, llm_dim: int, grid: int) -> nn.Module:
-    """Instantiate the registered integrator ``cfg.name`` for a ``grid`` x ``grid`` patch layout."""
+def placement(integrator) -> str:
+    """The placement of an integrator class or instance (see PLACEMENTS)."""
+    return getattr(integrator, "placement", "tokens")
+
+
+def build_integrator(cfg: "IntegratorConfig", vision_dim: int, llm_dim: int, grid: int,
+                     llm: "LLMConfig | None" = None) -> nn.Module:
+    """Instantiate the registered integrator ``cfg.name`` for a ``grid`` x ``grid`` patch layout.
+
+    ``llm``: the LLM's config, which integrators acting inside the LLM need (layers, heads); without
+    it they are sized for a MobileLLaMA-like LLM of width ``llm_dim`` (shape-only uses)."""
     from . import INTEGRATORS
 
     cls = INTEGRATORS.get(cfg.name)
+    extra = {}
+    if placement(cls) != "tokens":
+        from .hooks import default_llm_config
+
+        extra["llm"] = llm if llm is not None else default_llm_config(llm_dim)
     try:
-        return cls(vision_dim, llm_dim, grid, **cfg.kwargs)
+        return cls(vision_dim, llm_dim, grid, **cfg.kwargs, **extra)
     except TypeError as e:
         raise EdgeVLMError(f"integrator {cfg.name!r}: bad kwargs {cfg.kwargs}: {e}") from None
 

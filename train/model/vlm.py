@@ -1,6 +1,7 @@
 """The vision-language model: vision tower -> integrator -> LLaMA decoder, LLaVA-style splicing."""
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -12,6 +13,7 @@ from edgevlm.runtime.chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES
 from edgevlm.runtime.preprocess import load_image, preprocess_image
 from edgevlm.train.config import LLMConfig, VLMConfig
 from edgevlm.train.integrators import build_integrator, count_parameters
+from edgevlm.train.integrators.base import placement
 from edgevlm.train.model.vision import VisionTower
 
 if TYPE_CHECKING:
@@ -40,8 +42,13 @@ class EdgeVLM(nn.Module):
         self.tokenizer = tokenizer
         self.vision_tower = VisionTower(cfg.vision)
         self.integrator = build_integrator(cfg.integrator, cfg.vision.hidden_size, cfg.llm.hidden_size,
-                                           cfg.vision.grid)
+                                           cfg.vision.grid, llm=cfg.llm)
         self.llm = LlamaForCausalLM(llama_config(cfg.llm, cfg.tokens))
+        # the one placement branch: integrators acting inside the LLM hook into it (their parameters
+        # stay under integrator.*, the LLM's keys are unchanged; see train/integrators/hooks.py)
+        self.in_llm = placement(self.integrator) != "tokens"
+        if self.in_llm:
+            self.integrator.attach(self.llm)
 
     # ---- shapes and sizes -------------------------------------------------------------------
     @property
@@ -62,9 +69,27 @@ class EdgeVLM(nn.Module):
         return torch.from_numpy(preprocess_image(load_image(image), self.cfg.preprocess))
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> visual tokens [B, M, D_llm] in the LLM's embedding space."""
+        """[B, 3, S, S] -> visual tokens [B, M, D_llm] in the LLM's embedding space (M may be 0)."""
+        return self.encode(pixel_values, with_weights=False)[0]
+
+    def image_weights(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """[B, 3, S, S] -> per-image LLM conditioning [B, ...] (vlora: low-rank A per target and
+        layer; gated_prefix: the projected pooled feature), or None for integrators without it."""
+        return self.encode(pixel_values)[1]
+
+    def encode(self, pixel_values: torch.Tensor, with_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One vision-tower pass -> (visual tokens [B, M, D], per-image LLM conditioning or None)."""
         feats = self.vision_tower(pixel_values.to(self.device))  # [B, N, Dv]
-        return self.integrator(feats.to(_dtype_of(self.integrator, feats.dtype)))  # [B, M, D]
+        feats = feats.to(_dtype_of(self.integrator, feats.dtype))
+        weights = self.integrator.image_weights(feats) if with_weights and self.in_llm else None
+        return self.integrator(feats), weights  # [B, M, D], [B, ...] | None
+
+    def conditioned(self, weights: torch.Tensor | None, counts: list[int]):
+        """Context in which the LLM runs on a batch whose sample i holds ``counts[i]`` of the images
+        behind ``weights`` [K, ...]; a no-op for token integrators."""
+        if not self.in_llm:
+            return contextlib.nullcontext()
+        return self.integrator.conditioned(self.integrator.sample_weights(weights, counts))
 
     # ---- sequence assembly ------------------------------------------------------------------
     def embed_with_images(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -91,7 +116,7 @@ class EdgeVLM(nn.Module):
         ``segments[i]``: [T_i] packed-QA segment ids (``train/packing.py``; 0 = shared prefix), or
         None for ordinary causal sequences.
         """
-        images = None if pixel_values is None else self.encode_images(pixel_values)  # [K, M, D]
+        images, weights = (None, None) if pixel_values is None else self.encode(pixel_values)  # [K, M, D]
         embeds, targets, used = [], [], 0
         for i, ids in enumerate(input_ids):
             n = int((ids == IMAGE_TOKEN_INDEX).sum())
@@ -110,13 +135,15 @@ class EdgeVLM(nn.Module):
             if labels is not None:
                 y[i, : e.shape[0]] = targets[i]
         y = y if labels is not None else None
-        if segments is None:
-            return self.llm(inputs_embeds=x, attention_mask=mask, labels=y)
-        from edgevlm.train.packing import attention_and_positions
+        counts = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in input_ids]
+        with self.conditioned(weights, counts):  # per-sample image weights for vlora / gated_prefix
+            if segments is None:
+                return self.llm(inputs_embeds=x, attention_mask=mask, labels=y)
+            from edgevlm.train.packing import attention_and_positions
 
-        segs = [_expand(ids, s, self.n_visual_tokens, 0) for ids, s in zip(input_ids, segments)]
-        mask4d, positions = attention_and_positions(segs, length, x.dtype)
-        return self.llm(inputs_embeds=x, attention_mask=mask4d, position_ids=positions, labels=y)
+            segs = [_expand(ids, s, self.n_visual_tokens, 0) for ids, s in zip(input_ids, segments)]
+            mask4d, positions = attention_and_positions(segs, length, x.dtype)
+            return self.llm(inputs_embeds=x, attention_mask=mask4d, position_ids=positions, labels=y)
 
     # ---- generation (the runtime's one loop, torch backend) ---------------------------------
     def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
