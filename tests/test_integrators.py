@@ -103,3 +103,168 @@ def test_export_refusals_reach_matrix_and_exporters(monkeypatch, tmp_path):
     with pytest.raises(EdgeVLMError, match="cannot be exported to coreml: test reason two"):
         export_coreml(model, tmp_path / "coreml")
     assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+# --- out-of-block integrators (c_abstractor, resamplers, qformer, pixel_shuffle_mlp) ---------------
+# Parameter counts at MobileVLM-1.7B widths, computed from each architecture by hand.
+DV, DT, GRID = 1024, 2048, 24
+
+
+def _lin(i, o, bias=True):
+    return i * o + (o if bias else 0)
+
+
+def _ln(d):
+    return 2 * d
+
+
+def _attn(d, kv=None):  # q, k, v, out projections, all biased
+    return 2 * _lin(d, d) + 2 * _lin(kv or d, d)
+
+
+def _regblock(cin, cout):  # RegNet-Y bottleneck, SE to a quarter of the input width
+    r = round(cin / 4)
+    n = cin * cout + _ln(cout) + 9 * cout + _ln(cout)  # 1x1 conv + LN, depthwise 3x3 + LN (no conv bias)
+    n += _lin(cout, r) + _lin(r, cout)  # squeeze-excite
+    n += cout * cout + _ln(cout)  # 1x1 conv + LN
+    return n + (0 if cin == cout else cin * cout + _ln(cout))  # 1x1 projection shortcut
+
+
+def c_abstractor_params(depth=3, hidden_dim=DV, **_):
+    return (GRID * GRID * DV  # learned position embedding
+            + _regblock(DV, hidden_dim) + (2 * depth - 1) * _regblock(hidden_dim, hidden_dim)
+            + _lin(hidden_dim, DT) + _lin(DT, DT))  # readout
+
+
+def resampler_params(num_queries=144, **_):  # Qwen-VL and MiniCPM-V alike (sin-cos tables are buffers)
+    return num_queries * DT + _lin(DV, DT, bias=False) + 3 * _ln(DT) + _attn(DT) + _lin(DT, DT, bias=False)
+
+
+def qformer_params(num_queries=32, num_layers=2, hidden_dim=768, cross_attention_every=2, **_):
+    h = hidden_dim
+    n = num_queries * h + _ln(h) + _ln(DV) + _lin(h, DT)  # queries + their LN, ln_vision, output Linear
+    for i in range(num_layers):
+        n += _attn(h) + _ln(h) + _lin(h, 4 * h) + _lin(4 * h, h) + _ln(h)  # self-attention, FFN
+        if i % cross_attention_every == 0:
+            n += _attn(h, DV) + _ln(h)  # cross-attention to the image
+    return n
+
+
+def pixel_shuffle_params(scale=2, **_):
+    w = scale * scale * DV
+    return _ln(w) + _lin(w, DT) + _lin(DT, DT)
+
+
+FORMULAS = {"c_abstractor": c_abstractor_params, "resampler": resampler_params,
+            "minicpmv_resampler": resampler_params, "qformer": qformer_params,
+            "pixel_shuffle_mlp": pixel_shuffle_params}
+SURVEY_PARAMS_M = {"c_abstractor": 22.7, "resampler": 23.4}  # /work/shared/reference/integrators.md
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    *((n, {}) for n in sorted(FORMULAS)),
+    ("c_abstractor", {"depth": 2, "hidden_dim": 512, "num_tokens": 256}),
+    ("resampler", {"num_queries": 256}), ("minicpmv_resampler", {"num_queries": 64}),
+    ("qformer", {"num_layers": 6, "cross_attention_every": 1}), ("qformer", {"num_layers": 5}),
+    ("pixel_shuffle_mlp", {"scale": 3}),
+])
+def test_parameter_counts_match_architecture(name, kwargs):
+    with torch.device("meta"):
+        m = build_integrator(IntegratorConfig(name, kwargs), DV, DT, GRID)
+    n = count_parameters(m)
+    assert n == FORMULAS[name](**kwargs)
+    if not kwargs and name in SURVEY_PARAMS_M:
+        assert round(n / 1e6, 1) == SURVEY_PARAMS_M[name]
+
+
+@pytest.mark.parametrize("side", [12, 16, 8, 5, 24])
+def test_c_abstractor_pool_equals_adaptive_avg_pool(side):
+    from edgevlm.train.integrators.abstractor import FixedAdaptiveAvgPool2d
+
+    ref = torch.nn.AdaptiveAvgPool2d((side, side))
+    pool = FixedAdaptiveAvgPool2d(24, side)
+    x = torch.randn(2, 3, 24, 24)
+    torch.testing.assert_close(pool(x), ref(x))
+    # the same bins: pooling each one-hot image gives each output's weights; equal supports, and
+    # values equal to float32 rounding (1/(h*w) vs (1/h)(1/w))
+    eye = torch.eye(576).reshape(576, 1, 24, 24)
+    got, want = pool(eye), ref(eye)  # [576, 1, side, side]
+    assert torch.equal(got != 0, want != 0)
+    torch.testing.assert_close(got, want, rtol=2e-7, atol=0)
+
+
+def test_c_abstractor_non_divisible_token_count():
+    m = build_integrator(IntegratorConfig("c_abstractor", {"num_tokens": 256, "depth": 1}), 16, 32, 24).eval()
+    assert m.num_tokens(576) == 256 and m(torch.randn(2, 576, 16)).shape == (2, 256, 32)
+    assert not [k for k in m.state_dict() if "pool" in k]  # the pooling matrix is derived, not saved
+
+
+OUT_OF_BLOCK = sorted(FORMULAS)
+
+
+@pytest.mark.parametrize("name", OUT_OF_BLOCK)
+def test_out_of_block_integrators_reject_a_wrong_grid(name):
+    m = build_integrator(IntegratorConfig(name), 32, 48, 24)
+    with pytest.raises(EdgeVLMError, match="24x24"):
+        m(torch.randn(1, 577, 32))  # CLS kept
+
+
+@pytest.mark.parametrize("name, kwargs, needle", [
+    ("c_abstractor", {"num_tokens": 150}, "perfect square"),
+    ("c_abstractor", {"num_tokens": 900}, "does not upsample"),
+    ("c_abstractor", {"depth": 0}, "depth"),
+    ("c_abstractor", {"bogus": 1}, "bad kwargs.*bogus"),
+    ("resampler", {"num_queries": 50}, "perfect square"),
+    ("resampler", {"num_heads": 5}, "divisor"),
+    ("minicpmv_resampler", {"num_queries": 0}, "positive"),
+    ("qformer", {"num_layers": 1}, "2..6"),
+    ("qformer", {"num_layers": 7}, "2..6"),
+    ("qformer", {"cross_attention_every": 3}, "1 or 2"),
+    ("pixel_shuffle_mlp", {"scale": 5}, "does not divide the 24x24"),
+    ("pixel_shuffle_mlp", {"num_tokens": 144}, "bad kwargs.*num_tokens"),
+])
+def test_bad_integrator_kwargs_are_user_errors(name, kwargs, needle):
+    with pytest.raises(EdgeVLMError, match=needle):
+        build_integrator(IntegratorConfig(name, kwargs), 32, 48, 24)
+
+
+def test_sincos_table_layout():
+    from edgevlm.train.integrators.blocks import sincos_2d
+
+    t = sincos_2d(8, 3)  # [9, 8]: token 5 is row 1, column 2
+    w = torch.tensor([1.0, 0.01])  # 10000^(-i/2), i < 2
+    x, y = 2 * w, 1 * w
+    torch.testing.assert_close(t[5], torch.cat([x.sin(), x.cos(), y.sin(), y.cos()]))
+
+
+def test_resampler_position_embeddings():
+    qwen = build_integrator(IntegratorConfig("resampler", {"num_queries": 16}), 32, 48, 24)
+    cpm = build_integrator(IntegratorConfig("minicpmv_resampler", {"num_queries": 10}), 32, 48, 24)
+    assert qwen.pos_q.shape == (16, 48) and qwen.pos_k.shape == (576, 48)
+    assert not hasattr(cpm, "pos_q") and cpm.num_tokens(576) == 10  # keys only: any query count
+    for m in (qwen, cpm):
+        assert not [k for k in m.state_dict() if k.startswith("pos_")]  # fixed tables, not weights
+    assert build_integrator(IntegratorConfig("minicpmv_resampler"), 32, 256, 24).num_heads == 2  # 128 wide
+
+
+def test_qformer_cross_attention_layers():
+    def pattern(**kw):
+        m = build_integrator(IntegratorConfig("qformer", kw), 32, 48, 24)
+        return [layer.cross_attn is not None for layer in m.layers]
+
+    assert pattern() == [True, False]  # BLIP-2: every 2nd layer, starting with the first
+    assert pattern(num_layers=5) == [True, False, True, False, True]
+    assert pattern(num_layers=3, cross_attention_every=1) == [True, True, True]
+
+
+def test_pixel_shuffle_groups_blocks_in_row_then_column_order():
+    from edgevlm.train.integrators.pixel_shuffle import space_to_depth
+
+    g, s, c = 6, 2, 3
+    x = torch.arange(g * g * c, dtype=torch.float32).reshape(1, g * g, c)
+    y = space_to_depth(x, g, s, c)  # [1, 9, 12]
+    img = x.reshape(g, g, c)
+    for row in range(g // s):
+        for col in range(g // s):
+            want = torch.cat([img[row * s + dy, col * s + dx] for dy in range(s) for dx in range(s)])
+            assert torch.equal(y[0, row * (g // s) + col], want)

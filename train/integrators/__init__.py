@@ -12,5 +12,6 @@ from edgevlm.runtime.registry import Registry
 INTEGRATORS: Registry = Registry("integrator")
 
 from . import mlp, ldp  # noqa: E402,F401  (register entries)
+from . import abstractor, resampler, qformer, pixel_shuffle  # noqa: E402,F401  (out-of-block)
 from . import vlora, adapter, prefix  # noqa: E402,F401  (integrators inside the LLM, see hooks.py)
 from .base import EXPORT_TARGETS, build_integrator, count_parameters, export_refusal  # noqa: E402,F401
