@@ -14,9 +14,6 @@ from . import INTEGRATORS
 from .base import placement
 from .hooks import Hook, LLMHookIntegrator
 
-_NOT_IN_DECODER = ("the exported decoder graphs (decoder_model_merged.onnx and the GroupQueryAttention decoder "
-                   "built from the weights) are the plain LLaMA decoder, without the bottleneck adapter modules")
-
 
 class Bottleneck(nn.Module):
     """``up(gelu(down(h)))`` with ``up`` zero-initialised, so it adds exactly 0 at initialisation."""
@@ -49,10 +46,11 @@ class BottleneckAdapter(LLMHookIntegrator):
 
     placement = "in_block"
     export_refusals = {
-        "onnx": _NOT_IN_DECODER,
-        "tensorrt": "engines are built from the ONNX bundle, whose decoder lacks the bottleneck adapters",
-        "gguf": "llama.cpp's LLaMA graph has no adapter modules and nonlinear bottleneck adapters cannot "
-                "be merged into the LLM weights",
+        "onnx": "the exported decoder graphs (traced and GroupQueryAttention) are the plain LLaMA decoder, "
+                "without the adapter modules",
+        "tensorrt": "engines are built from the ONNX bundle, whose decoder lacks the adapters",
+        "gguf": "llama.cpp's LLaMA graph has no adapter modules, and nonlinear adapters cannot be merged "
+                "into the weights",
         "coreml": "the Core ML stateful decoder re-implements LLaMA attention without the adapter modules",
     }
 

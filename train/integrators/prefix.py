@@ -40,11 +40,11 @@ class GatedPrefix(LLMHookIntegrator):
 
     placement = "in_block"
     export_refusals = {
-        "onnx": "the exported decoder graphs (decoder_model_merged.onnx and the GroupQueryAttention decoder) "
-                "are the plain LLaMA decoder, without the gated prefix attention or an input for the image feature",
+        "onnx": "the exported decoder graphs are the plain LLaMA decoder: no gated prefix attention, no input "
+                "for the image feature",
         "tensorrt": "engines are built from the ONNX bundle, whose decoder lacks the gated prefix attention",
-        "gguf": "llama.cpp's LLaMA graph has no gated adapter-prompt attention, and the image reaches the LLM "
-                "through the prompts rather than mmproj embeddings",
+        "gguf": "llama.cpp's LLaMA graph has no gated prompt attention, and the image reaches the LLM through "
+                "the prompts, not mmproj embeddings",
         "coreml": "the Core ML stateful decoder re-implements LLaMA attention without the gated prefix",
     }
 

@@ -69,15 +69,12 @@ class VLoRA(LLMHookIntegrator):
 
     placement = "weights"
     export_refusals = {
-        "onnx": "the exported decoder graphs (decoder_model_merged.onnx and the GroupQueryAttention "
-                "decoder) are the plain LLaMA decoder: they take inputs_embeds and the KV cache, with no "
-                "input for the per-image low-rank weight deltas vlora adds to q/k/v/o/MLP",
-        "tensorrt": "engines are built from the ONNX bundle, whose decoder is the plain LLaMA decoder "
-                    "without vlora's per-image weight deltas",
+        "onnx": "the exported decoder graphs are the plain LLaMA decoder (inputs_embeds + KV cache): "
+                "no input for vlora's per-image weight deltas",
+        "tensorrt": "engines are built from the ONNX bundle, whose decoder has no per-image weight deltas",
         "gguf": "llama.cpp only splices mmproj embeddings into the sequence; it cannot apply per-image "
-                "weight deltas (its LoRA adapters are static files loaded once)",
-        "coreml": "the Core ML stateful decoder is the plain LLaMA decoder with no input for per-image "
-                  "weight deltas",
+                "weight deltas (its LoRA adapters are static)",
+        "coreml": "the Core ML stateful decoder is the plain LLaMA decoder: no input for per-image weight deltas",
     }
 
     def __init__(self, vision_dim: int, llm_dim: int, grid: int, llm: LLMConfig, dim: int = 512,
