@@ -273,7 +273,10 @@ def split_vision(model, pixels: np.ndarray) -> dict:
         t0 = time.perf_counter()
         feats = model.vision_tower(px)
         t1 = time.perf_counter()
-        model.integrator(feats.to(next(model.integrator.parameters(), feats).dtype))
+        feats = feats.to(next(model.integrator.parameters(), feats).dtype)
+        model.integrator(feats)
+        if model.in_llm:  # vlora's weight generators / gated_prefix's projection are per-image work too
+            model.integrator.image_weights(feats)
         t2 = time.perf_counter()
     return {"tower_ms": (t1 - t0) * 1e3, "integrator_ms": (t2 - t1) * 1e3}
 

@@ -195,12 +195,27 @@ def skip_reason(case: dict, model: dict) -> str | None:
         return f"{case['backend']} not installed here (missing {', '.join(missing)})"
     if case["backend"] == "trt" and not Path("/dev/nvidia0").exists():
         return "TensorRT needs a CUDA GPU"
+    reason = _export_refusal(case)
+    if reason:
+        return reason
     if case["backend"] in ("llamacpp", "llamacpp_raw") and case["integrator"]:
         from edgevlm.export.gguf_mmproj import gguf_projectors
 
         if case["integrator"] not in gguf_projectors():
             return f"integrator {case['integrator']!r} has no llama.cpp projector type"
     return None
+
+
+def _export_refusal(case: dict) -> str | None:
+    """The integrator's declared reason why the case's export target cannot hold it (None: it can)."""
+    from edgevlm.train.integrators import EXPORT_TARGETS, INTEGRATORS, export_refusal
+
+    name, spec = case["integrator"], case["export"]
+    if not name or not spec or name not in INTEGRATORS:
+        return None
+    target = {"trt": "tensorrt"}.get(spec["target"], spec["target"])
+    reason = export_refusal(name, target) if target in EXPORT_TARGETS else None
+    return f"integrator {name!r} cannot be exported to {target}: {reason}" if reason else None
 
 
 def _module_present(name: str) -> bool:

@@ -62,14 +62,15 @@ def measure_hf_eager(case: dict, prepared: dict) -> dict:
         clock = _StepClock()
         with torch.inference_mode():
             t0 = time.perf_counter()
-            images = model.encode_images(pixels) if pixels is not None else None  # [B, M, D]
+            images, weights = model.encode(pixels) if pixels is not None else (None, None)  # [B, M, D]
             t1 = time.perf_counter()
             embeds = model.embed_with_images(ids, images)[None]  # [1, T, D]
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
-            out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask,
-                                     max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
-                                     use_cache=True, logits_processor=LogitsProcessorList([clock]),
-                                     pad_token_id=tok.eos_id)
+            with model.conditioned(weights, [n_img]):  # vlora / gated_prefix: per-image LLM weights
+                out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask,
+                                         max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1,
+                                         use_cache=True, logits_processor=LogitsProcessorList([clock]),
+                                         pad_token_id=tok.eos_id)
         t = clock.times
         n_vis = 0 if images is None else images.shape[0] * images.shape[1]
         last.update(n_visual_tokens=n_vis, n_prompt_tokens=int((ids >= 0).sum()), n_generated=len(t),
