@@ -207,6 +207,17 @@ def test_hooks_survive_lora_wrap_merge_and_deepcopy(trained, batch):
     assert torch.equal(logits(model, px, ids), ref)
 
 
+def test_fresh_in_llm_integrator_on_a_trained_token_model(tiny_model, tmp_path):
+    """A new vlora between a trained tower and LLM starts exactly as that LLM (zero deltas)."""
+    from edgevlm.train.model.checkpoint import save_model
+
+    src = save_model(tiny_model, tmp_path / "ldpv2")
+    model = load_model(src, fresh=["integrator"], integrator="vlora", integrator_kwargs=KWARGS["vlora"])
+    text = model.prompt_ids(QUESTION, with_image=False)
+    assert torch.equal(logits(model, None, text), logits(tiny_model, None, text))
+    assert model.n_visual_tokens == 0 and model.integrator.touched_modules()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_training_stages_integrator_only_then_lora(name, shapes_dir, tmp_path):
     from edgevlm.train.loop import run
