@@ -21,6 +21,8 @@ PROJECTOR_OUTPUT = {
     "mlp": ("mm.2.weight", 1),
     "ldp": ("mm.model.mb_block.1.block.2.1.bias", 0),
     "ldpv2": ("mm.model.peg.0.bias", 0),
+    "resampler": ("resampler.proj.weight", 0),
+    "internvl": ("mm.model.mlp.3.weight", 1),
 }
 
 
