@@ -217,11 +217,20 @@ def test_compression_cost_within_tolerance(bundles, model, weights):
 
 
 @pytest.mark.parametrize("integrator", INTEGRATORS.names())
-def test_every_integrator_converts(model, integrator):
+def test_every_integrator_converts(model, integrator, tmp_path):
+    import re
+
     from edgevlm import load_model
     from edgevlm.export.coreml_vision import convert_vision
+    from edgevlm.train.integrators import export_refusal
 
     m = model if model.cfg.integrator.name == integrator else load_model("tiny", integrator=integrator, **SMALL)
+    reason = export_refusal(integrator, "coreml")
+    if reason:  # refused by the exporter, with the integrator's reason, before writing anything
+        with pytest.raises(EdgeVLMError, match=re.escape(f"cannot be exported to coreml: {reason}")):
+            export_coreml(m.float().eval(), tmp_path / "b", "fp16", MAX_CONTEXT, progress=False)
+        assert not any(tmp_path.iterdir())
+        return
     spec = convert_vision(m.float().eval()).get_spec()
     (out,) = spec.description.output
     assert list(out.type.multiArrayType.shape) == [1, m.n_visual_tokens, m.cfg.llm.hidden_size]

@@ -4,6 +4,7 @@ CLI, and that a failed export leaves no bundle. Real ONNX Runtime throughout."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from edgevlm.export import onnx_graphs, onnx_quant  # noqa: E402
 from edgevlm.export.onnx_validate import TOLERANCES, validate_graph  # noqa: E402
 from edgevlm.export.to_onnx import export_fp32_graphs, export_onnx  # noqa: E402
 from edgevlm.runtime.manifest import read_manifest  # noqa: E402
-from edgevlm.train.integrators import INTEGRATORS  # noqa: E402
+from edgevlm.runtime.errors import EdgeVLMError  # noqa: E402
+from edgevlm.train.integrators import INTEGRATORS, export_refusal  # noqa: E402
 
 from conftest import SMALL  # noqa: E402
 
@@ -171,6 +173,12 @@ def test_ort_format_files_load_in_onnx_runtime(bundles):
 @pytest.mark.parametrize("integrator", INTEGRATORS.names())
 def test_vision_graph_for_every_integrator(integrator, tmp_path):
     model = load_model("tiny", integrator=integrator, **SMALL).float().eval()
+    reason = export_refusal(integrator, "onnx")
+    if reason:  # refused by the exporter, with the integrator's reason, before writing anything
+        with pytest.raises(EdgeVLMError, match=re.escape(f"cannot be exported to onnx: {reason}")):
+            export_onnx(model, tmp_path / "b", progress=False)
+        assert not any(tmp_path.iterdir())
+        return
     graphs = onnx_graphs.export_graphs(model, tmp_path, graphs=("vision_encoder",))
     path = graphs["vision_encoder"]["path"]
     report = validate_graph(model, "vision_encoder", path)  # batch 1 and 3: the batch axis is dynamic
@@ -178,6 +186,19 @@ def test_vision_graph_for_every_integrator(integrator, tmp_path):
     out = s.run(None, {"pixel_values": np.zeros((2, 3, 336, 336), np.float32)})[0]
     assert out.shape == (2, model.n_visual_tokens, model.cfg.llm.hidden_size)
     assert report["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("exporter", onnx_graphs.EXPORTERS)
+def test_c_abstractor_non_divisible_pooling_exports(exporter, tmp_path):
+    """256 tokens from a 24x24 grid (24 -> 16 is not a whole stride): adaptive pooling that the
+    TorchScript exporter refuses as nn.AdaptiveAvgPool2d; as a fixed pooling matrix it exports."""
+    model = load_model("tiny", integrator="c_abstractor", integrator_kwargs={"num_tokens": 256, "depth": 1},
+                       **SMALL).float().eval()
+    path = onnx_graphs.export_graphs(model, tmp_path, exporter, graphs=("vision_encoder",))["vision_encoder"]["path"]
+    report = validate_graph(model, "vision_encoder", path)
+    print(f"c_abstractor 256 ({exporter}): max |ort - torch| = {report['max_abs_diff']:.3g}")
+    assert model.n_visual_tokens == 256 and report["max_abs_diff"] < 1e-4
+    assert "AveragePool" not in _ops(path) and "GlobalAveragePool" not in _ops(path)
 
 
 def test_torchscript_exporter_and_cli(tiny_model, tmp_path, shapes_dir, capsys):

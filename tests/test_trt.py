@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -125,8 +126,14 @@ def test_subgraphs_are_checked():
 @pytest.mark.parametrize("integrator", INTEGRATORS.names())
 def test_every_integrators_vision_graph_parses_in_tensorrt(integrator, exporter, tmp_path):
     from edgevlm import load_model
-    from edgevlm.export import onnx_graphs
+    from edgevlm.export import onnx_graphs, to_trt
+    from edgevlm.train.integrators import export_refusal
 
+    reason = export_refusal(integrator, "tensorrt")
+    if reason:  # the TensorRT builder refuses it with the integrator's reason
+        with pytest.raises(EdgeVLMError, match=re.escape(f"cannot be built into TensorRT engines: {reason}")):
+            to_trt._require_trt_integrator(integrator)
+        return
     model = load_model("tiny", integrator=integrator, **SMALL).float().eval()
     path = onnx_graphs.export_graphs(model, tmp_path, exporter, graphs=("vision_encoder",))["vision_encoder"]["path"]
     assert trt_ops.check_graph(path) == [], trt_ops.check_graph(path)
