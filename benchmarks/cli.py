@@ -3,8 +3,9 @@
     edgevlm bench run --matrix smoke --out results.jsonl
     edgevlm bench report results.jsonl --out report/
     edgevlm bench project [results.jsonl] [--validate]
+    edgevlm bench study --base runs/tiny/final      # integrator accuracy-latency study
 
-Each is also a script: python benchmarks/run.py, benchmarks/report.py, benchmarks/projection.py.
+Each is also a script: python benchmarks/run.py, report.py, projection.py, study_integrators.py.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 import importlib
 
 STEPS = {"run": "edgevlm.benchmarks.run", "report": "edgevlm.benchmarks.report",
-         "project": "edgevlm.benchmarks.projection"}
+         "project": "edgevlm.benchmarks.projection", "study": "edgevlm.benchmarks.study_integrators"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

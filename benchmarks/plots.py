@@ -90,7 +90,7 @@ def horizontal_bars(rows: Sequence[dict], metric: str, xlabel: str, title: str, 
     return _png(fig)
 
 
-def pareto(rows: Sequence[dict]) -> bytes:
+def pareto(rows: Sequence[dict], title: str = "Measured: accuracy vs time to first token") -> bytes:
     """Accuracy vs TTFT (measured), the Pareto front (lower TTFT, higher accuracy) joined."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -104,7 +104,7 @@ def pareto(rows: Sequence[dict]) -> bytes:
     ax.plot([r["ttft_ms"] for r in front], [r["accuracy"] for r in front], "k--", lw=1, label="Pareto front")
     ax.set_xlabel("TTFT, ms (median)")
     ax.set_ylabel("held-out exact-match accuracy")
-    ax.set_title("Measured: accuracy vs time to first token")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     return _png(fig)
 

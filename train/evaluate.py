@@ -42,6 +42,8 @@ def score(records, answer_fn: Callable, majority: dict[str, str], progress: bool
         if meta.get("small"):
             small["n"] += 1
             small["correct"] += ok
+            row["small_n"] = row.get("small_n", 0) + 1
+            row["small_correct"] = row.get("small_correct", 0) + ok
     result = {k: _rates(v) for k, v in sorted(per.items())}
     total = {"n": sum(v["n"] for v in per.values()), "correct": sum(v["correct"] for v in per.values()),
              "baseline_correct": sum(v["baseline_correct"] for v in per.values())}
@@ -53,8 +55,13 @@ def score(records, answer_fn: Callable, majority: dict[str, str], progress: bool
 
 def _rates(v: dict) -> dict:
     n = max(1, v["n"])
-    return {"n": v["n"], "accuracy": round(v["correct"] / n, 4),
-            "majority_baseline": round(v["baseline_correct"] / n, 4)}
+    out = {"n": v["n"], "accuracy": round(v["correct"] / n, 4),
+           "majority_baseline": round(v["baseline_correct"] / n, 4)}
+    if v.get("small_n"):  # questions about a small object, and the rest, scored apart
+        big_n = v["n"] - v["small_n"]
+        out["small"] = {"n": v["small_n"], "accuracy": round(v["small_correct"] / v["small_n"], 4)}
+        out["not_small"] = {"n": big_n, "accuracy": round((v["correct"] - v["small_correct"]) / max(1, big_n), 4)}
+    return out
 
 
 def format_table(result: dict) -> str:
