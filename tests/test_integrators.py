@@ -268,3 +268,10 @@ def test_pixel_shuffle_groups_blocks_in_row_then_column_order():
         for col in range(g // s):
             want = torch.cat([img[row * s + dy, col * s + dx] for dy in range(s) for dx in range(s)])
             assert torch.equal(y[0, row * (g // s) + col], want)
+
+
+@pytest.mark.parametrize("name", OUT_OF_BLOCK)
+def test_out_of_block_integrators_train_every_parameter(name):
+    m = build_integrator(IntegratorConfig(name), 32, 48, 24)
+    m(torch.randn(2, 576, 32)).square().mean().backward()
+    assert [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
