@@ -25,6 +25,10 @@ from pathlib import Path
 
 from edgevlm.runtime.errors import EdgeVLMError
 
+# vlora at the paper's size (generator dim 512, depth 8, rank 64) is ~212M parameters at the tiny
+# shape, more than the rest of the model; the study scales it to the tiny LLM.
+DEFAULT_KWARGS = {"vlora": "{dim: 128, depth: 2, rank: 16, every: 1}"}
+
 
 def paradigms_dir() -> Path:
     import edgevlm.train
@@ -38,12 +42,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results/integrators", help="output folder")
     p.add_argument("--integrators", default="all", help="comma-separated names, or all (default)")
     p.add_argument("--paradigm", default="two_stage", help="recipe in train/configs/paradigms/ or a YAML path")
+    p.add_argument("--kwargs", action="append", default=[], metavar="NAME={k: v, ...}",
+                   help="integrator kwargs for training and latency (repeatable); default: "
+                        + "; ".join(f"{k}={v}" for k, v in DEFAULT_KWARGS.items()))
     p.add_argument("--eval-records", type=int, default=240, help="held-out test questions per integrator")
     p.add_argument("--threads", type=int, default=0, help="torch threads for training/eval (0: default)")
     p.add_argument("--latency", default="torch:fp32",
                    help="backend:precision list for the 1.7B latency cases, e.g. torch:fp32,llamacpp:q4_k_m; "
                         "'none' skips latency")
     p.add_argument("--runs", type=int, default=3, help="timed runs per latency case")
+    p.add_argument("--no-limits", action="store_true", help="skip the bandwidth measurement of the latency run")
     p.add_argument("--latency-preset", default="mobilevlm-1.7b", help="architecture timed (default: %(default)s)")
     p.add_argument("--latency-override", action="append", default=[], metavar="KEY=VALUE",
                    help="preset config override for the latency model (repeatable), e.g. llm.num_hidden_layers=2")
@@ -59,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.base, "config.json").is_file():
         raise EdgeVLMError(f"--base {args.base}: not a model dir (train one first: make demo)")
     recipe = _recipe_path(args.paradigm)
+    args.kwargs_by_name = _parse_kwargs(args.kwargs)
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -80,6 +89,19 @@ def _recipe_path(paradigm: str) -> Path:
     return path
 
 
+def _parse_kwargs(items: list[str]) -> dict[str, dict]:
+    import yaml
+
+    out = {k: yaml.safe_load(v) for k, v in DEFAULT_KWARGS.items()}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        value = yaml.safe_load(raw) if sep else None
+        if not isinstance(value, dict):
+            raise EdgeVLMError(f"--kwargs {item!r}: expected NAME={{key: value, ...}}")
+        out[name.strip()] = value
+    return out
+
+
 def _data_overrides(recipe: Path, data: str) -> list[str]:
     """Point each stage at the same file name inside --data (captions.json / train.json)."""
     from edgevlm.train.recipe import load_recipe
@@ -95,6 +117,8 @@ def train_and_eval(name: str, recipe: Path, args: argparse.Namespace, run_dir: P
         return json.loads(result.read_text())
     over = [f"model={args.base}", f"output_dir={run_dir}", f"model_overrides.integrator={name}",
             f"threads={args.threads}", *_data_overrides(recipe, args.data), *args.overrides]
+    if name in args.kwargs_by_name:
+        over.append(f"model_overrides.integrator_kwargs={json.dumps(args.kwargs_by_name[name])}")
     t0 = time.perf_counter()
     _call([sys.executable, "-m", "edgevlm.cli", "train", "--recipe", str(recipe), *over], run_dir / "train.log")
     train_s = time.perf_counter() - t0
@@ -144,7 +168,8 @@ def _model_facts(model_dir: Path) -> dict:
     m = load_model(model_dir)
     big = preset_config("mobilevlm-1.7b")
     with torch.device("meta"):
-        integ = build_integrator(m.cfg.integrator, big.vision.hidden_size, big.llm.hidden_size, big.vision.grid)
+        integ = build_integrator(m.cfg.integrator, big.vision.hidden_size, big.llm.hidden_size, big.vision.grid,
+                                 llm=big.llm)
     return {"kwargs": m.cfg.integrator.kwargs, "n_visual_tokens_tiny": m.n_visual_tokens,
             "integrator_params_tiny": m.parameter_counts()["integrator"],
             "n_visual_tokens_1p7b": integ.num_tokens(big.vision.num_features),
@@ -162,17 +187,28 @@ def measure_latency(names: list[str], args: argparse.Namespace, out: Path) -> li
     matrix = {"name": "study_integrators", "description": "integrator study latency, MobileVLM-1.7B shape",
               "defaults": {"images": 1, "prompt_tokens": 32, "new_tokens": 16, "threads": args.threads,
                            "warmup": 1, "runs": args.runs, "timeout_s": 1800, "export_timeout_s": 5400},
-              "models": [{"preset": args.latency_preset, "integrators": names,
-                          "overrides": dict(_kv(o) for o in args.latency_override)}], "backends": backends}
+              "models": _latency_models(names, args), "backends": backends}
     path = out / "latency_matrix.yaml"
     path.write_text(yaml.safe_dump(matrix, sort_keys=False))
     results = out / "latency.jsonl"
-    _call([sys.executable, "-m", "edgevlm.cli", "bench", "run", "--matrix", str(path), "--out", str(results)],
-          out / "latency.log")
+    _call([sys.executable, "-m", "edgevlm.cli", "bench", "run", "--matrix", str(path), "--out", str(results),
+           *(["--no-limits"] if args.no_limits else [])], out / "latency.log")
     from edgevlm.benchmarks.run import read_records
 
     latest = {r["id"]: r for r in read_records(results) if r.get("type") == "case"}
     return list(latest.values())
+
+
+def _latency_models(names: list[str], args: argparse.Namespace) -> list[dict]:
+    """One matrix model for the integrators at their defaults, one per integrator with kwargs."""
+    base = dict(_kv(o) for o in args.latency_override)
+    plain = [n for n in names if n not in args.kwargs_by_name]
+    models = [{"preset": args.latency_preset, "integrators": plain, "overrides": base}] if plain else []
+    for n in names:
+        if n in args.kwargs_by_name:
+            models.append({"preset": args.latency_preset, "integrators": [n], "label": f"{args.latency_preset}-{n}",
+                           "overrides": {**base, "integrator_kwargs": args.kwargs_by_name[n]}})
+    return models
 
 
 def _kv(text: str) -> tuple[str, object]:

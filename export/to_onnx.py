@@ -234,6 +234,10 @@ def _decoder_info(model, plan: dict, dtype: str, source: str | None, attn: str) 
                         "op": "com.microsoft.MatMulNBits"}
     if source:
         info["source"] = source
+    from edgevlm.train.integrators import export_refusal
+
+    # to_trt.py runs on boards without torch: it reads the integrator's TensorRT refusal from here
+    info["tensorrt_refusal"] = export_refusal(model.cfg.integrator.name, "tensorrt")
     return info
 
 

@@ -60,7 +60,9 @@ def prepare(args: argparse.Namespace):
     if manifest.target != "onnx":
         raise EdgeVLMError(f"{bundle}: a {manifest.target!r} bundle; TensorRT engines are built from an ONNX "
                            "bundle (python export/to_onnx.py)")
-    _require_trt_integrator(manifest.model.integrator)
+    reason = manifest.target_info.get("tensorrt_refusal")
+    if reason:
+        raise EdgeVLMError(f"integrator {manifest.model.integrator!r} cannot be built into TensorRT engines: {reason}")
     if Path(args.out).resolve() == bundle.resolve():
         raise EdgeVLMError("--out must differ from --bundle (the ONNX bundle is the build's input)")
     if args.calib_count < 1:
@@ -73,14 +75,6 @@ def prepare(args: argparse.Namespace):
     plan = trt_plan.make_plan(bundle, manifest, args.out, args.precision, args.max_batch, args.max_seq,
                               args.workspace_gb, args.timing_cache, args.dla_core, quant)
     return manifest, plan
-
-
-def _require_trt_integrator(name: str) -> None:
-    from edgevlm.train.integrators import INTEGRATORS, export_refusal
-
-    reason = export_refusal(name, "tensorrt") if name in INTEGRATORS.names() else None
-    if reason:
-        raise EdgeVLMError(f"integrator {name!r} cannot be built into TensorRT engines: {reason}")
 
 
 def print_plan(manifest, plan) -> None:

@@ -14,9 +14,9 @@ def study(trained_tiny, shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     cmd = [sys.executable, str(REPO / "benchmarks" / "study_integrators.py"), "--base", str(trained_tiny),
            "--data", str(shapes_dir), "--out", str(out), "--integrators", "linear,ldpv2", "--eval-records", "12",
-           "--threads", "1", "--runs", "1", "--latency-preset", "tiny",
+           "--threads", "1", "--runs", "1", "--no-limits", "--latency-preset", "tiny",
            "--latency-override", "vision.num_hidden_layers=3", "--latency-override", "llm.num_hidden_layers=2",
-           "stages.0.max_steps=2", "stages.0.batch_size=2", "stages.1.max_steps=2", "stages.1.batch_size=2"]
+           "stages.0.max_steps=1", "stages.0.batch_size=2", "stages.1.max_steps=1", "stages.1.batch_size=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, cmd

@@ -126,13 +126,12 @@ def test_subgraphs_are_checked():
 @pytest.mark.parametrize("integrator", INTEGRATORS.names())
 def test_every_integrators_vision_graph_parses_in_tensorrt(integrator, exporter, tmp_path):
     from edgevlm import load_model
-    from edgevlm.export import onnx_graphs, to_trt
+    from edgevlm.export import onnx_graphs
     from edgevlm.train.integrators import export_refusal
 
     reason = export_refusal(integrator, "tensorrt")
-    if reason:  # the TensorRT builder refuses it with the integrator's reason
-        with pytest.raises(EdgeVLMError, match=re.escape(f"cannot be built into TensorRT engines: {reason}")):
-            to_trt._require_trt_integrator(integrator)
+    if reason:  # no ONNX bundle to build from, or the bundle records the refusal (test below)
+        assert export_refusal(integrator, "onnx"), "a TensorRT-only refusal needs its own bundle test"
         return
     model = load_model("tiny", integrator=integrator, **SMALL).float().eval()
     path = onnx_graphs.export_graphs(model, tmp_path, exporter, graphs=("vision_encoder",))["vision_encoder"]["path"]
@@ -308,6 +307,23 @@ def test_without_tensorrt_exit_2_with_message_and_commands(onnx_bundle, tmp_path
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and "TensorRT" in err[0] and "tensorrt" in err[0]
     assert len([l for l in out.stdout.splitlines() if l.startswith("trtexec ")]) == 3
+    assert not (tmp_path / "trt").exists()
+
+
+def test_bundle_records_the_integrators_tensorrt_refusal(onnx_bundle, tmp_path):
+    """to_trt.py reads the refusal from the ONNX manifest (no torch on the board)."""
+    import json
+
+    from conftest import copy_bundle
+
+    m = json.loads((onnx_bundle / "manifest.json").read_text())
+    assert "tensorrt_refusal" in m["target_info"] and m["target_info"]["tensorrt_refusal"] is None
+    bundle = copy_bundle(onnx_bundle, tmp_path)
+    m["target_info"]["tensorrt_refusal"] = "needs an op TensorRT lacks"
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    out = _cli("--bundle", str(bundle), "--out", str(tmp_path / "trt"), "--dry-run")
+    assert out.returncode == 2
+    assert "cannot be built into TensorRT engines: needs an op TensorRT lacks" in out.stderr
     assert not (tmp_path / "trt").exists()
 
 
