@@ -73,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
-        rows.append(train_and_eval(name, recipe, args, out / "runs" / name))
+        try:
+            rows.append(train_and_eval(name, recipe, args, out / "runs" / name))
+        except EdgeVLMError as e:  # recorded; the other integrators still run (a rerun retries it)
+            print(f"{name}: failed: {e}", file=sys.stderr)
+            rows.append({"integrator": name, "error": str(e)[-600:]})
     latency = measure_latency(names, args, out) if args.latency != "none" else []
     write_study(out, rows, latency, args, recipe)
     return 0

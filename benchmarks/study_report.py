@@ -79,7 +79,8 @@ def render(doc: dict, out_dir: Path) -> str:
     from edgevlm.benchmarks import plots
     from edgevlm.benchmarks.environment import summary_line
 
-    rows, latency = doc["integrators"], doc["latency"]
+    failed = [r for r in doc["integrators"] if "error" in r]
+    rows, latency = [r for r in doc["integrators"] if "error" not in r], doc["latency"]
     md = ["# Integrator study: accuracy vs latency", "",
           f"Paradigm `{doc['paradigm']}` from `{doc['base']}` (fresh integrator, same seed and budget for each; "
           f"overrides: {' '.join(doc['overrides']) or 'none'}); {doc['eval_records']} held-out test questions "
@@ -93,6 +94,9 @@ def render(doc: dict, out_dir: Path) -> str:
     md += ["Small-object vs other questions per type (small / not small):", ""]
     md += _table(["integrator", *QA_TYPES],
                  [[f"`{r['integrator']}`", *(_small(r["eval"], k) for k in QA_TYPES)] for r in rows])
+    if failed:
+        md += ["Failed (rerun the study to retry): " + "; ".join(
+            f"`{r['integrator']}`: {r['error'].splitlines()[0][:200]}" for r in failed), ""]
     md += ["## Training cost (tiny shape)", ""]
     md += _table(["integrator", "trainable params per stage", "steps", "train s", "samples/s", "peak RSS MB"],
                  cost_rows(rows))
