@@ -201,9 +201,10 @@ def _ldp_block(i: int, ir) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def projector_tensors(integrator, proj: str) -> Iterator[tuple[str, np.ndarray]]:
-    if proj == "mlp":  # nn.Sequential(Linear, GELU, Linear)
-        yield from _linear("mm.0", integrator[0])
-        yield from _linear("mm.2", integrator[2])
+    if proj == "mlp":  # Linear, GELU, Linear (mlp2x_gelu as is; linear rewritten exactly)
+        up, down = integrator.gguf_mlp_layers()
+        yield from _linear("mm.0", up)
+        yield from _linear("mm.2", down)
     elif proj == "ldp":
         m = integrator.model
         yield from _linear("mm.model.mlp.1", m.mlp[1])

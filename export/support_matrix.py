@@ -1,6 +1,7 @@
 """The export support matrix (integrator x target), generated from the registries.
 
-    python -m edgevlm.export.support_matrix        # prints the Markdown table for the README
+    python -m edgevlm.export.support_matrix                      # prints the Markdown table
+    python -m edgevlm.export.support_matrix --update README.md   # rewrites it in the README
 
 Each cell is either supported (and parity- or spec-tested by the test named in the legend) or the
 reason the exporter refuses it. Integrators declare GGUF support with ``gguf_projector`` and
@@ -45,5 +46,23 @@ def markdown() -> str:
     return "\n".join(rows)
 
 
+def update_readme(path: str) -> bool:
+    """Replace the matrix (table + legend) in the Markdown file ``path``; True if it changed."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    lines = text.splitlines(keepends=True)
+    start = next(i for i, l in enumerate(lines) if l.startswith("| integrator | onnx"))
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("#")), len(lines))  # next heading
+    new = "".join(lines[:start]) + markdown() + "\n\n" + "".join(lines[end:])
+    Path(path).write_text(new)
+    return new != text
+
+
 if __name__ == "__main__":
-    print(markdown())
+    import sys
+
+    if sys.argv[1:2] == ["--update"]:
+        print("updated" if update_readme(sys.argv[2]) else "unchanged", sys.argv[2])
+    else:
+        print(markdown())

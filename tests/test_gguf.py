@@ -180,9 +180,9 @@ def test_integrators_llama_cpp_cannot_run_are_refused_with_the_capable_list():
     from edgevlm.export.gguf_mmproj import gguf_projectors, projector_type
     from edgevlm.train.config import preset_config
 
-    assert {"mlp2x_gelu": "mlp", "ldp": "ldp", "ldpv2": "ldpv2"}.items() <= gguf_projectors().items()
-    with pytest.raises(EdgeVLMError, match=r"'linear' cannot run in llama.cpp.*ldpv2"):
-        projector_type(SimpleNamespace(cfg=preset_config("tiny", integrator="linear")))
+    assert {"linear": "mlp", "mlp2x_gelu": "mlp", "ldp": "ldp", "ldpv2": "ldpv2"}.items() <= gguf_projectors().items()
+    with pytest.raises(EdgeVLMError, match=r"'c_abstractor' cannot run in llama.cpp.*ldpv2"):
+        projector_type(SimpleNamespace(cfg=preset_config("tiny", integrator="c_abstractor")))
     for name in ("ldp", "ldpv2"):
         small = SimpleNamespace(cfg=preset_config("tiny", integrator=name, vision__image_size=224))
         with pytest.raises(EdgeVLMError, match="16x16 patch grid.*hard-codes 24x24"):
@@ -200,9 +200,9 @@ def test_refused_export_writes_nothing(tmp_path):
     from edgevlm.export.to_gguf import export_gguf
     from edgevlm.train.config import preset_config
 
-    linear = SimpleNamespace(cfg=preset_config("tiny", integrator="linear"))
-    with pytest.raises(EdgeVLMError, match="GGUF export supports"):
-        export_gguf(linear, tmp_path / "out", ["q4_0"], progress=False)
+    refused = SimpleNamespace(cfg=preset_config("tiny", integrator="c_abstractor"))
+    with pytest.raises(EdgeVLMError, match="'c_abstractor' cannot be exported to gguf: llama.cpp has no C-Abstractor projector"):
+        export_gguf(refused, tmp_path / "out", ["q4_0"], progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

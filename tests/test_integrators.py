@@ -275,3 +275,13 @@ def test_out_of_block_integrators_train_every_parameter(name):
     m = build_integrator(IntegratorConfig(name), 32, 48, 24)
     m(torch.randn(2, 576, 32)).square().mean().backward()
     assert [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_linear_as_gelu_mlp_is_exact():
+    """The GGUF `mlp` rewrite of `linear`: GELU(z) - GELU(-z) = z, for erf and tanh GELU."""
+    m = build_integrator(IntegratorConfig("linear"), 32, 48, 24).double()
+    up, down = m.gguf_mlp_layers()
+    x = torch.randn(2, 576, 32, dtype=torch.float64) * 3
+    for approximate in ("none", "tanh"):
+        y = down(torch.nn.functional.gelu(up(x), approximate=approximate))
+        torch.testing.assert_close(y, m(x), rtol=1e-12, atol=1e-12)
