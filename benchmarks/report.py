@@ -348,7 +348,8 @@ def render_html(blocks: list[Block], title: str) -> str:
     return "\n".join(out)
 
 
-def build(paths: list[str]) -> list[Block]:
+def build(paths: list[str], studies: list[str] = ()) -> list[Block]:
+    """Blocks for the results files, then the integrator studies (study.json files), if any."""
     envs, cases = load_results(paths)
     ok = [c for c in cases if c["status"] == "ok"]
     workloads = {json.dumps(c["workload"], sort_keys=True) for c in ok}
@@ -362,16 +363,27 @@ def build(paths: list[str]) -> list[Block]:
     if ok:
         blocks += latency_blocks(ok, full) + throughput_blocks(ok, full) + pareto_blocks(ok)
         blocks += peer_blocks(ok, full) + bandwidth_blocks(ok, full) + projection_blocks(envs, ok)
+    for path in studies:
+        from edgevlm.benchmarks.study_report import study_blocks
+
+        try:
+            blocks += study_blocks(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            raise EdgeVLMError(f"{path}: not a study.json from benchmarks/study_integrators.py ({e})") from None
     return blocks
 
 
-def write_report(paths: list[str], out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    blocks = build(paths)
+def write_plots(blocks: list[Block], plot_dir: Path) -> None:
+    plot_dir.mkdir(parents=True, exist_ok=True)
     for b in blocks:
         if b[0] == "img":
-            (out / "plots" / f"{b[1]}.png").write_bytes(b[2])
+            (plot_dir / f"{b[1]}.png").write_bytes(b[2])
+
+
+def write_report(paths: list[str], out_dir: str | Path, studies: list[str] = ()) -> Path:
+    out = Path(out_dir)
+    blocks = build(paths, studies)
+    write_plots(blocks, out / "plots")
     (out / "report.md").write_text(render_md(blocks, "plots"))
     (out / "report.html").write_text(render_html(blocks, "edgevlm latency report"))
     return out
@@ -380,10 +392,12 @@ def write_report(paths: list[str], out_dir: str | Path) -> Path:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", nargs="+", help="results JSONL file(s) from benchmarks/run.py")
     p.add_argument("--out", default="report", help="output folder (default: %(default)s)")
+    p.add_argument("--study", action="append", default=[], metavar="STUDY_JSON",
+                   help="add an integrator study (benchmarks/study_integrators.py output; repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = write_report(args.results, args.out)
+    out = write_report(args.results, args.out, args.study)
     print(f"wrote {out / 'report.md'} and {out / 'report.html'}")
     return 0
 

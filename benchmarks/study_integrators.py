@@ -226,15 +226,19 @@ def _kv(text: str) -> tuple[str, object]:
 
 def write_study(out: Path, rows: list[dict], latency: list[dict], args: argparse.Namespace, recipe: Path) -> None:
     from edgevlm.benchmarks.environment import collect
-    from edgevlm.benchmarks.study_report import render
+    from edgevlm.benchmarks.report import render_html, render_md, write_plots
+    from edgevlm.benchmarks.study_report import study_blocks
 
     doc = {"paradigm": recipe.stem if recipe.parent == paradigms_dir() else str(recipe),
            "base": args.base, "overrides": args.overrides, "eval_records": args.eval_records,
            "environment": collect(measure_limits=False), "integrators": rows, "latency": latency}
     (out / "study.json").write_text(json.dumps(doc, indent=2, default=str))
-    md = render(doc, out)
-    (out / "study.md").write_text(md)
-    print(f"wrote {out / 'study.md'}", file=sys.stderr)
+    blocks = study_blocks(doc)
+    write_plots(blocks, out / "plots")
+    (out / "study.md").write_text(render_md(blocks, "plots"))
+    (out / "study.html").write_text(render_html(blocks, "edgevlm integrator study"))
+    print(f"wrote {out / 'study.md'} and study.html (also: edgevlm bench report ... --study {out / 'study.json'})",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,9 @@
 training cost, 1.7B-shape latency per backend, and an accuracy-vs-TTFT Pareto chart per backend."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from edgevlm.benchmarks.report import fmt, med
 
 QA_TYPES = ("colour", "shape", "count", "position", "existence", "text")
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return lines + [""]
 
 
 def _acc(ev: dict, kind: str) -> str:
@@ -75,37 +67,39 @@ def pareto_points(rows: list[dict], latency: list[dict]) -> dict[str, list[dict]
     return out
 
 
-def render(doc: dict, out_dir: Path) -> str:
+def study_blocks(doc: dict) -> list:
+    """Report blocks (see benchmarks/report.py) for a study.json document."""
     from edgevlm.benchmarks import plots
     from edgevlm.benchmarks.environment import summary_line
 
     failed = [r for r in doc["integrators"] if "error" in r]
     rows, latency = [r for r in doc["integrators"] if "error" not in r], doc["latency"]
-    md = ["# Integrator study: accuracy vs latency", "",
-          f"Paradigm `{doc['paradigm']}` from `{doc['base']}` (fresh integrator, same seed and budget for each; "
-          f"overrides: {' '.join(doc['overrides']) or 'none'}); {doc['eval_records']} held-out test questions "
-          "per integrator (exact match). Environment: " + summary_line(doc["environment"]) + ".", "",
-          "Caveat: the base model's vision tower was trained together with its own integrator, which "
-          "favours that integrator; accuracies are from a tiny from-scratch model and a short budget, so "
-          "read them as a comparison under equal conditions, not as what each design reaches.", "",
-          "## Held-out accuracy per question type", ""]
-    md += _table(["integrator", "tokens (tiny)", "tokens (1.7B)", "params (1.7B)", *QA_TYPES, "small objects",
-                  "overall"], accuracy_rows(rows))
-    md += ["Small-object vs other questions per type (small / not small):", ""]
-    md += _table(["integrator", *QA_TYPES],
-                 [[f"`{r['integrator']}`", *(_small(r["eval"], k) for k in QA_TYPES)] for r in rows])
+    blocks = [
+        ("h2", "Integrator study: accuracy vs latency"),
+        ("p", f"Paradigm `{doc['paradigm']}` from `{doc['base']}` (fresh integrator, same seed and budget for "
+              f"each; overrides: {' '.join(doc['overrides']) or 'none'}); {doc['eval_records']} held-out test "
+              "questions per integrator (exact match). Environment: " + summary_line(doc["environment"]) + "."),
+        ("p", "Caveat: the base model's vision tower was trained together with its own integrator, which "
+              "favours that integrator; accuracies come from a tiny from-scratch model and a short budget, so "
+              "read them as a comparison under equal conditions, not as what each design reaches."),
+        ("h3", "Held-out accuracy per question type"),
+        ("table", ["integrator", "tokens (tiny)", "tokens (1.7B)", "params (1.7B)", *QA_TYPES, "small objects",
+                   "overall"], accuracy_rows(rows)),
+        ("p", "Small-object vs other questions per type (small / not small):"),
+        ("table", ["integrator", *QA_TYPES], [[f"`{r['integrator']}`", *(_small(r["eval"], k) for k in QA_TYPES)]
+                                              for r in rows])]
     if failed:
-        md += ["Failed (rerun the study to retry): " + "; ".join(
-            f"`{r['integrator']}`: {r['error'].splitlines()[0][:200]}" for r in failed), ""]
-    md += ["## Training cost (tiny shape)", ""]
-    md += _table(["integrator", "trainable params per stage", "steps", "train s", "samples/s", "peak RSS MB"],
-                 cost_rows(rows))
+        blocks.append(("p", "Failed (rerun the study to retry): " + "; ".join(
+            f"`{r['integrator']}`: {r['error'].splitlines()[0][:200]}" for r in failed)))
+    blocks += [("h3", "Training cost (tiny shape)"),
+               ("table", ["integrator", "trainable params per stage", "steps", "train s", "samples/s",
+                          "peak RSS MB"], cost_rows(rows))]
     if latency:
-        md += ["## Latency at MobileVLM-1.7B shape (measured, random weights)", ""]
-        md += _table(["integrator", "backend", "visual tokens", "TTFT ms", "decode tok/s", "peak RSS MB"],
-                     latency_rows(latency))
+        blocks += [("h3", "Measured: latency at the study's latency shape (random weights)"),
+                   ("table", ["integrator", "backend", "visual tokens", "TTFT ms", "decode tok/s", "peak RSS MB"],
+                    latency_rows(latency))]
     for name, pts in pareto_points(rows, latency).items():
-        fname = f"pareto_{name.replace(' ', '_')}.png"
-        (out_dir / fname).write_bytes(plots.pareto(pts, title=f"Measured: accuracy vs TTFT ({name}, 1.7B shape)"))
-        md += [f"![accuracy vs TTFT, {name}]({fname})", ""]
-    return "\n".join(md)
+        key = "study_pareto_" + name.replace(" ", "_")
+        blocks.append(("img", key, plots.pareto(pts, title=f"Measured: accuracy vs TTFT ({name})"),
+                       f"accuracy vs TTFT, {name}"))
+    return blocks

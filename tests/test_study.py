@@ -43,8 +43,26 @@ def test_study_joins_accuracy_cost_and_latency(study):
     assert lat["linear"]["n_visual_tokens"] == 576 and lat["ldpv2"]["n_visual_tokens"] == 144
     md = (out / "study.md").read_text()
     assert "| `linear` |" in md and "| `ldpv2` |" in md
-    assert (out / "pareto_torch_fp32.png").read_bytes()[:4] == b"\x89PNG"
-    assert "![accuracy vs TTFT, torch fp32](pareto_torch_fp32.png)" in md
+    assert (out / "plots" / "study_pareto_torch_fp32.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![accuracy vs TTFT, torch fp32](plots/study_pareto_torch_fp32.png)" in md
+    assert "<img" in (out / "study.html").read_text()
+
+
+def test_benchmark_report_gains_the_study(study, tmp_path):
+    out, _ = study
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"), str(out / "latency.jsonl"),
+                           "--study", str(out / "study.json"), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Integrator study: accuracy vs latency" in md and "| `ldpv2` |" in md
+    assert (tmp_path / "r" / "plots" / "study_pareto_torch_fp32.png").is_file()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"), str(out / "latency.jsonl"),
+                           "--study", str(bad), "--out", str(tmp_path / "r2")], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 2 and "not a study.json" in proc.stderr
 
 
 def test_study_rerun_reuses_trained_integrators(study):
