@@ -73,12 +73,14 @@ def test_study_rerun_reuses_trained_integrators(study):
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/result.json")} == before
 
 
-def test_study_rejects_bad_arguments(tmp_path, trained_tiny):
-    script = str(REPO / "benchmarks" / "study_integrators.py")
+def test_study_rejects_bad_arguments(tmp_path, trained_tiny, capsys):
+    from edgevlm.cli import main
+
     for extra, message in ((["--integrators", "nope"], "unknown integrator"),
                            (["--paradigm", "three_stage"], "no such recipe"),
+                           (["--kwargs", "vlora=7"], "expected NAME={key: value"),
                            (["--base", str(tmp_path)], "not a model dir")):
         args = ["--base", str(trained_tiny), *extra] if extra[0] != "--base" else extra
-        proc = subprocess.run([sys.executable, script, *args, "--out", str(tmp_path / "o")], capture_output=True,
-                              text=True, cwd=REPO)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert main(["bench", "study", *args, "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
