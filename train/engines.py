@@ -21,8 +21,11 @@ class TorchEngine:
         self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
         self.module = model
         if info.enabled:
+            # find_unused_parameters: a micro-batch of text-only samples (LLaVA-Instruct has them)
+            # leaves the vision tower and integrator without gradients on that rank
             self.module = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+                model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                find_unused_parameters=True)
 
     def accumulating(self, last: bool):
         return self.module.no_sync() if self.info.enabled and not last else contextlib.nullcontext()
