@@ -9,14 +9,12 @@ in several files or runs, the latest record wins.
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import json
 from pathlib import Path
 
+from edgevlm.benchmarks.report_projection import projection_blocks
+from edgevlm.benchmarks.report_render import Block, fmt, med, render_html, render_md, write_plots
 from edgevlm.runtime.errors import EdgeVLMError
-
-Block = tuple  # ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", name, png, caption)
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -38,20 +36,6 @@ def load_results(paths: list[str]) -> tuple[list[dict], list[dict]]:
     if not cases:
         raise EdgeVLMError(f"{', '.join(paths)}: no case records")
     return envs, list(cases.values())
-
-
-def med(rec: dict, metric: str) -> float | None:
-    return ((rec.get("metrics") or {}).get(metric) or {}).get("median")
-
-
-def fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    if abs(v) >= 10 ** digits:
-        return f"{v:,.0f}"
-    return f"{v:.{digits}g}"
 
 
 def spread(rec: dict, metric: str) -> str:
@@ -225,129 +209,6 @@ def bandwidth_blocks(ok: list[dict], full: bool) -> list[Block]:
                        "fraction of bound"], rows)]
 
 
-def projection_blocks(envs: list[dict], ok: list[dict]) -> list[Block]:
-    from edgevlm.benchmarks import plots, projection as pj
-
-    devices = pj.load_devices()
-    env = next((e for e in reversed(envs) if (e.get("bandwidth") or {}).get("read_gbs")), None)
-    calib: dict = {}
-    blocks: list[Block] = [
-        ("h2", "Projected: other devices (roofline model, not measured)"),
-        ("p", "Each stage: max(FLOPs / sustained compute, bytes / sustained bandwidth) / efficiency, from analytic "
-              "FLOPs and bytes (benchmarks/flops.py) and device profiles with sources (benchmarks/devices/). "
-              "CPU-class efficiency is calibrated on this host's records per stack; GPU-class efficiency comes from "
-              "llama.cpp's published RTX 4090 numbers.")]
-    if env is not None:
-        host = pj.host_device(devices["host"], env)
-        calib = pj.calibrate(ok, host)
-        blocks += _calibration_blocks(calib, pj.host_validation(ok, host))
-    blocks += _published_blocks(pj.published_validation(devices), "CPU efficiency: documented defaults")
-    if calib.get("llamacpp"):
-        rows = pj.published_validation(devices, calib["llamacpp"])
-        rows = [r for r in rows if "calibrated" in r["efficiency_source"]]
-        blocks += _published_blocks(rows, "CPU efficiency: calibrated on this run's llama.cpp host records")
-    rows, table = _device_rows(ok, devices, calib)
-    if rows:
-        blocks += [("h3", "Projected latency and memory per target device"),
-                   ("p", "Cell: TTFT ms / decode tok/s / memory verdict (weights + KV cache of this request + "
-                         "runtime vs the memory one process can use)."), table,
-                   ("img", "projected_devices", plots.projected_devices(rows),
-                    "Projected TTFT and decode rate per device")]
-    return blocks
-
-
-def _calibration_blocks(calib: dict, host_rows: list[dict]) -> list[Block]:
-    if not calib:
-        return [("p", "No calibratable host record (all were cache-resident toys or failed): CPU-class factors "
-                      "are the documented defaults.")]
-    table = [[stack, fmt(f.get("vision")), fmt(f.get("prefill")), fmt(f.get("decode")), f["n_records"]]
-             for stack, f in sorted(calib.items())]
-    blocks: list[Block] = [("h3", "Efficiency factors calibrated on this host (fraction of the roofline reached)"),
-                           ("table", ["stack", "vision", "prefill", "decode", "records"], table)]
-    if host_rows:
-        metrics = ("vision_ms", "prefill_ms", "ttft_ms", "decode_tok_s")
-        rows = [[r["id"], r["n_calibration"]] + [_ratio(r.get(m)) for m in metrics] for r in host_rows]
-        blocks += [("h3", "Validation on the host: projected / measured (leave-one-out)"),
-                   ("p", "Each record is projected with factors calibrated on the other records of its stack."),
-                   ("table", ["case", "calibration records", "vision", "prefill", "TTFT", "decode tok/s"], rows)]
-    return blocks
-
-
-def _ratio(v: dict | None) -> str:
-    if not v:
-        return "-"
-    return f"x{v['ratio']:.2f} ({fmt(v['projected'])} vs {fmt(v.get('measured', v.get('published')))})"
-
-
-def _published_blocks(rows: list[dict], basis: str) -> list[Block]:
-    if not rows:
-        return []
-    table = [[r["label"], r["device"]] + [_ratio(r.get(m)) for m in ("vision_ms", "prefill_tok_s", "decode_tok_s")]
-             + [r["efficiency_source"][:90], r["source"][:120]] for r in rows]
-    return [("h3", f"Validation against published numbers: projected / published ({basis})"),
-            ("p", "MobileVLM-1.7B, 4-bit LLM + f16 vision, llama.cpp. x1.00 = exact; > 1 = the projection is "
-                  "optimistic (for vision ms, < 1 is optimistic)."),
-            ("table", ["published measurement", "projected on", "vision ms", "prefill tok/s", "decode tok/s",
-                       "efficiency from", "source"], table)]
-
-
-def _device_rows(ok: list[dict], devices: dict, calib: dict) -> tuple[list[dict], Block]:
-    from edgevlm.benchmarks.projection import device_projections
-
-    rows = device_projections(ok, devices, calib)
-    targets = list(dict.fromkeys(r["device"] for r in rows))
-    table = []
-    for config in dict.fromkeys(r["config"] for r in rows):
-        cells = {r["device"]: r for r in rows if r["config"] == config}
-        table.append([config] + [f"{fmt(c['ttft_ms'])} / {fmt(c['decode_tok_s'])} / {c['verdict']}"
-                                 for c in (cells[d] for d in targets)])
-    return rows, ("table", ["configuration"] + targets, table)
-
-
-# --- rendering -----------------------------------------------------------------------------------
-
-
-def render_md(blocks: list[Block], plot_dir: str) -> str:
-    out = []
-    for b in blocks:
-        if b[0] in ("h1", "h2", "h3"):
-            out.append("#" * int(b[0][1]) + " " + b[1])
-        elif b[0] == "p":
-            out.append(b[1])
-        elif b[0] == "table":
-            out.append("| " + " | ".join(b[1]) + " |\n|" + "---|" * len(b[1]))
-            out[-1] += "".join("\n| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in b[2])
-        elif b[0] == "img":
-            out.append(f"![{b[3]}]({plot_dir}/{b[1]}.png)")
-    return "\n\n".join(out) + "\n"
-
-
-CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-       "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
-       "text-align:left}th{background:#f0f0f0}tr:nth-child(even){background:#fafafa}img{max-width:100%}"
-       "h2{border-bottom:2px solid #ddd;padding-bottom:3px;margin-top:2em}")
-
-
-def render_html(blocks: list[Block], title: str) -> str:
-    out = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-           f"<style>{CSS}</style></head><body>"]
-    for b in blocks:
-        if b[0] in ("h1", "h2", "h3"):
-            out.append(f"<{b[0]}>{html.escape(b[1])}</{b[0]}>")
-        elif b[0] == "p":
-            out.append(f"<p>{html.escape(b[1])}</p>")
-        elif b[0] == "table":
-            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b[1])
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in b[2])
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif b[0] == "img":
-            data = base64.b64encode(b[2]).decode()
-            out.append(f"<figure><img alt=\"{html.escape(b[3])}\" src=\"data:image/png;base64,{data}\">"
-                       f"<figcaption>{html.escape(b[3])}</figcaption></figure>")
-    out.append("</body></html>")
-    return "\n".join(out)
-
-
 def build(paths: list[str], studies: list[str] = ()) -> list[Block]:
     """Blocks for the results files, then the integrator studies (study.json files), if any."""
     envs, cases = load_results(paths)
@@ -371,13 +232,6 @@ def build(paths: list[str], studies: list[str] = ()) -> list[Block]:
         except (OSError, ValueError, KeyError) as e:
             raise EdgeVLMError(f"{path}: not a study.json from benchmarks/study_integrators.py ({e})") from None
     return blocks
-
-
-def write_plots(blocks: list[Block], plot_dir: Path) -> None:
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    for b in blocks:
-        if b[0] == "img":
-            (plot_dir / f"{b[1]}.png").write_bytes(b[2])
 
 
 def write_report(paths: list[str], out_dir: str | Path, studies: list[str] = ()) -> Path:

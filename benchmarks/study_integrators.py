@@ -226,7 +226,7 @@ def _kv(text: str) -> tuple[str, object]:
 
 def write_study(out: Path, rows: list[dict], latency: list[dict], args: argparse.Namespace, recipe: Path) -> None:
     from edgevlm.benchmarks.environment import collect
-    from edgevlm.benchmarks.report import render_html, render_md, write_plots
+    from edgevlm.benchmarks.report_render import render_html, render_md, write_plots
     from edgevlm.benchmarks.study_report import study_blocks
 
     doc = {"paradigm": recipe.stem if recipe.parent == paradigms_dir() else str(recipe),

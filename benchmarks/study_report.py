@@ -2,7 +2,7 @@
 training cost, 1.7B-shape latency per backend, and an accuracy-vs-TTFT Pareto chart per backend."""
 from __future__ import annotations
 
-from edgevlm.benchmarks.report import fmt, med
+from edgevlm.benchmarks.report_render import fmt, med
 
 QA_TYPES = ("colour", "shape", "count", "position", "existence", "text")
 
