@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "train": "edgevlm.train.train",
     "eval": "edgevlm.train.evaluate",
     "ask": "edgevlm.train.ask",
+    "probe": "edgevlm.train.probe",
     "export": "edgevlm.export.cli",
     "run": "edgevlm.runtime.cli_run",
     "bench": "edgevlm.benchmarks.cli",

@@ -1,0 +1,51 @@
+"""train/probe.py: per-patch labels, the linear probe, and the command end to end."""
+import json
+
+import numpy as np
+
+from edgevlm.cli import main
+from edgevlm.train.data.shapes_questions import COLOURS, KINDS, Scene, Shape
+from edgevlm.train.probe import linear_probe, patch_labels
+
+
+def test_patch_labels_follow_the_drawn_shape():
+    square = Shape("square", "blue", cx=84, cy=84, size=84, small=False)  # covers pixels 42..126
+    star = Shape("star", "red", cx=250, cy=250, size=100, small=False)
+    labels = patch_labels(Scene(side=336, shapes=[square, star]), grid=24).reshape(24, 24)
+    blue_square = 1 + COLOURS.index("blue") * len(KINDS) + KINDS.index("square")
+    # patch centres 7 + 14 i: rows/cols 3..8 (centres 49..119) lie inside the square
+    assert (labels[3:9, 3:9] == blue_square).all()
+    assert labels[2, 5] == 0 and labels[9, 5] == 0 and labels[0, 0] == 0
+    red_star = 1 + COLOURS.index("red") * len(KINDS) + KINDS.index("star")
+    assert labels[17, 17] == red_star  # centre (245, 245) is in the star's body
+    assert set(np.unique(labels)) == {0, blue_square, red_star}
+
+
+def test_linear_probe_separates_what_is_linear_and_not_noise():
+    gen = np.random.default_rng(0)
+    y = gen.integers(0, 4, size=800)
+    informative = np.eye(4)[y] * 3 + gen.normal(size=(800, 4))
+    noise = gen.normal(size=(800, 16))
+    assert linear_probe(np.hstack([informative, noise]), y, seed=0) > 0.9
+    assert linear_probe(noise, y, seed=0) < 0.4  # chance is 0.25
+
+
+def test_probe_command(tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    rc = main(["probe", "--model", "tiny", "--images", "16", "--supervised-steps", "2", "--threads", "1",
+               "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    sup, pr = result["supervised"], result["probe"]
+    assert sup["steps"] == 2
+    assert pr["n_shapes"] >= 16
+    for key in ("kind_vision", "kind_integrator", "colour_vision", "colour_integrator", "kind_majority",
+                "patch_kind_accuracy"):
+        value = pr.get(key, sup.get(key))
+        assert 0.0 <= value <= 1.0, key
+
+
+def test_probe_rejects_too_few_images(capsys):
+    assert main(["probe", "--model", "tiny", "--images", "2"]) == 2
+    assert "--images must be at least 8" in capsys.readouterr().err

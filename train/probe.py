@@ -1,0 +1,194 @@
+"""Probe what a model's visual features encode about ShapesVQA shapes (a training diagnostic).
+
+Example: python train/probe.py --model runs/tiny/final
+         python train/probe.py --model tiny --supervised-steps 300
+
+For each shape in ShapesVQA train scenes (regenerated from the seed; nothing is read from disk),
+take the vision tower's feature at the patch under the shape's centre and the integrator's token at
+the cell under it, and fit a linear classifier (multinomial logistic regression) for the shape's
+kind and colour on 75% of the shapes; report held-out accuracy beside the majority baseline. A
+feature that answers "kind" well above the baseline at the centre token knows which shape it sits
+in; one near the baseline only knows its colour.
+
+``--supervised-steps N`` first trains the vision tower alone for N steps (batch 8, AdamW) with a
+per-patch linear head on per-patch labels (which colour and kind of shape covers the patch centre,
+or background), then reports per-patch accuracy on held-out images before probing: how fast the
+tower can learn shapes at all when told directly, without the LLM in the way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+import numpy as np
+
+from edgevlm.runtime.errors import EdgeVLMError
+
+TRAIN_FRACTION = 0.75
+
+
+def _scenes(seed: int, start: int, n: int):
+    from edgevlm.train.data.shapes import make_item
+
+    return [make_item(seed, "train", i)[0] for i in range(start, start + n)]
+
+
+def patch_labels(scene, grid: int):
+    """[grid * grid] int64: 0 background, else 1 + colour * n_kinds + kind of the shape covering
+    each patch centre (drawn with the dataset's own shape renderer)."""
+    from PIL import Image, ImageDraw
+
+    from edgevlm.train.data.shapes import _draw_shape
+    from edgevlm.train.data.shapes_questions import COLOURS, KINDS
+
+    lab = Image.new("L", (scene.side, scene.side), 0)
+    draw = ImageDraw.Draw(lab)
+    for s in scene.shapes:
+        _draw_shape(draw, replace(s, rgb=1 + COLOURS.index(s.colour) * len(KINDS) + KINDS.index(s.kind)))
+    step = scene.side / grid
+    centres = (np.arange(grid) * step + step / 2).astype(int)
+    return np.asarray(lab)[np.ix_(centres, centres)].reshape(-1).astype(np.int64)
+
+
+def _pixels(model, scenes):
+    import torch
+
+    from edgevlm.train.data.shapes import render_scene
+
+    return torch.cat([model.preprocess(render_scene(s)) for s in scenes])  # [B, 3, S, S]
+
+
+def supervised_warmup(model, steps: int, lr: float, seed: int) -> dict:
+    """Train the used vision blocks with a per-patch linear head; held-out per-patch accuracy."""
+    import torch
+
+    from edgevlm.train.data.shapes_questions import COLOURS, KINDS
+
+    tower, grid = model.vision_tower, model.cfg.vision.grid
+    if model.cfg.vision.select_feature != "patch":
+        raise EdgeVLMError("--supervised-steps needs select_feature 'patch' (one feature per patch)")
+    head = torch.nn.Linear(model.cfg.vision.hidden_size, 1 + len(COLOURS) * len(KINDS))
+    opt = torch.optim.AdamW([*tower.used_parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
+    tower.train()
+    for step in range(steps):
+        scenes = _scenes(seed, 8 * step, 8)
+        y = torch.from_numpy(np.stack([patch_labels(s, grid) for s in scenes]))  # [8, N]
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 10)  # 10 warm-up steps
+        logits = head(tower(_pixels(model, scenes)))  # [8, N, classes]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tower.eval()
+    held = _scenes(seed, 8 * steps + 10_000, 48)
+    y = np.stack([patch_labels(s, grid) for s in held]).reshape(-1)
+    with torch.no_grad():
+        pred = head(tower(_pixels(model, held))).argmax(-1).reshape(-1).numpy()
+    fg, k = y > 0, len(KINDS)
+    return {"steps": steps, "lr": lr,
+            "patch_kind_accuracy": float(((pred[fg] - 1) % k == (y[fg] - 1) % k).mean()),
+            "patch_colour_accuracy": float(((pred[fg] - 1) // k == (y[fg] - 1) // k).mean()),
+            "background_accuracy": float((pred[~fg] == 0).mean())}
+
+
+def centre_features(model, scenes) -> dict[str, np.ndarray]:
+    """{"vision": [n_shapes, Dv], "integrator": [n_shapes, D] (absent if its tokens are not a
+    square grid), "kind": [n_shapes], "colour": [n_shapes]}."""
+    import torch
+
+    from edgevlm.train.data.shapes_questions import COLOURS, KINDS
+
+    out: dict[str, list] = {"vision": [], "integrator": [], "kind": [], "colour": []}
+    with torch.no_grad():
+        for i in range(0, len(scenes), 16):
+            chunk = scenes[i:i + 16]
+            pv = _pixels(model, chunk)
+            feats = {"vision": model.vision_tower(pv)[:, -model.cfg.vision.num_patches:],  # [B, N, Dv]
+                     "integrator": model.encode_images(pv)}  # [B, M, D]
+            for b, scene in enumerate(chunk):
+                for s in scene.shapes:
+                    for name, f in feats.items():
+                        g = int(round(f.shape[1] ** 0.5))
+                        if g * g == f.shape[1] and g > 0:
+                            row, col = int(s.cy * g / scene.side), int(s.cx * g / scene.side)
+                            out[name].append(f[b, row * g + col].float().numpy())
+                    out["kind"].append(KINDS.index(s.kind))
+                    out["colour"].append(COLOURS.index(s.colour))
+    return {k: np.stack(v) if v else None for k, v in out.items()}
+
+
+def linear_probe(x: np.ndarray, y: np.ndarray, seed: int, steps: int = 400) -> float:
+    """Held-out accuracy of an L2-regularised softmax classifier on standardised features."""
+    import torch
+
+    gen = np.random.default_rng(seed)
+    order = gen.permutation(len(y))
+    x, y = x[order], y[order]
+    x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+    k = int(len(y) * TRAIN_FRACTION)
+    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y)
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.01)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(lin(xt[:k]), yt[:k]) + 1e-3 * lin.weight.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((lin(xt[k:]).argmax(1) == yt[k:]).float().mean())
+
+
+def probe(model, n_images: int, seed: int) -> dict:
+    feats = centre_features(model, _scenes(seed, 0, n_images))
+    result: dict = {"n_shapes": int(len(feats["kind"]))}
+    for target in ("kind", "colour"):
+        y = feats[target]
+        k = int(len(y) * TRAIN_FRACTION)
+        result[f"{target}_majority"] = float(np.bincount(y[k:]).max() / len(y[k:]))
+        for where in ("vision", "integrator"):
+            if feats[where] is not None:
+                result[f"{target}_{where}"] = linear_probe(feats[where], y, seed)
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model dir, official MobileVLM dir, or preset")
+    p.add_argument("--images", type=int, default=800, help="ShapesVQA train scenes to probe (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="ShapesVQA seed and probe split seed")
+    p.add_argument("--supervised-steps", type=int, default=0,
+                   help="first train the vision tower alone on per-patch labels for this many steps")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate for --supervised-steps")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", help="also write the result here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from edgevlm import load_model
+
+    if args.images < 8:
+        raise EdgeVLMError("--images must be at least 8")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = load_model(args.model).eval()
+    result: dict = {"model": args.model}
+    if args.supervised_steps > 0:
+        result["supervised"] = supervised_warmup(model, args.supervised_steps, args.lr, args.seed)
+    result["probe"] = probe(model, args.images, args.seed)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    from edgevlm.cli import script_main
+
+    script_main("probe")
