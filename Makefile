@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= data/shapes
 RUN    ?= runs/tiny
+# extra recipe overrides for `make train`, e.g. TRAIN_ARGS="seed=1"
+TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test data train eval clean
@@ -25,7 +27,7 @@ data: install
 
 train: install
 	$(BIN)/python train/train.py --recipe train/configs/tiny.yaml output_dir=$(RUN) \
-		stages.0.data=$(DATA)/captions.json stages.1.data=$(DATA)/train.json
+		stages.0.data=$(DATA)/captions.json stages.1.data=$(DATA)/train.json $(TRAIN_ARGS)
 
 eval: install
 	$(BIN)/edgevlm eval --model $(RUN)/final --data $(DATA) --split test --json $(RUN)/eval_test.json
