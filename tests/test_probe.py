@@ -33,10 +33,12 @@ def test_linear_probe_separates_what_is_linear_and_not_noise():
 def test_probe_command(tmp_path, capsys):
     out = tmp_path / "probe.json"
     rc = main(["probe", "--model", "tiny", "--images", "16", "--supervised-steps", "2", "--threads", "1",
-               "--json", str(out)])
+               "--set", "vision__num_hidden_layers=3", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result
+    assert result["overrides"] == {"vision__num_hidden_layers": 3}
+    assert result["vision_layers_used"] == 2  # hidden_states[-2] of 3 blocks (the preset has 4)
     sup, pr = result["supervised"], result["probe"]
     assert sup["steps"] == 2
     assert pr["n_shapes"] >= 16
@@ -46,6 +48,8 @@ def test_probe_command(tmp_path, capsys):
         assert 0.0 <= value <= 1.0, key
 
 
-def test_probe_rejects_too_few_images(capsys):
+def test_probe_rejects_bad_arguments(capsys):
     assert main(["probe", "--model", "tiny", "--images", "2"]) == 2
     assert "--images must be at least 8" in capsys.readouterr().err
+    assert main(["probe", "--model", "tiny", "--set", "vision__num_hidden_layers"]) == 2
+    assert "--set expects KEY=VALUE" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 Example: python train/probe.py --model runs/tiny/final
          python train/probe.py --model tiny --supervised-steps 300
+         python train/probe.py --model tiny --supervised-steps 300 --set vision__num_hidden_layers=7
 
 For each shape in ShapesVQA train scenes (regenerated from the seed; nothing is read from disk),
 take the vision tower's feature at the patch under the shape's centre and the integrator's token at
@@ -161,8 +162,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--supervised-steps", type=int, default=0,
                    help="first train the vision tower alone on per-patch labels for this many steps")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate for --supervised-steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override when --model is a preset, e.g. vision__num_hidden_layers=7 (repeatable)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", help="also write the result here")
+
+
+def _overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise EdgeVLMError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,8 +190,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = load_model(args.model).eval()
-    result: dict = {"model": args.model}
+    overrides = _overrides(args.set)
+    model = load_model(args.model, **overrides).eval()
+    result: dict = {"model": args.model, "overrides": overrides,
+                    "vision_layers_used": model.vision_tower.layers_used}
     if args.supervised_steps > 0:
         result["supervised"] = supervised_warmup(model, args.supervised_steps, args.lr, args.seed)
     result["probe"] = probe(model, args.images, args.seed)
