@@ -20,15 +20,10 @@ def load_for_export(model: str, cli_overrides: Sequence[str] = (), **overrides: 
 
     ``cli_overrides``: ``key=value`` strings from the command line (``llm.num_hidden_layers=2``).
     """
-    import yaml
-
     from edgevlm import load_model
+    from edgevlm.runtime.configio import parse_key_values
 
-    for ov in cli_overrides:
-        if "=" not in ov:
-            raise EdgeVLMError(f"override {ov!r} is not of the form key=value")
-        key, raw = ov.split("=", 1)
-        overrides[key] = yaml.safe_load(raw)
+    overrides.update(parse_key_values(cli_overrides))
     return load_model(model, **overrides).float().eval()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import yaml
 
@@ -96,22 +96,26 @@ def dump_yaml(obj: Any, path: str | Path | None = None) -> str:
     return text
 
 
+def parse_key_values(items: Iterable[str], what: str = "override") -> dict[str, Any]:
+    """``["lr=1e-3", "lora.enabled=true"]`` -> ``{"lr": 0.001, "lora.enabled": True}``: values
+    parsed as YAML scalars, an empty value as ``""``; ``what`` names the option in errors."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise EdgeVLMError(f"{what} {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
 def apply_overrides(obj: T, overrides: list[str] | dict[str, Any]) -> T:
     """Return a copy of dataclass ``obj`` with dotted ``key=value`` overrides applied.
 
     Values are parsed as YAML scalars (``lr=1e-3``, ``lora.enabled=true``, ``stop=[a, b]``).
     """
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        items = []
-        for ov in overrides:
-            if "=" not in ov:
-                raise EdgeVLMError(f"override {ov!r} is not of the form key=value")
-            key, raw = ov.split("=", 1)
-            items.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+    items = overrides if isinstance(overrides, dict) else parse_key_values(overrides)
     data = to_dict(obj)
-    for key, value in items:
+    for key, value in items.items():
         node: Any = data
         parts = key.split(".")
         for p in parts[:-1]:

@@ -52,4 +52,4 @@ def test_probe_rejects_bad_arguments(capsys):
     assert main(["probe", "--model", "tiny", "--images", "2"]) == 2
     assert "--images must be at least 8" in capsys.readouterr().err
     assert main(["probe", "--model", "tiny", "--set", "vision__num_hidden_layers"]) == 2
-    assert "--set expects KEY=VALUE" in capsys.readouterr().err
+    assert "--set 'vision__num_hidden_layers' is not of the form key=value" in capsys.readouterr().err

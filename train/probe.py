@@ -108,13 +108,13 @@ def centre_features(model, scenes) -> dict[str, np.ndarray]:
             pv = _pixels(model, chunk)
             feats = {"vision": model.vision_tower(pv)[:, -model.cfg.vision.num_patches:],  # [B, N, Dv]
                      "integrator": model.encode_images(pv)}  # [B, M, D]
+            grids = {name: round(f.shape[1] ** 0.5) for name, f in feats.items()}
+            grids = {name: g for name, g in grids.items() if g > 0 and g * g == feats[name].shape[1]}
             for b, scene in enumerate(chunk):
                 for s in scene.shapes:
-                    for name, f in feats.items():
-                        g = int(round(f.shape[1] ** 0.5))
-                        if g * g == f.shape[1] and g > 0:
-                            row, col = int(s.cy * g / scene.side), int(s.cx * g / scene.side)
-                            out[name].append(f[b, row * g + col].float().numpy())
+                    for name, g in grids.items():
+                        row, col = int(s.cy * g / scene.side), int(s.cx * g / scene.side)
+                        out[name].append(feats[name][b, row * g + col].float().numpy())
                     out["kind"].append(KINDS.index(s.kind))
                     out["colour"].append(COLOURS.index(s.colour))
     return {k: np.stack(v) if v else None for k, v in out.items()}
@@ -168,29 +168,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the result here")
 
 
-def _overrides(pairs: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise EdgeVLMError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from edgevlm import load_model
+    from edgevlm.runtime.configio import parse_key_values
 
     if args.images < 8:
         raise EdgeVLMError("--images must be at least 8")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    overrides = _overrides(args.set)
+    overrides = parse_key_values(args.set, what="--set")
     model = load_model(args.model, **overrides).eval()
     result: dict = {"model": args.model, "overrides": overrides,
                     "vision_layers_used": model.vision_tower.layers_used}
