@@ -5,7 +5,7 @@ import numpy as np
 
 from edgevlm.cli import main
 from edgevlm.train.data.shapes_questions import COLOURS, KINDS, Scene, Shape
-from edgevlm.train.probe import linear_probe, patch_labels
+from edgevlm.train.probe import held_out_split, linear_probe, patch_labels
 
 
 def test_patch_labels_follow_the_drawn_shape():
@@ -28,6 +28,13 @@ def test_linear_probe_separates_what_is_linear_and_not_noise():
     noise = gen.normal(size=(800, 16))
     assert linear_probe(np.hstack([informative, noise]), y, seed=0) > 0.9
     assert linear_probe(noise, y, seed=0) < 0.4  # chance is 0.25
+
+
+def test_held_out_split_is_a_seeded_partition():
+    train, test = held_out_split(40, seed=3)
+    assert len(train) == 30 and len(test) == 10
+    assert sorted([*train, *test]) == list(range(40))
+    assert (held_out_split(40, seed=3)[1] == test).all() and not (held_out_split(40, seed=4)[1] == test).all()
 
 
 def test_probe_command(tmp_path, capsys):

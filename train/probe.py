@@ -120,26 +120,30 @@ def centre_features(model, scenes) -> dict[str, np.ndarray]:
     return {k: np.stack(v) if v else None for k, v in out.items()}
 
 
+def held_out_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices): a seeded shuffle, TRAIN_FRACTION of it for training."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = int(n * TRAIN_FRACTION)
+    return order[:k], order[k:]
+
+
 def linear_probe(x: np.ndarray, y: np.ndarray, seed: int, steps: int = 400) -> float:
     """Held-out accuracy of an L2-regularised softmax classifier on standardised features."""
     import torch
 
-    gen = np.random.default_rng(seed)
-    order = gen.permutation(len(y))
-    x, y = x[order], y[order]
+    train, test = held_out_split(len(y), seed)
     x = (x - x.mean(0)) / (x.std(0) + 1e-5)
-    k = int(len(y) * TRAIN_FRACTION)
     xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y)
     torch.manual_seed(seed)
     lin = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
     opt = torch.optim.Adam(lin.parameters(), lr=0.01)
     for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(lin(xt[:k]), yt[:k]) + 1e-3 * lin.weight.pow(2).sum()
+        loss = torch.nn.functional.cross_entropy(lin(xt[train]), yt[train]) + 1e-3 * lin.weight.pow(2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return float((lin(xt[k:]).argmax(1) == yt[k:]).float().mean())
+        return float((lin(xt[test]).argmax(1) == yt[test]).float().mean())
 
 
 def probe(model, n_images: int, seed: int) -> dict:
@@ -147,8 +151,8 @@ def probe(model, n_images: int, seed: int) -> dict:
     result: dict = {"n_shapes": int(len(feats["kind"]))}
     for target in ("kind", "colour"):
         y = feats[target]
-        k = int(len(y) * TRAIN_FRACTION)
-        result[f"{target}_majority"] = float(np.bincount(y[k:]).max() / len(y[k:]))
+        _, test = held_out_split(len(y), seed)  # the shapes every probe below is scored on
+        result[f"{target}_majority"] = float(np.bincount(y[test]).max() / len(test))
         for where in ("vision", "integrator"):
             if feats[where] is not None:
                 result[f"{target}_{where}"] = linear_probe(feats[where], y, seed)
