@@ -205,7 +205,10 @@ def measure_latency(names: list[str], args: argparse.Namespace, out: Path) -> li
 
 def _latency_models(names: list[str], args: argparse.Namespace) -> list[dict]:
     """One matrix model for the integrators at their defaults, one per integrator with kwargs."""
-    base = dict(_kv(o) for o in args.latency_override)
+    from edgevlm.runtime.configio import parse_key_values
+
+    given = parse_key_values(args.latency_override, what="--latency-override")
+    base = {key.replace(".", "__"): value for key, value in given.items()}  # matrix keys use __
     plain = [n for n in names if n not in args.kwargs_by_name]
     models = [{"preset": args.latency_preset, "integrators": plain, "overrides": base}] if plain else []
     for n in names:
@@ -213,15 +216,6 @@ def _latency_models(names: list[str], args: argparse.Namespace) -> list[dict]:
             models.append({"preset": args.latency_preset, "integrators": [n], "label": f"{args.latency_preset}-{n}",
                            "overrides": {**base, "integrator_kwargs": args.kwargs_by_name[n]}})
     return models
-
-
-def _kv(text: str) -> tuple[str, object]:
-    import yaml
-
-    key, sep, raw = text.partition("=")
-    if not sep:
-        raise EdgeVLMError(f"--latency-override {text!r} is not key=value")
-    return key.replace(".", "__"), yaml.safe_load(raw)
 
 
 def write_study(out: Path, rows: list[dict], latency: list[dict], args: argparse.Namespace, recipe: Path) -> None:
