@@ -40,13 +40,13 @@ def patch_labels(scene, grid: int):
     each patch centre (drawn with the dataset's own shape renderer)."""
     from PIL import Image, ImageDraw
 
-    from edgevlm.train.data.shapes import _draw_shape
+    from edgevlm.train.data.shapes import draw_shape
     from edgevlm.train.data.shapes_questions import COLOURS, KINDS
 
     lab = Image.new("L", (scene.side, scene.side), 0)
     draw = ImageDraw.Draw(lab)
     for s in scene.shapes:
-        _draw_shape(draw, replace(s, rgb=1 + COLOURS.index(s.colour) * len(KINDS) + KINDS.index(s.kind)))
+        draw_shape(draw, replace(s, rgb=1 + COLOURS.index(s.colour) * len(KINDS) + KINDS.index(s.kind)))
     step = scene.side / grid
     centres = (np.arange(grid) * step + step / 2).astype(int)
     return np.asarray(lab)[np.ix_(centres, centres)].reshape(-1).astype(np.int64)

@@ -154,7 +154,8 @@ def _star(cx: float, cy: float, r: float, angle: float) -> list[tuple[float, flo
     return pts
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, s: Shape) -> None:
+    """Fill shape ``s`` with ``s.rgb`` (an RGB tuple, or one int on an "L" image: probe.py draws class ids)."""
     h = s.size / 2
     x0, y0, x1, y1 = s.cx - h, s.cy - h, s.cx + h, s.cy + h
     if s.kind == "circle":
@@ -172,7 +173,7 @@ def render_scene(scene: Scene) -> Image.Image:
     img = _background(scene)
     draw = ImageDraw.Draw(img)
     for s in scene.shapes:
-        _draw_shape(draw, s)
+        draw_shape(draw, s)
     if scene.text:
         font = _font(scene.text_px)
         l, t, _, _ = font.getbbox(scene.text)
