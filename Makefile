@@ -32,11 +32,9 @@ train: install
 eval: install
 	$(BIN)/edgevlm eval --model $(RUN)/final --data $(DATA) --split test --json $(RUN)/eval_test.json
 
+# data, train and eval in that order (a sub-make, so `make -j demo` cannot reorder them)
 demo: install
-	$(BIN)/python train/make_data.py --out $(DATA)
-	$(BIN)/python train/train.py --recipe train/configs/tiny.yaml output_dir=$(RUN) \
-		stages.0.data=$(DATA)/captions.json stages.1.data=$(DATA)/train.json
-	$(BIN)/edgevlm eval --model $(RUN)/final --data $(DATA) --split test --json $(RUN)/eval_test.json
+	$(MAKE) --no-print-directory data train eval
 	$(BIN)/edgevlm ask --model $(RUN)/final --image $(DATA)/images/test_000000.png \
 		--prompt "How many shapes are there?" --stream
 	$(BIN)/python benchmarks/run.py --matrix smoke --out $(RUN)/bench/smoke.jsonl --no-resume
