@@ -6,6 +6,7 @@ import numpy as np
 from edgevlm.cli import main
 from edgevlm.train.data.shapes_questions import COLOURS, KINDS, Scene, Shape
 from edgevlm.train.probe import held_out_split, linear_probe, patch_labels
+from edgevlm.train.probe_readout import binding_questions, readout_probe
 
 
 def test_patch_labels_follow_the_drawn_shape():
@@ -30,6 +31,37 @@ def test_linear_probe_separates_what_is_linear_and_not_noise():
     assert linear_probe(noise, y, seed=0) < 0.4  # chance is 0.25
 
 
+def test_binding_questions_ask_only_about_unique_colours():
+    shapes = [Shape("circle", "red", 60, 60, 40, False), Shape("square", "blue", 250, 60, 40, False),
+              Shape("star", "blue", 60, 250, 40, False)]
+    rows = binding_questions([Scene(side=336, shapes=shapes[1:]), Scene(side=336, shapes=shapes)])
+    assert rows.tolist() == [[1, COLOURS.index("red"), KINDS.index("circle")]]
+
+
+def _binding_tokens(n_scenes: int, with_kind: bool):
+    """Scenes of 8 tokens; 3 of them are objects (colour one-hot, kind one-hot if ``with_kind``)."""
+    gen = np.random.default_rng(0)
+    tokens = gen.normal(scale=0.3, size=(n_scenes, 8, 12))
+    rows = []
+    for i in range(n_scenes):
+        for slot, colour, kind in zip(gen.permutation(8)[:3], gen.permutation(6)[:3], gen.integers(0, 4, 3)):
+            tokens[i, slot, colour] += 2
+            tokens[i, slot, 6 + kind] += 2 * with_kind
+            tokens[i, slot, 11] += 2  # "something is here"
+            rows.append((i, colour, kind))
+    return tokens.astype(np.float32), np.asarray(rows)
+
+
+def test_readout_binds_colour_to_kind_only_when_the_tokens_carry_it():
+    tokens, rows = _binding_tokens(300, with_kind=True)
+    learned = readout_probe(tokens, rows, n_queries=6, n_classes=4, epochs=6, seed=0)
+    assert learned["n_test_questions"] == 225 and len(learned["accuracy_per_epoch"]) == 6
+    assert learned["accuracy"] > 0.9
+    tokens, rows = _binding_tokens(300, with_kind=False)
+    blind = readout_probe(tokens, rows, n_queries=6, n_classes=4, epochs=6, seed=0)
+    assert blind["accuracy"] < 0.45 and blind["majority"] < 0.45  # 4 balanced kinds
+
+
 def test_held_out_split_is_a_seeded_partition():
     train, test = held_out_split(40, seed=3)
     assert len(train) == 30 and len(test) == 10
@@ -40,7 +72,7 @@ def test_held_out_split_is_a_seeded_partition():
 def test_probe_command(tmp_path, capsys):
     out = tmp_path / "probe.json"
     rc = main(["probe", "--model", "tiny", "--images", "16", "--supervised-steps", "2", "--threads", "1",
-               "--set", "vision__num_hidden_layers=3", "--json", str(out)])
+               "--set", "vision__num_hidden_layers=3", "--readout-epochs", "2", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result
@@ -53,10 +85,15 @@ def test_probe_command(tmp_path, capsys):
                 "patch_kind_accuracy"):
         value = pr.get(key, sup.get(key))
         assert 0.0 <= value <= 1.0, key
+    readout = result["readout"]
+    assert len(readout["accuracy_per_epoch"]) == 2 and readout["n_test_questions"] > 0
+    assert 0.0 <= readout["accuracy"] <= 1.0 and 0.0 < readout["majority"] <= 1.0
 
 
 def test_probe_rejects_bad_arguments(capsys):
     assert main(["probe", "--model", "tiny", "--images", "2"]) == 2
     assert "--images must be at least 8" in capsys.readouterr().err
+    assert main(["probe", "--model", "tiny", "--readout-epochs", "-1"]) == 2
+    assert "--readout-epochs and --supervised-steps must be >= 0" in capsys.readouterr().err
     assert main(["probe", "--model", "tiny", "--set", "vision__num_hidden_layers"]) == 2
     assert "--set 'vision__num_hidden_layers' is not of the form key=value" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 Example: python train/probe.py --model runs/tiny/final
          python train/probe.py --model tiny --supervised-steps 300
          python train/probe.py --model tiny --supervised-steps 300 --set vision__num_hidden_layers=7
+         python train/probe.py --model tiny --images 3600 --readout-epochs 12
 
 For each shape in ShapesVQA train scenes (regenerated from the seed; nothing is read from disk),
 take the vision tower's feature at the patch under the shape's centre and the integrator's token at
@@ -15,6 +16,10 @@ in; one near the baseline only knows its colour.
 per-patch linear head on per-patch labels (which colour and kind of shape covers the patch centre,
 or background), then reports per-patch accuracy on held-out images before probing: how fast the
 tower can learn shapes at all when told directly, without the LLM in the way.
+
+``--readout-epochs N`` also trains a small attention readout on the integrator's tokens to answer
+"what shape is the <colour> object?" (``probe_readout.py``): what the tokens carry for the question
+the LLM must learn, when a dedicated model reads them over every token rather than one.
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from edgevlm.runtime.errors import EdgeVLMError
 TRAIN_FRACTION = 0.75
 
 
-def _scenes(seed: int, start: int, n: int):
+def train_scenes(seed: int, start: int, n: int):
+    """ShapesVQA train scenes start .. start + n - 1 of ``seed``, regenerated (nothing read from disk)."""
     from edgevlm.train.data.shapes import make_item
 
     return [make_item(seed, "train", i)[0] for i in range(start, start + n)]
@@ -52,7 +58,8 @@ def patch_labels(scene, grid: int):
     return np.asarray(lab)[np.ix_(centres, centres)].reshape(-1).astype(np.int64)
 
 
-def _pixels(model, scenes):
+def scene_pixels(model, scenes):
+    """The model's pixel_values for rendered ``scenes``."""
     import torch
 
     from edgevlm.train.data.shapes import render_scene
@@ -73,20 +80,20 @@ def supervised_warmup(model, steps: int, lr: float, seed: int) -> dict:
     opt = torch.optim.AdamW([*tower.used_parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
     tower.train()
     for step in range(steps):
-        scenes = _scenes(seed, 8 * step, 8)
+        scenes = train_scenes(seed, 8 * step, 8)
         y = torch.from_numpy(np.stack([patch_labels(s, grid) for s in scenes]))  # [8, N]
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 10)  # 10 warm-up steps
-        logits = head(tower(_pixels(model, scenes)))  # [8, N, classes]
+        logits = head(tower(scene_pixels(model, scenes)))  # [8, N, classes]
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
     tower.eval()
-    held = _scenes(seed, 8 * steps + 10_000, 48)
+    held = train_scenes(seed, 8 * steps + 10_000, 48)
     y = np.stack([patch_labels(s, grid) for s in held]).reshape(-1)
     with torch.no_grad():
-        pred = head(tower(_pixels(model, held))).argmax(-1).reshape(-1).numpy()
+        pred = head(tower(scene_pixels(model, held))).argmax(-1).reshape(-1).numpy()
     fg, k = y > 0, len(KINDS)
     return {"steps": steps, "lr": lr,
             "patch_kind_accuracy": float(((pred[fg] - 1) % k == (y[fg] - 1) % k).mean()),
@@ -105,7 +112,7 @@ def centre_features(model, scenes) -> dict[str, np.ndarray]:
     with torch.no_grad():
         for i in range(0, len(scenes), 16):
             chunk = scenes[i:i + 16]
-            pv = _pixels(model, chunk)
+            pv = scene_pixels(model, chunk)
             feats = {"vision": model.vision_tower(pv)[:, -model.cfg.vision.num_patches:],  # [B, N, Dv]
                      "integrator": model.encode_images(pv)}  # [B, M, D]
             grids = {name: round(f.shape[1] ** 0.5) for name, f in feats.items()}
@@ -146,8 +153,8 @@ def linear_probe(x: np.ndarray, y: np.ndarray, seed: int, steps: int = 400) -> f
         return float((lin(xt[test]).argmax(1) == yt[test]).float().mean())
 
 
-def probe(model, n_images: int, seed: int) -> dict:
-    feats = centre_features(model, _scenes(seed, 0, n_images))
+def probe(model, scenes, seed: int) -> dict:
+    feats = centre_features(model, scenes)
     result: dict = {"n_shapes": int(len(feats["kind"]))}
     for target in ("kind", "colour"):
         y = feats[target]
@@ -165,6 +172,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="ShapesVQA seed and probe split seed")
     p.add_argument("--supervised-steps", type=int, default=0,
                    help="first train the vision tower alone on per-patch labels for this many steps")
+    p.add_argument("--readout-epochs", type=int, default=0,
+                   help="also train an attention readout of 'what shape is the <colour> object?' on the "
+                        "integrator tokens for this many epochs (see probe_readout.py; use --images 3600)")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate for --supervised-steps")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override when --model is a preset, e.g. vision__num_hidden_layers=7 (repeatable)")
@@ -177,9 +187,12 @@ def run(args: argparse.Namespace) -> int:
 
     from edgevlm import load_model
     from edgevlm.runtime.configio import parse_key_values
+    from edgevlm.train.probe_readout import readout
 
     if args.images < 8:
         raise EdgeVLMError("--images must be at least 8")
+    if args.readout_epochs < 0 or args.supervised_steps < 0:
+        raise EdgeVLMError("--readout-epochs and --supervised-steps must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -189,7 +202,10 @@ def run(args: argparse.Namespace) -> int:
                     "vision_layers_used": model.vision_tower.layers_used}
     if args.supervised_steps > 0:
         result["supervised"] = supervised_warmup(model, args.supervised_steps, args.lr, args.seed)
-    result["probe"] = probe(model, args.images, args.seed)
+    scenes = train_scenes(args.seed, 0, args.images)
+    result["probe"] = probe(model, scenes, args.seed)
+    if args.readout_epochs:
+        result["readout"] = readout(model, scenes, args.readout_epochs, args.seed)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
