@@ -2,8 +2,10 @@
 import json
 
 import numpy as np
+import pytest
 
 from edgevlm.cli import main
+from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.train.data.shapes_questions import COLOURS, KINDS, Scene, Shape
 from edgevlm.train.probe import held_out_split, linear_probe, patch_labels
 from edgevlm.train.probe_readout import binding_questions, readout_probe
@@ -60,6 +62,8 @@ def test_readout_binds_colour_to_kind_only_when_the_tokens_carry_it():
     tokens, rows = _binding_tokens(300, with_kind=False)
     blind = readout_probe(tokens, rows, n_queries=6, n_classes=4, epochs=6, seed=0)
     assert blind["accuracy"] < 0.45 and blind["majority"] < 0.45  # 4 balanced kinds
+    with pytest.raises(EdgeVLMError, match="too few scenes"):  # every question on one scene
+        readout_probe(tokens[:4], rows[rows[:, 0] == 0], n_queries=6, n_classes=4, epochs=1, seed=0)
 
 
 def test_held_out_split_is_a_seeded_partition():

@@ -101,20 +101,23 @@ def supervised_warmup(model, steps: int, lr: float, seed: int) -> dict:
             "background_accuracy": float((pred[~fg] == 0).mean())}
 
 
-def centre_features(model, scenes) -> dict[str, np.ndarray]:
-    """{"vision": [n_shapes, Dv], "integrator": [n_shapes, D] (absent if its tokens are not a
-    square grid), "kind": [n_shapes], "colour": [n_shapes]}."""
+def centre_features(model, scenes, keep_tokens: bool = False) -> dict[str, np.ndarray]:
+    """{"vision": [n_shapes, Dv], "integrator": [n_shapes, D] (None if its tokens are not a
+    square grid), "kind": [n_shapes], "colour": [n_shapes]}; with ``keep_tokens`` also "tokens":
+    every integrator token of every scene, [n_scenes, M, D] float16 (for the readout probe)."""
     import torch
 
     from edgevlm.train.data.shapes_questions import COLOURS, KINDS
 
-    out: dict[str, list] = {"vision": [], "integrator": [], "kind": [], "colour": []}
+    out: dict[str, list] = {"vision": [], "integrator": [], "kind": [], "colour": [], "tokens": []}
     with torch.no_grad():
         for i in range(0, len(scenes), 16):
             chunk = scenes[i:i + 16]
             pv = scene_pixels(model, chunk)
             feats = {"vision": model.vision_tower(pv)[:, -model.cfg.vision.num_patches:],  # [B, N, Dv]
                      "integrator": model.encode_images(pv)}  # [B, M, D]
+            if keep_tokens:
+                out["tokens"].append(feats["integrator"].half().numpy())
             grids = {name: round(f.shape[1] ** 0.5) for name, f in feats.items()}
             grids = {name: g for name, g in grids.items() if g > 0 and g * g == feats[name].shape[1]}
             for b, scene in enumerate(chunk):
@@ -124,7 +127,11 @@ def centre_features(model, scenes) -> dict[str, np.ndarray]:
                         out[name].append(feats[name][b, row * g + col].float().numpy())
                     out["kind"].append(KINDS.index(s.kind))
                     out["colour"].append(COLOURS.index(s.colour))
-    return {k: np.stack(v) if v else None for k, v in out.items()}
+    tokens = out.pop("tokens")
+    result = {k: np.stack(v) if v else None for k, v in out.items()}
+    if keep_tokens:
+        result["tokens"] = np.concatenate(tokens)
+    return result
 
 
 def held_out_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,8 +160,8 @@ def linear_probe(x: np.ndarray, y: np.ndarray, seed: int, steps: int = 400) -> f
         return float((lin(xt[test]).argmax(1) == yt[test]).float().mean())
 
 
-def probe(model, scenes, seed: int) -> dict:
-    feats = centre_features(model, scenes)
+def probe(feats: dict[str, np.ndarray], seed: int) -> dict:
+    """Linear probes of kind and colour on ``centre_features`` output, beside the majority."""
     result: dict = {"n_shapes": int(len(feats["kind"]))}
     for target in ("kind", "colour"):
         y = feats[target]
@@ -203,9 +210,10 @@ def run(args: argparse.Namespace) -> int:
     if args.supervised_steps > 0:
         result["supervised"] = supervised_warmup(model, args.supervised_steps, args.lr, args.seed)
     scenes = train_scenes(args.seed, 0, args.images)
-    result["probe"] = probe(model, scenes, args.seed)
+    feats = centre_features(model, scenes, keep_tokens=args.readout_epochs > 0)  # one encoding pass
+    result["probe"] = probe(feats, args.seed)
     if args.readout_epochs:
-        result["readout"] = readout(model, scenes, args.readout_epochs, args.seed)
+        result["readout"] = readout(feats["tokens"], scenes, args.readout_epochs, args.seed)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -58,15 +58,16 @@ def readout_probe(tokens: np.ndarray, questions: np.ndarray, n_queries: int, n_c
     [n_scenes, M, D]; return held-out accuracy after each epoch and the majority baseline."""
     import torch
 
+    from edgevlm.runtime.errors import EdgeVLMError
     from edgevlm.train.probe import held_out_split
 
-    train_scenes, _ = held_out_split(len(tokens), seed)
-    in_train = np.isin(questions[:, 0], train_scenes)
+    train_idx, _ = held_out_split(len(tokens), seed)
+    in_train = np.isin(questions[:, 0], train_idx)
     train_q, test_q = torch.from_numpy(questions[in_train]), torch.from_numpy(questions[~in_train])
     if len(train_q) == 0 or len(test_q) == 0:
-        raise ValueError("readout probe: too few scenes for a train/held-out split")
+        raise EdgeVLMError("readout probe: too few scenes for a train/held-out split; raise --images")
     x = torch.from_numpy(tokens).float()
-    x = (x - x[train_scenes].mean((0, 1))) / (x[train_scenes].std((0, 1)) + 1e-5)
+    x = (x - x[train_idx].mean((0, 1))) / (x[train_idx].std((0, 1)) + 1e-5)
     torch.manual_seed(seed)
     model = _readout_model(x.shape[1], x.shape[2], n_queries, n_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -89,23 +90,11 @@ def readout_probe(tokens: np.ndarray, questions: np.ndarray, n_queries: int, n_c
             "majority": float(counts.max() / counts.sum())}
 
 
-def integrator_tokens(model, scenes) -> np.ndarray:
-    """[n_scenes, M, D] float16: the integrator's output for each rendered scene (no grad)."""
-    import torch
-
-    from edgevlm.train.probe import scene_pixels
-
-    with torch.no_grad():
-        return np.concatenate([model.encode_images(scene_pixels(model, scenes[i:i + 16])).half().numpy()
-                               for i in range(0, len(scenes), 16)])
-
-
-def readout(model, scenes, epochs: int, seed: int) -> dict:
+def readout(tokens: np.ndarray, scenes, epochs: int, seed: int) -> dict:
+    """The readout probe on ``tokens`` [n_scenes, M, D] (a model's integrator output for ``scenes``)."""
     from edgevlm.runtime.errors import EdgeVLMError
     from edgevlm.train.data.shapes_questions import COLOURS, KINDS
 
-    tokens = integrator_tokens(model, scenes)
     if tokens.shape[1] == 0:
-        raise EdgeVLMError(f"integrator {model.cfg.integrator.name!r} hands the LLM no visual tokens; "
-                           "the readout probe has nothing to read")
+        raise EdgeVLMError("the integrator hands the LLM no visual tokens; the readout probe has nothing to read")
     return readout_probe(tokens, binding_questions(scenes), len(COLOURS), len(KINDS), epochs, seed)
