@@ -1,6 +1,10 @@
 """Exact-match accuracy per question type, beside the majority-answer baseline per type.
 
 Example: edgevlm eval --model runs/tiny/final --data data/shapes --split test --json eval.json
+
+Each type also reports its most frequent prediction and that prediction's share: a model that
+gives one answer to every question of a type (a share of 1.0) has learned only the prior, whatever
+its accuracy. ``--predictions FILE`` writes every question, answer and prediction as JSON lines.
 """
 from __future__ import annotations
 
@@ -27,17 +31,26 @@ def majority_answers(records) -> dict[str, str]:
     return {t: c.most_common(1)[0][0] for t, c in counts.items()}
 
 
-def score(records, answer_fn: Callable, majority: dict[str, str], progress: bool = True) -> dict:
-    """``answer_fn(record, question) -> text``; scores the first QA pair of each record."""
-    per: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0, "baseline_correct": 0})
+def score(records, answer_fn: Callable, majority: dict[str, str], progress: bool = True,
+          predictions: list | None = None) -> dict:
+    """``answer_fn(record, question) -> text``; scores the first QA pair of each record. With a
+    ``predictions`` list, appends one dict per question to it (id, type, question, answer,
+    prediction, correct)."""
+    per: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0, "baseline_correct": 0,
+                                                "predicted": Counter()})
     small = {"n": 0, "correct": 0}
     for rec in tqdm(records, desc="eval", disable=not progress):
         (q, a), meta = rec.turns[0], (rec.qa_meta[0] if rec.qa_meta else {})
         kind = meta.get("type", "all")
-        ok = normalize(answer_fn(rec, q)) == normalize(a)
+        pred = normalize(answer_fn(rec, q))
+        ok = pred == normalize(a)
+        if predictions is not None:
+            predictions.append({"id": rec.id, "type": kind, "question": q, "answer": a,
+                                "prediction": pred, "correct": ok})
         row = per[kind]
         row["n"] += 1
         row["correct"] += ok
+        row["predicted"][pred] += 1
         row["baseline_correct"] += majority.get(kind) == normalize(a)
         if meta.get("small"):
             small["n"] += 1
@@ -45,8 +58,7 @@ def score(records, answer_fn: Callable, majority: dict[str, str], progress: bool
             row["small_n"] = row.get("small_n", 0) + 1
             row["small_correct"] = row.get("small_correct", 0) + ok
     result = {k: _rates(v) for k, v in sorted(per.items())}
-    total = {"n": sum(v["n"] for v in per.values()), "correct": sum(v["correct"] for v in per.values()),
-             "baseline_correct": sum(v["baseline_correct"] for v in per.values())}
+    total = {k: sum(v[k] for v in per.values()) for k in ("n", "correct", "baseline_correct")}
     out = {"per_type": result, "overall": _rates(total)}
     if small["n"]:
         out["small_objects"] = {"n": small["n"], "accuracy": round(small["correct"] / small["n"], 4)}
@@ -57,6 +69,9 @@ def _rates(v: dict) -> dict:
     n = max(1, v["n"])
     out = {"n": v["n"], "accuracy": round(v["correct"] / n, 4),
            "majority_baseline": round(v["baseline_correct"] / n, 4)}
+    if v.get("predicted"):  # the most frequent prediction: a share of 1.0 means a constant answer
+        top, count = v["predicted"].most_common(1)[0]
+        out["top_prediction"] = {"answer": top, "share": round(count / n, 4)}
     if v.get("small_n"):  # questions about a small object, and the rest, scored apart
         big_n = v["n"] - v["small_n"]
         out["small"] = {"n": v["small_n"], "accuracy": round(v["small_correct"] / v["small_n"], 4)}
@@ -65,23 +80,26 @@ def _rates(v: dict) -> dict:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'type':<12}{'n':>6}{'accuracy':>10}{'majority':>10}"]
+    lines = [f"{'type':<12}{'n':>6}{'accuracy':>10}{'majority':>10}  most frequent prediction (share)"]
     for kind, r in list(result["per_type"].items()) + [("overall", result["overall"])]:
-        lines.append(f"{kind:<12}{r['n']:>6}{r['accuracy']:>10.3f}{r['majority_baseline']:>10.3f}")
+        top = r.get("top_prediction")
+        top_text = f"  {top['answer'][:24]!r} ({top['share']:.2f})" if top else ""
+        lines.append(f"{kind:<12}{r['n']:>6}{r['accuracy']:>10.3f}{r['majority_baseline']:>10.3f}{top_text}")
     if "small_objects" in result:
         s = result["small_objects"]
         lines.append(f"{'(small obj)':<12}{s['n']:>6}{s['accuracy']:>10.3f}")
     return "\n".join(lines)
 
 
-def evaluate_model(model, data_dir: str, split: str = "test", max_records: int = 0, progress: bool = True) -> dict:
+def evaluate_model(model, data_dir: str, split: str = "test", max_records: int = 0, progress: bool = True,
+                   predictions: list | None = None) -> dict:
     from edgevlm.train.data.llava import load_llava_records, load_record_image
 
     records = _load_split(data_dir, split, max_records)
     train_json = Path(data_dir) / "train.json"
     basis = load_llava_records(str(train_json)).records if train_json.is_file() else records
     answer = lambda rec, q: model.generate(image=load_record_image(rec), prompt=q, max_new_tokens=12).text  # noqa: E731
-    return score(records, answer, majority_answers(basis), progress)
+    return score(records, answer, majority_answers(basis), progress, predictions)
 
 
 def _load_split(data_dir: str, split: str, max_records: int):
@@ -97,16 +115,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--max-records", type=int, default=0)
     p.add_argument("--json", help="also write the result as JSON here")
+    p.add_argument("--predictions", metavar="JSONL",
+                   help="also write every question, its answer and the prediction here (one JSON object per line)")
 
 
 def run(args: argparse.Namespace) -> int:
     from edgevlm import load_model
 
-    result = evaluate_model(load_model(args.model), args.data, args.split, args.max_records)
+    predictions: list | None = [] if args.predictions else None
+    result = evaluate_model(load_model(args.model), args.data, args.split, args.max_records,
+                            predictions=predictions)
     result["model"], result["split"] = str(args.model), args.split
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if predictions is not None:
+        Path(args.predictions).write_text("".join(json.dumps(p) + "\n" for p in predictions))
     return 0
 
 
