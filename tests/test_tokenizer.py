@@ -119,3 +119,20 @@ def test_bad_vocab_size(corpus, tmp_path):
         build_tokenizer(str(tmp_path), corpus, 270)
     with pytest.raises(EdgeVLMError, match="empty"):
         build_tokenizer(str(tmp_path), [], 400)
+
+
+@pytest.mark.parametrize("which", ["small", "big"])
+def test_answer_ids_are_those_of_the_whole_conversation(which, small_dirs, big_dir):
+    """``encode_turns`` encodes each answer apart, as " answer". Its ids must be the ids the answer
+    has inside the whole rendered conversation (how LLaVA-style training tokenises a record), which
+    are also what the model emits after "ASSISTANT:". The slow tokenizer, encoding " red" alone,
+    prepends one more "▁" piece; the runtime backend must not."""
+    from edgevlm.runtime.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_dir(small_dirs[0] if which == "small" else big_dir)
+    slow, _ = _both(small_dirs[0] if which == "small" else big_dir)
+    prefix = VICUNA_SYSTEM + " USER: \nWhat colour is the circle? ASSISTANT:"
+    for answer in ("red", "3", "yes", "k7", "top left", "Ünï"):
+        alone = tok.encode(" " + answer)
+        assert tok.encode(prefix + " " + answer) == tok.encode(prefix) + alone, answer
+        assert slow.encode(" " + answer, add_special_tokens=False)[1:] == alone, answer
