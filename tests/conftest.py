@@ -15,6 +15,13 @@ os.environ.setdefault("EDGEVLM_CACHE", str(Path(os.environ.get("PYTEST_CACHE_DIR
 SMALL = dict(vision__num_hidden_layers=3, llm__num_hidden_layers=2)
 
 
+def split_records(folder: Path, split: str) -> list:
+    """The VQARecords of ``folder/{split}.json`` (a generated ShapesVQA folder)."""
+    from edgevlm.train.data.llava import load_llava_records
+
+    return load_llava_records(str(folder / f"{split}.json")).records
+
+
 def importorskip_torch():
     return pytest.importorskip("torch")
 

@@ -3,21 +3,15 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
-
-
-def _records(shapes_dir, split):
-    from edgevlm.train.data.llava import load_llava_records
-
-    return load_llava_records(str(shapes_dir / f"{split}.json")).records
+from conftest import REPO, split_records
 
 
 def test_score_reports_a_constant_answer_as_share_one(shapes_dir):
     from edgevlm.train.evaluate import majority_answers, normalize, score
 
-    records = _records(shapes_dir, "test")
+    records = split_records(shapes_dir, "test")
     predictions: list = []
-    result = score(records, lambda rec, q: "Yes.", majority_answers(_records(shapes_dir, "train")),
+    result = score(records, lambda rec, q: "Yes.", majority_answers(split_records(shapes_dir, "train")),
                    progress=False, predictions=predictions)
     assert len(predictions) == len(records) == result["overall"]["n"]
     for kind, row in result["per_type"].items():
@@ -31,7 +25,7 @@ def test_score_reports_a_constant_answer_as_share_one(shapes_dir):
 def test_score_top_prediction_share_counts_answers(shapes_dir):
     from edgevlm.train.evaluate import score
 
-    records = [r for r in _records(shapes_dir, "test") if r.qa_meta[0]["type"] == "colour"][:4]
+    records = [r for r in split_records(shapes_dir, "test") if r.qa_meta[0]["type"] == "colour"][:4]
     assert len(records) == 4
     echo = {rec.id: rec.turns[0][1] for rec in records}  # right on every question but the first
     echo[records[0].id] = "none of them"
@@ -54,7 +48,7 @@ def test_eval_cli_writes_result_and_predictions(shapes_dir, tmp_path):
     result = json.loads(out_json.read_text())
     rows = [json.loads(line) for line in out_pred.read_text().splitlines()]
     assert len(rows) == 6 == result["overall"]["n"]
-    assert {r["id"] for r in rows} == {rec.id for rec in _records(shapes_dir, "test")[:6]}
+    assert {r["id"] for r in rows} == {rec.id for rec in split_records(shapes_dir, "test")[:6]}
     assert abs(sum(r["correct"] for r in rows) / 6 - result["overall"]["accuracy"]) < 1e-4
     for kind, row in result["per_type"].items():
         preds = [r["prediction"] for r in rows if r["type"] == kind]

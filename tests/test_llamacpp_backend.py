@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install 'edgevlm[gguf]')")
 pytest.importorskip("llama_cpp", reason="the llamacpp backend needs llama-cpp-python (pip install 'edgevlm[gguf]')")
 
-from conftest import SMALL, copy_bundle  # noqa: E402
+from conftest import SMALL, copy_bundle, split_records  # noqa: E402
 
 from edgevlm.runtime.errors import BundleError, EdgeVLMError  # noqa: E402
 
@@ -283,11 +283,10 @@ def trained_bundle(trained_tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def heldout(trained_data):
-    from edgevlm.train.data.llava import load_llava_records
     from edgevlm.train.evaluate import majority_answers
 
-    records = load_llava_records(str(trained_data / "test.json")).records[:N_HELDOUT]
-    return records, majority_answers(load_llava_records(str(trained_data / "train.json")).records)
+    records = split_records(trained_data, "test")[:N_HELDOUT]
+    return records, majority_answers(split_records(trained_data, "train"))
 
 
 def _answers(generate, records) -> dict[str, object]:

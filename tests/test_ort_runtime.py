@@ -22,7 +22,7 @@ from edgevlm.runtime.backends.torch import TorchBackend  # noqa: E402
 from edgevlm.runtime.errors import BundleError, ContextLengthError, EdgeVLMError, ImageError  # noqa: E402
 from edgevlm.runtime.generate import split_segments  # noqa: E402
 
-from conftest import copy_bundle  # noqa: E402
+from conftest import copy_bundle, split_records  # noqa: E402
 
 VARIANTS = {"fp32": ("fp32", "none"), "fp16": ("fp16", "none"), "int8": ("fp32", "int8"), "int4": ("fp32", "int4")}
 MAX_DROP = {"fp16": 0.01, "int8": 0.03}  # accuracy points (as fractions) below fp32; int4 is reported only
@@ -207,19 +207,13 @@ def trained_bundles(trained, trained_tiny, trained_data, tmp_path_factory):
             for name, (dt, q) in VARIANTS.items()}
 
 
-def _records(trained_data, split):
-    from edgevlm.train.data.llava import load_llava_records
-
-    return load_llava_records(str(trained_data / f"{split}.json")).records
-
-
 def test_fp32_logits_match_torch_in_prefill_and_decode(trained, trained_bundles, trained_data):
     from edgevlm.train.data.llava import load_record_image
 
     tb = TorchBackend(trained)
     ob = Runtime.load(trained_bundles["fp32"], backend="ort").backend
     worst = 0.0
-    for rec in _records(trained_data, "test")[:6]:
+    for rec in split_records(trained_data, "test")[:6]:
         px = trained.preprocess(load_record_image(rec)).numpy()
         ids = trained.prompt_ids(rec.turns[0][0], with_image=True)
         vis_t, vis_o = tb.encode_image(px), ob.encode_image(px)
@@ -241,7 +235,7 @@ def test_ort_format_files_give_the_same_tokens(trained_bundles, trained_data):
 
     b = trained_bundles["int4"]
     with Runtime.load(b, backend="ort") as a, Runtime.load(b, backend="ort", model_format="ort") as o:
-        for rec in _records(trained_data, "test")[:4]:
+        for rec in split_records(trained_data, "test")[:4]:
             img, q = load_record_image(rec), rec.turns[0][0]
             assert a.generate(img, q, max_new_tokens=8).token_ids == o.generate(img, q, max_new_tokens=8).token_ids
 
@@ -254,8 +248,8 @@ def test_accuracy_per_variant(trained, trained_bundles, trained_data, tmp_path_f
     from edgevlm.train.data.llava import load_record_image
     from edgevlm.train.evaluate import format_table, majority_answers, score
 
-    records = _records(trained_data, "test")
-    majority = majority_answers(_records(trained_data, "train"))
+    records = split_records(trained_data, "test")
+    majority = majority_answers(split_records(trained_data, "train"))
     images = {rec.id: load_record_image(rec) for rec in records}
     tokens: dict[str, dict[str, list[int]]] = {}
 

@@ -41,6 +41,10 @@ def big_dir(tmp_path_factory) -> Path:
     return Path(default_tokenizer(str(tmp_path_factory.mktemp("tok_big")), BIG_VOCAB, seed=0))
 
 
+def _dir(which: str, small_dirs, big_dir) -> Path:
+    return small_dirs[0] if which == "small" else big_dir
+
+
 def _both(path: Path):
     slow = transformers.LlamaTokenizer.from_pretrained(str(path))
     fast = transformers.AutoTokenizer.from_pretrained(str(path))
@@ -83,7 +87,7 @@ def test_deterministic(small_dirs, tmp_path):
 
 @pytest.mark.parametrize("which", ["small", "big"])
 def test_slow_and_fast_agree(which, small_dirs, big_dir, corpus):
-    slow, fast = _both(small_dirs[0] if which == "small" else big_dir)
+    slow, fast = _both(_dir(which, small_dirs, big_dir))
     for text in SAMPLES + corpus[:50]:
         ids = fast.encode(text)
         assert ids == slow.encode(text), text
@@ -93,7 +97,7 @@ def test_slow_and_fast_agree(which, small_dirs, big_dir, corpus):
 
 @pytest.mark.parametrize("which", ["small", "big"])
 def test_backend_round_trip_and_no_unused(which, small_dirs, big_dir, corpus):
-    _, fast = _both(small_dirs[0] if which == "small" else big_dir)
+    _, fast = _both(_dir(which, small_dirs, big_dir))
     backend = fast.backend_tokenizer
     unused = _unused_ids(fast)
     texts = corpus + SAMPLES + shapes_text_corpus(n=100, seed=7)
@@ -129,8 +133,8 @@ def test_answer_ids_are_those_of_the_whole_conversation(which, small_dirs, big_d
     prepends one more "▁" piece; the runtime backend must not."""
     from edgevlm.runtime.tokenizer import TextTokenizer
 
-    tok = TextTokenizer.from_dir(small_dirs[0] if which == "small" else big_dir)
-    slow, _ = _both(small_dirs[0] if which == "small" else big_dir)
+    tok = TextTokenizer.from_dir(_dir(which, small_dirs, big_dir))
+    slow, _ = _both(_dir(which, small_dirs, big_dir))
     prefix = VICUNA_SYSTEM + " USER: \nWhat colour is the circle? ASSISTANT:"
     for answer in ("red", "3", "yes", "k7", "top left", "Ünï"):
         alone = tok.encode(" " + answer)

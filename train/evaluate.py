@@ -42,8 +42,8 @@ def score(records, answer_fn: Callable, majority: dict[str, str], progress: bool
     for rec in tqdm(records, desc="eval", disable=not progress):
         (q, a), meta = rec.turns[0], (rec.qa_meta[0] if rec.qa_meta else {})
         kind = meta.get("type", "all")
-        pred = normalize(answer_fn(rec, q))
-        ok = pred == normalize(a)
+        pred, gold = normalize(answer_fn(rec, q)), normalize(a)
+        ok = pred == gold
         if predictions is not None:
             predictions.append({"id": rec.id, "type": kind, "question": q, "answer": a,
                                 "prediction": pred, "correct": ok})
@@ -51,7 +51,7 @@ def score(records, answer_fn: Callable, majority: dict[str, str], progress: bool
         row["n"] += 1
         row["correct"] += ok
         row["predicted"][pred] += 1
-        row["baseline_correct"] += majority.get(kind) == normalize(a)
+        row["baseline_correct"] += majority.get(kind) == gold
         if meta.get("small"):
             small["n"] += 1
             small["correct"] += ok
