@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= data/shapes
 RUN    ?= runs/tiny
+# tested versions; `make test CONSTRAINTS= VENV=.venv-latest` tries the newest releases in a separate venv
+CONSTRAINTS ?= constraints.txt
+PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 # extra recipe overrides for `make train`, e.g. TRAIN_ARGS="seed=1"
 TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
@@ -15,11 +18,11 @@ install: $(VENV)/.installed
 # torch is pinned first: this machine has the 2.13.0 CPU build locally; an unpinned torch would
 # pull several GB of CUDA packages. llama-cpp-python ([gguf]) builds from source once, then pip
 # reuses the cached wheel.
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q --upgrade $(PIN) pip setuptools wheel
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[all]"
+	$(BIN)/python -m pip install -q $(PIN) -e ".[all]"
 	touch $@
 
 data: install
@@ -42,7 +45,7 @@ demo: install
 	@echo "data: $(DATA)  model: $(RUN)/final  eval: $(RUN)/eval_test.json  benchmark report: report/report.md"
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest tests
 
 clean:
 	rm -rf $(RUN) $(DATA)

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgevlm.runtime.hostcpu import cpu_class, cpu_flags
+
 LIBRARIES = ("edgevlm", "numpy", "torch", "transformers", "onnxruntime", "onnx", "llama_cpp_python", "gguf",
              "tensorrt", "psutil", "matplotlib")
 REPO = Path(__file__).resolve().parents[1]
@@ -31,21 +33,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """SIMD features that decide CPU kernel choice (x86 AVX family, Arm NEON/dotprod/i8mm)."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma", "f16c",
-              "asimd", "asimddp", "i8mm", "sve", "fphp")
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.lower().startswith(("flags", "features")):
-            flags.update(line.split(":", 1)[1].split())
-    return [f for f in wanted if f in flags]
 
 
 def memory_gb() -> float:
@@ -152,6 +139,7 @@ def collect(measure_limits: bool = True, bandwidth_mb: int = 512) -> dict:
         "python": sys.version.split()[0],
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
+        "cpu_class": cpu_class(),
         "cores": core_counts(),
         "ram_gb": memory_gb(),
         "cache_mb": cache_sizes_mb(),

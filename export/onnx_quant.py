@@ -10,6 +10,7 @@ import io
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -19,6 +20,42 @@ from onnxruntime.quantization import CalibrationDataReader
 from edgevlm.runtime.errors import EdgeVLMError
 
 from .onnx_graphs import EXTERNAL_DATA_BYTES, LARGE_MODEL_BYTES, graph_files, iter_tensors
+
+
+
+@dataclass(frozen=True)
+class Int8Format:
+    """How the int8 graphs store their integers, and on which CPUs ONNX Runtime computes them exactly."""
+
+    name: str
+    weight_type: str  # "uint8" (asymmetric per-channel) | "int8" (symmetric per-channel)
+    reduce_range: bool  # 7-bit weights
+    accurate_on: str
+    note: str
+
+    def to_dict(self) -> dict:
+        return {"target": self.name, "activation_type": "uint8", "weight_type": self.weight_type,
+                "reduce_range": self.reduce_range, "per_channel": True,
+                "weight_symmetric": self.weight_type == "int8", "vision_format": "QDQ (static, MinMax)",
+                "decoder_format": "operator (dynamic: DynamicQuantizeLinear + MatMulInteger)",
+                "accurate_on": self.accurate_on, "note": self.note}
+
+
+# Measured with benchmarks/int8_formats.py on the tiny model (relative L2 error vs PyTorch on an
+# AVX-512 VNNI host / the same binary under qemu -cpu Haswell, AVX2 only): u8u8 decoder 0.023 / 0.023,
+# vision 0.011 / 0.011; u8s8 7-bit 0.037 / 0.037, 0.017 / 0.017; u8s8 8-bit 0.025 / 0.095, 0.012 / 0.080.
+INT8_FORMATS = {f.name: f for f in (
+    Int8Format("portable", "uint8", False, "every CPU ONNX Runtime supports (x86 with or without VNNI, Arm)",
+               "u8 x u8: ONNX Runtime's x86 kernels widen to 16 bits before multiplying (no saturation); "
+               "the most accurate of the three everywhere, a little slower than u8 x s8 on VNNI CPUs"),
+    Int8Format("reduce-range", "int8", True, "every CPU ONNX Runtime supports",
+               "u8 x s7: 7-bit weights keep AVX2's 16-bit pair sums in range; u8 x s8 kernel speed on every "
+               "x86 CPU, about 1.5x the error of portable"),
+    Int8Format("vnni", "int8", False, "x86 with VNNI (AVX512-VNNI, AVX-VNNI, AMX) and Arm",
+               "u8 x s8 full range: the fastest on VNNI CPUs; on x86 without VNNI (AVX2, AVX-512F) ONNX "
+               "Runtime's VPMADDUBSW kernels saturate and the error grows 4-7x"),
+)}
+DEFAULT_INT8 = "portable"
 
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations (fastest on CPU)
@@ -84,15 +121,21 @@ def to_fp16(src: str | Path, dst: str | Path) -> list[Path]:
     return save_model(proto16, dst)
 
 
-def quantize_int8_dynamic(src: str | Path, dst: str | Path) -> list[Path]:
-    """Dynamic int8 for MatMuls with constant weights (per-channel weights; activations quantised
-    at run time). Attention's activation x activation MatMuls stay fp32."""
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
+
+
+def quantize_int8_dynamic(src: str | Path, dst: str | Path, fmt: Int8Format = INT8_FORMATS[DEFAULT_INT8]) -> list[Path]:
+    """Dynamic int8 for MatMuls with constant weights (per-channel weights in ``fmt``; uint8
+    activations quantised at run time). Attention's activation x activation MatMuls stay fp32."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
 
     with quiet_logs():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         per_channel=True, use_external_data_format=is_large(src),
+        quantize_dynamic(str(src), str(dst), weight_type=_quant_type(fmt.weight_type), op_types_to_quantize=["MatMul"],
+                         per_channel=True, reduce_range=fmt.reduce_range, use_external_data_format=is_large(src),
                          extra_options={"MatMulConstBOnly": True,
                                         # shape inference cannot type outputs of com.microsoft ops (GQA)
                                         "DefaultTensorType": onnx.TensorProto.FLOAT})
@@ -109,8 +152,9 @@ class PixelReader(CalibrationDataReader):
         return next(self._it, None)
 
 
-def quantize_int8_static(src: str | Path, dst: str | Path, pixels: Sequence[np.ndarray]) -> list[Path]:
-    """Static int8 QDQ (uint8 activations, per-channel int8 weights) for the MatMuls with weights,
+def quantize_int8_static(src: str | Path, dst: str | Path, pixels: Sequence[np.ndarray],
+                         fmt: Int8Format = INT8_FORMATS[DEFAULT_INT8]) -> list[Path]:
+    """Static int8 QDQ (uint8 activations, per-channel weights in ``fmt``) for the MatMuls with weights,
     activation ranges calibrated (MinMax) on ``pixels`` -- real dataset images, preprocessed the
     way the runtime will. Attention's activation x activation MatMuls stay fp32: quantising them
     (and the softmax output) cost ~6x more error on the trained fixture model for ~10% of the FLOPs."""
@@ -128,11 +172,12 @@ def quantize_int8_static(src: str | Path, dst: str | Path, pixels: Sequence[np.n
         weights = {t.name for t in graph.initializer}
         act_x_act = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
         quantize_static(str(pre), str(dst), PixelReader(pixels), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=_quant_type(fmt.weight_type),
+                        per_channel=True, reduce_range=fmt.reduce_range,
                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=act_x_act,
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
                         calibration_providers=["CPUExecutionProvider"],
-                        extra_options={"CalibTensorRangeSymmetric": False, "WeightSymmetric": True})
+                        extra_options={"CalibTensorRangeSymmetric": False, "WeightSymmetric": fmt.weight_type == "int8"})
     return _renormalise(dst)
 
 

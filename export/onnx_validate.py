@@ -123,9 +123,9 @@ def image_cases(pixels) -> list[tuple[str, dict]]:
 
 
 def validate_graph(model, graph: str, path: str | Path, variant: str = "fp32",
-                   cases: list[tuple[str, dict]] | None = None, gqa: bool = False) -> dict:
+                   cases: list[tuple[str, dict]] | None = None, gqa: bool = False, advice: str = "") -> dict:
     """Run ``path`` in ONNX Runtime and the torch module on each case (default:
-    ``validation_cases``); raise when over tolerance.
+    ``validation_cases``); raise when over tolerance (``advice``, what to try, ends the message).
 
     Returns {"max_abs_diff", "max_abs_diff_first_output", "max_rel_l2", "ref_scale", "tolerance", "cases"}.
     """
@@ -144,7 +144,8 @@ def validate_graph(model, graph: str, path: str | Path, variant: str = "fp32",
                 raise EdgeVLMError(f"{Path(path).name}: output {name} has shape {g.shape} in ONNX Runtime, "
                                    f"{r.shape} in PyTorch ({case})")
             diffs[name], l2[name] = _errors(r, g)
-            _check(tol, r, g, diffs[name], l2[name], f"{Path(path).name} ({variant}): output {name}, case {case!r}")
+            _check(tol, r, g, diffs[name], l2[name], f"{Path(path).name} ({variant}): output {name}, case {case!r}",
+                   advice)
         first = names[0]
         worst_first, worst_l2 = max(worst_first, diffs[first]), max(worst_l2, l2[first])
         worst = max(worst, *diffs.values())
@@ -163,12 +164,16 @@ def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return float(np.abs(diff).max()), float(np.linalg.norm(diff) / max(float(np.linalg.norm(ref)), 1e-12))
 
 
-def _check(tol: dict, ref: np.ndarray, got: np.ndarray, max_abs: float, rel_l2: float, where: str) -> None:
+def _check(tol: dict, ref: np.ndarray, got: np.ndarray, max_abs: float, rel_l2: float, where: str,
+           advice: str = "") -> None:
+    from edgevlm.runtime.hostcpu import cpu_class
+
+    tail = f" (on a {cpu_class()} CPU){'; ' + advice if advice else ''}"
     if not np.isfinite(got).all():
-        raise EdgeVLMError(f"{where}: ONNX Runtime produced non-finite values")
+        raise EdgeVLMError(f"{where}: ONNX Runtime produced non-finite values{tail}")
     if "rel_l2" in tol and rel_l2 > tol["rel_l2"]:
-        raise EdgeVLMError(f"{where}: relative L2 error vs PyTorch {rel_l2:.3g} > tolerance {tol['rel_l2']}")
+        raise EdgeVLMError(f"{where}: relative L2 error vs PyTorch {rel_l2:.3g} > tolerance {tol['rel_l2']}{tail}")
     if "atol" in tol:
         bound = tol["atol"] + tol["rtol"] * float(np.abs(ref).max() if ref.size else 0.0)
         if max_abs > bound:
-            raise EdgeVLMError(f"{where}: differs from PyTorch by {max_abs:.3g} > tolerance {bound:.3g}")
+            raise EdgeVLMError(f"{where}: differs from PyTorch by {max_abs:.3g} > tolerance {bound:.3g}{tail}")

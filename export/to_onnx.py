@@ -26,6 +26,8 @@ DTYPES = ("fp32", "fp16")
 QUANTIZE = ("none", "int8", "int4")
 ATTENTION = ("auto", "standard", "gqa")
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder")
+TOKEN_CHECK_PROMPTS = 4
+TOKEN_ATOL = {"fp32": 1e-3}  # logit parity the token check enforces; other variants are reported
 
 
 def variant_plan(dtype: str, quantize: str) -> dict[str, str]:
@@ -41,6 +43,27 @@ def variant_plan(dtype: str, quantize: str) -> dict[str, str]:
         return dict.fromkeys(GRAPHS, "fp32")
     return {"vision_encoder": "int8_static", "embed_tokens": "fp32",
             "decoder": "int8_dynamic" if quantize == "int8" else "int4"}
+
+
+def int8_format(target: str):
+    """The ``onnx_quant.Int8Format`` named ``target`` (``--int8-target``)."""
+    from .onnx_quant import INT8_FORMATS
+
+    if target not in INT8_FORMATS:
+        raise EdgeVLMError(f"--int8-target must be one of {', '.join(INT8_FORMATS)}, got {target!r}")
+    return INT8_FORMATS[target]
+
+
+def _advice(variant: str, int8_target: str) -> str:
+    """What to try when a variant fails validation (appended to the error)."""
+    if variant.startswith("int8") and int8_target == "vnni":
+        return ("--int8-target vnni is only accurate on CPUs with VNNI (and on Arm); this CPU may lack it: "
+                "use --int8-target portable (the default) or reduce-range")
+    if variant.startswith("int8"):
+        return "try --int8-target portable (u8 x u8, the most accurate int8 format) or --quantize int4 / --dtype fp16"
+    if variant == "int4":
+        return "try --quantize int8 or --dtype fp16; int4 weights are too coarse for this model"
+    return "this is an exporter bug for fp32/fp16 graphs: please report it with the manifest's versions"
 
 
 def decoder_attention(dtype: str, quantize: str, attention: str = "auto") -> str:
@@ -82,7 +105,7 @@ def calibration_pixels(model, calib_data: str | None, count: int) -> tuple[list,
     return [preprocess_image(load_image(f), cfg) for f in files], {"source": str(path), "n_images": len(files)}
 
 
-def _make_variant(variant: str, src: Path, dst: Path, pixels: Sequence | None) -> list[Path]:
+def _make_variant(variant: str, src: Path, dst: Path, pixels: Sequence | None, int8: str) -> list[Path]:
     from . import onnx_quant as q
 
     if variant == "fp32":
@@ -90,9 +113,9 @@ def _make_variant(variant: str, src: Path, dst: Path, pixels: Sequence | None) -
     if variant == "fp16":
         return q.to_fp16(src, dst)
     if variant == "int8_static":
-        return q.quantize_int8_static(src, dst, pixels or [])
+        return q.quantize_int8_static(src, dst, pixels or [], q.INT8_FORMATS[int8])
     if variant == "int8_dynamic":
-        return q.quantize_int8_dynamic(src, dst)
+        return q.quantize_int8_dynamic(src, dst, q.INT8_FORMATS[int8])
     return q.quantize_int4(src, dst)
 
 
@@ -127,9 +150,12 @@ def _gqa_source(model, fp32_graphs: dict, opset: int | None) -> dict:
 def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "none", exporter: str = "dynamo",
                 opset: int | None = None, ort_format: bool = False, calib_data: str | None = None,
                 calib_count: int = 32, source: str | None = None, fp32_graphs: dict | None = None,
-                progress: bool = True, attention: str = "auto") -> Path:
+                progress: bool = True, attention: str = "auto", int8_target: str = "portable",
+                token_check: int = TOKEN_CHECK_PROMPTS) -> Path:
     """Write an ONNX bundle to ``out``. ``fp32_graphs`` (from ``export_fp32_graphs``) lets several
-    variants share one export; ``attention`` picks the decoder graph (see ``decoder_attention``)."""
+    variants share one export; ``attention`` picks the decoder graph (see ``decoder_attention``);
+    ``int8_target`` the int8 format (``onnx_quant.INT8_FORMATS``); ``token_check`` how many
+    held-out prompts the finished bundle answers beside PyTorch (0: skip)."""
     from tqdm.auto import tqdm
 
     from .common import require_exportable
@@ -143,6 +169,7 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
 
     plan = variant_plan(dtype, quantize)
     attn = decoder_attention(dtype, quantize, attention)
+    int8 = int8_format(int8_target) if quantize != "none" else None
     t0 = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +188,9 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
         calib = None
         if "int8_static" in plan.values():
             calib, info["calibration"] = _calibration_split(model, calib_data, calib_count)
-        files = _write_variants(model, plan, sources, writer, calib, info, bar, attn)
+        if int8:
+            info["int8"] = int8.to_dict()
+        files = _write_variants(model, plan, sources, writer, calib, info, bar, attn, int8_target)
         if ort_format:
             bar.set_postfix_str("convert to .ort")
             files += _write_ort(model, writer, info)
@@ -171,6 +200,13 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
         info["export_s"] = round(time.perf_counter() - t0, 1)
         manifest = base_manifest(model, "onnx", files, "edgevlm.export.to_onnx", ("onnx", "onnxruntime", "onnxscript"),
                                  info)
+        if token_check:
+            from .token_check import check_tokens
+
+            bar.set_postfix_str("token check")
+            atol = TOKEN_ATOL.get(dtype) if quantize == "none" else None
+            manifest.target_info["token_check"] = check_tokens(model, writer.dir, manifest, token_check, atol,
+                                                               threads=1)
         path = writer.commit(manifest)
         bar.update(1)
     bar.close()
@@ -184,7 +220,8 @@ def _calibration_split(model, calib_data: str | None, count: int) -> tuple[tuple
     return (calib, held_out), {**desc, "n_images": len(calib), "method": "MinMax", "validation_images": len(held_out)}
 
 
-def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict, bar, attn: str) -> list:
+def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict, bar, attn: str,
+                    int8_target: str) -> list:
     """Each graph in its variant, validated against PyTorch; returns the manifest file entries."""
     from edgevlm.runtime.manifest import FileEntry
 
@@ -196,11 +233,12 @@ def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict,
     for graph, variant in plan.items():
         bar.set_postfix_str(f"{graph}: {variant}")
         pixels = calib[0] if calib else None
-        written = _make_variant(variant, sources[graph]["path"], writer.path(specs[graph].file), pixels)
+        written = _make_variant(variant, sources[graph]["path"], writer.path(specs[graph].file), pixels, int8_target)
         files += [FileEntry(p.name, graph if i == 0 else f"{graph}_data") for i, p in enumerate(written)]
         cases = image_cases(calib[1]) if variant == "int8_static" else None  # calibrated: real images only
         gqa = graph == "decoder" and attn == "gqa"
-        report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases, gqa=gqa)
+        report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases, gqa=gqa,
+                                advice=_advice(variant, int8_target))
         info["graphs"][graph] = {**specs[graph].to_dict(), "variant": variant, "validation": report}
         if graph == "decoder":
             info["graphs"][graph]["attention"] = attn
@@ -259,6 +297,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-data", help="images for static int8 calibration: a folder or a LLaVA .json "
                                         "(default: freshly generated ShapesVQA scenes)")
     p.add_argument("--calib-count", type=int, default=32, help="calibration images (default: %(default)s)")
+    p.add_argument("--int8-target", default="portable", choices=("portable", "reduce-range", "vnni"),
+                   help="int8 format for --quantize int8/int4: portable (u8 x u8, accurate on every CPU, the "
+                        "default), reduce-range (u8 x 7-bit s8, every CPU, faster on AVX2), vnni (u8 x s8, "
+                        "fastest, accurate only on x86 CPUs with VNNI and on Arm)")
+    p.add_argument("--token-check", type=int, default=TOKEN_CHECK_PROMPTS, metavar="N",
+                   help="held-out prompts the bundle answers beside PyTorch at export (default: %(default)s; 0: skip)")
     p.add_argument("--attention", choices=ATTENTION, default="auto",
                    help="decoder attention graph: standard ONNX ops (any runtime) or ONNX Runtime's "
                         "GroupQueryAttention with an in-place KV cache (default auto: gqa when quantised)")
@@ -277,10 +321,13 @@ def run(args: argparse.Namespace) -> int:
     decoder_attention(args.dtype, args.quantize, args.attention)
     if args.calib_count < 1:
         raise EdgeVLMError(f"--calib-count must be >= 1, got {args.calib_count}")
+    if args.token_check < 0:
+        raise EdgeVLMError(f"--token-check must be >= 0, got {args.token_check}")
     model = load_for_export(args.model, args.overrides)
     source = model_source(args.model)
     out = export_onnx(model, args.out, args.dtype, args.quantize, args.exporter, args.opset, args.ort_format,
-                      args.calib_data, args.calib_count, source=source, attention=args.attention)
+                      args.calib_data, args.calib_count, source=source, attention=args.attention,
+                      int8_target=args.int8_target, token_check=args.token_check)
     total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out} ({total / 1e6:.1f} MB)")
     return 0

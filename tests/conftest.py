@@ -13,6 +13,27 @@ os.environ.setdefault("EDGEVLM_CACHE", str(Path(os.environ.get("PYTEST_CACHE_DIR
 
 # A small tiny-preset variant: same 24x24 grid (llama.cpp's LDP constraint), fewer layers.
 SMALL = dict(vision__num_hidden_layers=3, llm__num_hidden_layers=2)
+HEADER_LIBRARIES = ("numpy", "torch", "transformers", "onnx", "onnxruntime", "llama_cpp_python", "gguf",
+                    "coremltools", "tokenizers")
+
+
+def pytest_report_header(config):
+    """Where the suite ran: a failure report is only useful with the CPU class and library versions."""
+    import importlib.metadata
+    import platform
+
+    from edgevlm.runtime.hostcpu import cpu_class, cpu_flags
+
+    versions = []
+    for name in HEADER_LIBRARIES:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} -")
+    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE") if k in os.environ}
+    return [f"cpu: {cpu_class()} ({platform.machine()}, {os.cpu_count()} cores) flags: {' '.join(cpu_flags()) or '-'}"
+            + (f" env: {threads}" if threads else ""),
+            "libraries: " + ", ".join(versions)]
 
 
 def split_records(folder: Path, split: str) -> list:
@@ -83,3 +104,58 @@ def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "copy"
     shutil.copytree(bundle, dst)
     return dst
+
+
+# --- parity: logits everywhere, tokens where the reference's margin is clear ------------------------
+
+
+def assert_parity(ref, target, prompt_ids, pixels, steps: int, atol: float):
+    """``runtime.fidelity.compare_greedy`` of two backends; fails on any logit difference over
+    ``atol`` and on a different top token where the reference's margin is clear. Returns the
+    comparison (its ``tokens`` are the reference's greedy run)."""
+    from edgevlm.runtime.fidelity import compare_greedy
+
+    cmp = compare_greedy(ref, target, prompt_ids, pixels, steps)
+    problems = cmp.problems(atol)
+    print(f"\n  parity: max |logit diff| {cmp.max_abs.max():.3g} (atol {atol}), smallest reference margin "
+          f"{cmp.margin.min():.3g}, clear steps {int(cmp.clear(atol).sum())}/{steps}")
+    assert not problems, problems
+    return cmp
+
+
+def assert_clear_tokens(got: list[int], cmp, atol: float) -> None:
+    """A target's own greedy run equals the reference's up to the first step whose margin is not clear."""
+    k = cmp.clear_prefix(atol)
+    assert got[:k] == cmp.tokens[:k], f"greedy tokens differ within the first {k} clear steps"
+
+
+def perturb_onnx_weight(path: Path, rel: float = 0.05, seed: int = 0) -> str:
+    """Damage an ONNX file in place: Gaussian noise of ``rel`` x its std on the largest 2-D float
+    weight (a MatMul weight, not an embedding table gathered by id). Returns the tensor's name."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}
+    floats = [t for t in proto.graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
+              and t.name not in gathered]
+    t = max(floats, key=lambda t: t.dims[0] * t.dims[1])
+    w = numpy_helper.to_array(t)
+    w = w + np.random.default_rng(seed).standard_normal(w.shape).astype(w.dtype) * rel * w.std()
+    t.CopyFrom(numpy_helper.from_array(w, t.name))
+    onnx.save_model(proto, str(path))
+    return t.name
+
+
+def perturb_gguf_tensor(path: Path, name_part: str, rel: float = 0.05, seed: int = 0) -> str:
+    """Damage an F16/F32 tensor of a GGUF file in place (noise of ``rel`` x its std). Returns its name."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r+")
+    t = next(t for t in reader.tensors if name_part in t.name and t.data.dtype in (np.float16, np.float32))
+    w = t.data.astype(np.float32)
+    t.data[...] = (w + np.random.default_rng(seed).standard_normal(w.shape) * rel * w.std()).astype(t.data.dtype)
+    reader.data.flush()  # the reader's np.memmap of the file
+    return t.name
