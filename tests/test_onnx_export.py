@@ -256,3 +256,61 @@ def test_manifest_json_is_plain_data(bundles):
     assert data["format_version"] == 1 and data["target"] == "onnx"
     assert data["target_info"]["graphs"]["decoder"]["outputs"]["logits"] == ["batch", "sequence_length",
                                                                              data["model"]["vocab_size"]]
+
+
+# --- int8 formats that are accurate on every CPU, and checks that fail on a damaged export ----------
+
+
+def test_int8_format_is_recorded(bundles):
+    for name in ("int8", "int4"):  # the int4 bundle's vision graph is int8 too
+        fmt = read_manifest(bundles[name]).target_info["int8"]
+        assert fmt["target"] == "portable" and fmt["weight_type"] == "uint8" and not fmt["reduce_range"]
+        assert "every CPU" in fmt["accurate_on"]
+    assert "int8" not in read_manifest(bundles["fp32"]).target_info
+
+
+@pytest.mark.parametrize("target", list(onnx_quant.INT8_FORMATS))
+def test_int8_targets_store_their_weight_type(fp32_graphs, tmp_path, target):
+    from onnx import numpy_helper
+
+    fmt = onnx_quant.INT8_FORMATS[target]
+    onnx_quant.quantize_int8_dynamic(fp32_graphs["decoder"]["path"], tmp_path / "d.onnx", fmt)
+    g = onnx.load(str(tmp_path / "d.onnx")).graph
+    weights = [numpy_helper.to_array(t) for t in g.initializer if t.name.endswith("_quantized")]
+    assert weights and {w.dtype.name for w in weights} == {fmt.weight_type}
+    widest = max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
+    if fmt.reduce_range:  # |w| <= 64: 2 x 255 x 64 = 32640 keeps AVX2's 16-bit pair sums from saturating
+        assert widest <= 64
+    else:
+        assert widest > 64
+
+
+def test_validation_fails_on_a_damaged_graph(tiny_model, fp32_graphs, tmp_path):
+    from conftest import perturb_onnx_weight
+
+    path = tmp_path / "decoder_model_merged.onnx"
+    onnx_quant.copy_graph(fp32_graphs["decoder"]["path"], path)
+    perturb_onnx_weight(path, rel=0.05)
+    with pytest.raises(EdgeVLMError, match=r"differs from PyTorch.*CPU"):
+        validate_graph(tiny_model, "decoder", path, "fp32")
+    perturb_onnx_weight(path, rel=1.0)  # heavier damage: int8 is judged by relative L2 at 0.1
+    onnx_quant.quantize_int8_dynamic(path, tmp_path / "int8.onnx")
+    with pytest.raises(EdgeVLMError, match="relative L2 error vs PyTorch.*--int8-target"):
+        validate_graph(tiny_model, "decoder", tmp_path / "int8.onnx", "int8", advice="try --int8-target portable")
+
+
+def test_token_check_is_recorded_and_fails_on_a_damaged_bundle(tiny_model, bundles, tmp_path):
+    from conftest import copy_bundle, perturb_onnx_weight
+
+    from edgevlm.export.token_check import check_tokens
+
+    for name in ("fp32", "int8"):
+        tc = read_manifest(bundles[name]).target_info["token_check"]
+        print(f"{name}: {tc}")
+        assert tc["n_sequences"] == 4 and tc["n_positions"] == 4 * tc["steps"]
+        assert tc["logit_atol"] == (1e-3 if name == "fp32" else None)
+    assert read_manifest(bundles["fp32"]).target_info["token_check"]["max_abs_logit_diff"] < 1e-3
+    b = copy_bundle(bundles["fp32"], tmp_path)
+    perturb_onnx_weight(b / "decoder_model_merged.onnx", rel=0.05)
+    with pytest.raises(EdgeVLMError, match="token check: held-out prompt 0: logits differ"):
+        check_tokens(tiny_model, b, read_manifest(b, verify=False), 2, atol=1e-3, threads=1)
