@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, split_records
 
 
@@ -53,3 +55,20 @@ def test_eval_cli_writes_result_and_predictions(shapes_dir, tmp_path):
     for kind, row in result["per_type"].items():
         preds = [r["prediction"] for r in rows if r["type"] == kind]
         assert row["top_prediction"]["share"] == round(preds.count(row["top_prediction"]["answer"]) / len(preds), 4)
+
+
+def test_eval_cli_answers_through_a_bundle(shapes_dir, tmp_path, tiny_model):
+    """--bundle: the same scoring, with the on-device runtime answering (here an fp32 ONNX bundle)."""
+    from edgevlm.cli import main
+    from edgevlm.export.to_onnx import export_onnx
+
+    bundle = export_onnx(tiny_model, tmp_path / "b", exporter="torchscript", token_check=0, progress=False)
+    out_json, out_pred = tmp_path / "eval.json", tmp_path / "pred.jsonl"
+    assert main(["eval", "--bundle", str(bundle), "--data", str(shapes_dir), "--max-records", "6",
+                 "--json", str(out_json), "--predictions", str(out_pred)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["backend"] == "ort" and result["bundle"] == str(bundle) and result["overall"]["n"] == 6
+    assert len(out_pred.read_text().splitlines()) == 6
+    with pytest.raises(SystemExit) as e:  # one or the other
+        main(["eval", "--model", "tiny", "--bundle", str(bundle)])
+    assert e.value.code == 2

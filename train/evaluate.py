@@ -93,6 +93,7 @@ def format_table(result: dict) -> str:
 
 def evaluate_model(model, data_dir: str, split: str = "test", max_records: int = 0, progress: bool = True,
                    predictions: list | None = None) -> dict:
+    """``model``: anything with ``generate(image=, prompt=, max_new_tokens=)`` (an EdgeVLM or a ``Runtime``)."""
     from edgevlm.train.data.llava import load_llava_records, load_record_image
 
     records = _load_split(data_dir, split, max_records)
@@ -110,7 +111,10 @@ def _load_split(data_dir: str, split: str, max_records: int):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model dir or preset")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="model dir or preset (PyTorch)")
+    which.add_argument("--bundle", help="an exported bundle, answered through the on-device runtime")
+    p.add_argument("--backend", default="ort", help="runtime backend for --bundle (default: %(default)s)")
     p.add_argument("--data", default="data/shapes", help="dataset folder with {split}.json (default: %(default)s)")
     p.add_argument("--split", default="test")
     p.add_argument("--max-records", type=int, default=0)
@@ -120,12 +124,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgevlm import load_model
-
     predictions: list | None = [] if args.predictions else None
-    result = evaluate_model(load_model(args.model), args.data, args.split, args.max_records,
-                            predictions=predictions)
-    result["model"], result["split"] = str(args.model), args.split
+    if args.bundle:
+        from edgevlm.runtime import Runtime
+
+        with Runtime.load(args.bundle, backend=args.backend) as rt:
+            result = evaluate_model(rt, args.data, args.split, args.max_records, predictions=predictions)
+        result["bundle"], result["backend"] = str(args.bundle), args.backend
+    else:
+        from edgevlm import load_model
+
+        result = evaluate_model(load_model(args.model), args.data, args.split, args.max_records,
+                                predictions=predictions)
+        result["model"] = str(args.model)
+    result["split"] = args.split
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
