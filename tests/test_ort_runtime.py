@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -312,3 +313,19 @@ def test_accuracy_per_variant(trained, trained_bundles, trained_data, tmp_path_f
     fp32 = results["fp32"]["overall"]["accuracy"]
     for name, drop in MAX_DROP.items():
         assert results[name]["overall"]["accuracy"] >= fp32 - drop - 1e-9, (name, results[name]["overall"], fp32)
+
+
+def test_a_vnni_int8_bundle_warns_on_a_cpu_that_saturates(bundle, tmp_path, monkeypatch):
+    from edgevlm.runtime import hostcpu
+
+    b = copy_bundle(bundle, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    m["target_info"]["int8"] = {"target": "vnni"}
+    (b / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.setattr(hostcpu, "u8s8_saturates", lambda flags=None: True)
+    with pytest.warns(RuntimeWarning, match="--int8-target portable"):
+        Runtime.load(b, backend="ort").close()
+    monkeypatch.setattr(hostcpu, "u8s8_saturates", lambda flags=None: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Runtime.load(b, backend="ort").close()

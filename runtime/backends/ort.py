@@ -17,6 +17,7 @@ onnxruntime is imported when a backend is opened, never at import time.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -81,6 +82,16 @@ def session_options(ort, threads: int = 0, graph_optimization: str = "all"):
     return opts
 
 
+def _warn_if_int8_saturates(manifest: Manifest, device: str) -> None:
+    """A bundle exported with ``--int8-target vnni`` loses accuracy on x86 CPUs without VNNI."""
+    from ..hostcpu import cpu_class, u8s8_saturates
+
+    if manifest.target_info.get("int8", {}).get("target") == "vnni" and device == "cpu" and u8s8_saturates():
+        warnings.warn(f"this int8 bundle was exported with --int8-target vnni, whose u8 x s8 kernels saturate on "
+                      f"this {cpu_class()} CPU (no VNNI): expect several times the int8 error; re-export with "
+                      "--int8-target portable", RuntimeWarning, stacklevel=3)
+
+
 class OrtBackend(Backend):
     name = "ort"
 
@@ -111,6 +122,7 @@ class OrtBackend(Backend):
         self.embeds_dtype = _NP_TYPES[types["inputs_embeds"]]
         self.kv_dtype = _NP_TYPES[types[self.past_names[0]]]
         self.kv_shape = (1, manifest.model.num_kv_heads, 0, manifest.model.head_dim)  # [B, H_kv, 0, Dh]
+        _warn_if_int8_saturates(manifest, self.device)
         in_place = bool(manifest.target_info.get("kv_cache", {}).get("in_place"))
         self.in_place = in_place and io_binding and self.device == "cpu"
         self._past: list[Any] | None = None  # OrtValues (io_binding) or numpy arrays
