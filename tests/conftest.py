@@ -1,15 +1,21 @@
 """Shared fixtures: tiny data and models built once per test session (no downloads)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Tests never touch the user's cache; the preset tokenizer is rebuilt (deterministically) per session.
-os.environ.setdefault("EDGEVLM_CACHE", str(Path(os.environ.get("PYTEST_CACHE_DIR", "/tmp")) / "edgevlm-test-cache"))
+# Tests never touch the user's cache, nor one left by an earlier run or another checkout: a fresh
+# directory per session (the preset tokenizer is rebuilt deterministically, benchmark exports anew).
+if "EDGEVLM_CACHE" not in os.environ:
+    os.environ["EDGEVLM_CACHE"] = tempfile.mkdtemp(prefix="edgevlm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["EDGEVLM_CACHE"], ignore_errors=True)
 
 # A small tiny-preset variant: same 24x24 grid (llama.cpp's LDP constraint), fewer layers.
 SMALL = dict(vision__num_hidden_layers=3, llm__num_hidden_layers=2)
@@ -99,8 +105,6 @@ TRAINED_STEPS = 120
 
 def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
     """A writable copy of a session-scoped bundle, for tests that damage files."""
-    import shutil
-
     dst = tmp_path / "copy"
     shutil.copytree(bundle, dst)
     return dst
