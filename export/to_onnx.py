@@ -26,6 +26,7 @@ DTYPES = ("fp32", "fp16")
 QUANTIZE = ("none", "int8", "int4")
 ATTENTION = ("auto", "standard", "gqa")
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder")
+INT8_TARGETS = ("portable", "reduce-range", "vnni")  # the keys of onnx_quant.INT8_FORMATS
 TOKEN_CHECK_PROMPTS = 4
 TOKEN_ATOL = {"fp32": 1e-3}  # logit parity the token check enforces; other variants are reported
 
@@ -47,16 +48,16 @@ def variant_plan(dtype: str, quantize: str) -> dict[str, str]:
 
 def int8_format(target: str):
     """The ``onnx_quant.Int8Format`` named ``target`` (``--int8-target``)."""
+    if target not in INT8_TARGETS:
+        raise EdgeVLMError(f"--int8-target must be one of {', '.join(INT8_TARGETS)}, got {target!r}")
     from .onnx_quant import INT8_FORMATS
 
-    if target not in INT8_FORMATS:
-        raise EdgeVLMError(f"--int8-target must be one of {', '.join(INT8_FORMATS)}, got {target!r}")
     return INT8_FORMATS[target]
 
 
-def _advice(variant: str, int8_target: str) -> str:
+def _advice(variant: str, int8) -> str:
     """What to try when a variant fails validation (appended to the error)."""
-    if variant.startswith("int8") and int8_target == "vnni":
+    if variant.startswith("int8") and int8.name == "vnni":
         return ("--int8-target vnni is only accurate on CPUs with VNNI (and on Arm); this CPU may lack it: "
                 "use --int8-target portable (the default) or reduce-range")
     if variant.startswith("int8"):
@@ -105,7 +106,7 @@ def calibration_pixels(model, calib_data: str | None, count: int) -> tuple[list,
     return [preprocess_image(load_image(f), cfg) for f in files], {"source": str(path), "n_images": len(files)}
 
 
-def _make_variant(variant: str, src: Path, dst: Path, pixels: Sequence | None, int8: str) -> list[Path]:
+def _make_variant(variant: str, src: Path, dst: Path, pixels: Sequence | None, int8) -> list[Path]:
     from . import onnx_quant as q
 
     if variant == "fp32":
@@ -113,9 +114,9 @@ def _make_variant(variant: str, src: Path, dst: Path, pixels: Sequence | None, i
     if variant == "fp16":
         return q.to_fp16(src, dst)
     if variant == "int8_static":
-        return q.quantize_int8_static(src, dst, pixels or [], q.INT8_FORMATS[int8])
+        return q.quantize_int8_static(src, dst, pixels or [], int8)
     if variant == "int8_dynamic":
-        return q.quantize_int8_dynamic(src, dst, q.INT8_FORMATS[int8])
+        return q.quantize_int8_dynamic(src, dst, int8)
     return q.quantize_int4(src, dst)
 
 
@@ -190,7 +191,7 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
             calib, info["calibration"] = _calibration_split(model, calib_data, calib_count)
         if int8:
             info["int8"] = int8.to_dict()
-        files = _write_variants(model, plan, sources, writer, calib, info, bar, attn, int8_target)
+        files = _write_variants(model, plan, sources, writer, calib, info, bar, attn, int8)
         if ort_format:
             bar.set_postfix_str("convert to .ort")
             files += _write_ort(model, writer, info)
@@ -220,8 +221,7 @@ def _calibration_split(model, calib_data: str | None, count: int) -> tuple[tuple
     return (calib, held_out), {**desc, "n_images": len(calib), "method": "MinMax", "validation_images": len(held_out)}
 
 
-def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict, bar, attn: str,
-                    int8_target: str) -> list:
+def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict, bar, attn: str, int8) -> list:
     """Each graph in its variant, validated against PyTorch; returns the manifest file entries."""
     from edgevlm.runtime.manifest import FileEntry
 
@@ -233,12 +233,12 @@ def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict,
     for graph, variant in plan.items():
         bar.set_postfix_str(f"{graph}: {variant}")
         pixels = calib[0] if calib else None
-        written = _make_variant(variant, sources[graph]["path"], writer.path(specs[graph].file), pixels, int8_target)
+        written = _make_variant(variant, sources[graph]["path"], writer.path(specs[graph].file), pixels, int8)
         files += [FileEntry(p.name, graph if i == 0 else f"{graph}_data") for i, p in enumerate(written)]
         cases = image_cases(calib[1]) if variant == "int8_static" else None  # calibrated: real images only
         gqa = graph == "decoder" and attn == "gqa"
         report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases, gqa=gqa,
-                                advice=_advice(variant, int8_target))
+                                advice=_advice(variant, int8))
         info["graphs"][graph] = {**specs[graph].to_dict(), "variant": variant, "validation": report}
         if graph == "decoder":
             info["graphs"][graph]["attention"] = attn
@@ -297,7 +297,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-data", help="images for static int8 calibration: a folder or a LLaVA .json "
                                         "(default: freshly generated ShapesVQA scenes)")
     p.add_argument("--calib-count", type=int, default=32, help="calibration images (default: %(default)s)")
-    p.add_argument("--int8-target", default="portable", choices=("portable", "reduce-range", "vnni"),
+    p.add_argument("--int8-target", default="portable", choices=INT8_TARGETS,
                    help="int8 format for --quantize int8/int4: portable (u8 x u8, accurate on every CPU, the "
                         "default), reduce-range (u8 x 7-bit s8, every CPU, faster on AVX2), vnni (u8 x s8, "
                         "fastest, accurate only on x86 CPUs with VNNI and on Arm)")

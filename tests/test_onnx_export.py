@@ -269,6 +269,12 @@ def test_int8_format_is_recorded(bundles):
     assert "int8" not in read_manifest(bundles["fp32"]).target_info
 
 
+def test_int8_targets_of_the_cli_are_the_formats():
+    from edgevlm.export.to_onnx import INT8_TARGETS
+
+    assert set(INT8_TARGETS) == set(onnx_quant.INT8_FORMATS) and onnx_quant.DEFAULT_INT8 == INT8_TARGETS[0]
+
+
 @pytest.mark.parametrize("target", list(onnx_quant.INT8_FORMATS))
 def test_int8_targets_store_their_weight_type(fp32_graphs, tmp_path, target):
     from onnx import numpy_helper
