@@ -3,13 +3,14 @@
 Example (the README's table; the second line runs the same binary as an AVX2-only CPU, no VNNI):
     python benchmarks/int8_formats.py --model tiny --out int8_host.json
     qemu-x86_64 -cpu Haswell .venv/bin/python benchmarks/int8_formats.py --model tiny --no-timing \\
-        --out int8_avx2.json
+        --label "qemu -cpu Haswell (AVX2)" --out int8_avx2.json
 
 For every format in ``export.onnx_quant.INT8_FORMATS`` it quantises the vision graph (static QDQ,
 calibrated on ShapesVQA scenes) and the GroupQueryAttention decoder (dynamic) from one fp32 export,
 and measures the largest relative L2 error vs PyTorch over every output (logits and KV cache) on
 the export validation's cases, and the median run time of each graph on one thread. Under an
-emulator times mean nothing: ``--no-timing``.
+emulator times mean nothing (``--no-timing``), and the CPU class read from /proc/cpuinfo is the
+host's, not the emulated CPU's: say what ran with ``--label``.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="tiny", help="model dir or preset (default: %(default)s)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--no-timing", dest="timing", action="store_false", help="accuracy only (emulated CPUs)")
+    p.add_argument("--label", default="", help="what CPU this ran on when /proc/cpuinfo cannot tell (an emulator)")
     p.add_argument("overrides", nargs="*", help="model config overrides, e.g. llm.num_hidden_layers=2")
     args = p.parse_args(argv)
 
@@ -72,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     model = load_for_export(args.model, args.overrides)
     with tempfile.TemporaryDirectory(prefix="edgevlm-int8-") as tmp:
         rows = measure(model, Path(tmp), timing=args.timing)
-    result = {"cpu_class": cpu_class(), "cpu_flags": cpu_flags(), "model": args.model,
+    result = {"label": args.label, "cpu_class": cpu_class(), "cpu_flags": cpu_flags(), "model": args.model,
               "overrides": args.overrides, "formats": rows}
-    print(f"cpu: {result['cpu_class']}; max relative L2 vs PyTorch over all outputs" +
+    print(f"cpu: {args.label or result['cpu_class']}; max relative L2 vs PyTorch over all outputs" +
           ("; median ms, 1 thread" if args.timing else ""))
     for name, row in rows.items():
         print(f"  {name:<13}" + "  ".join(f"{k} {v}" for k, v in row.items()))
