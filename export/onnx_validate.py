@@ -21,11 +21,14 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
              "decoder": {"atol": 1e-4, "rtol": 1e-4}},
     "fp16": {"vision_encoder": {"atol": 1e-3, "rtol": 2e-2}, "embed_tokens": {"atol": 1e-3, "rtol": 1e-3},
              "decoder": {"atol": 1e-3, "rtol": 2e-2}},
-    # measured: int8 decoder <= 0.044, int8 QDQ vision ~0.006, int4 decoder <= 0.19 (random weights)
+    # measured (tiny, --int8-target portable): int8 decoder 0.026, int8 QDQ vision 0.013
     "int8": {"vision_encoder": {"rel_l2": 0.1}, "embed_tokens": {"atol": 1e-6, "rtol": 0.0},
              "decoder": {"rel_l2": 0.1}},
+    # the int4 decoder is judged against its dequantised twin (the kernels' error: 0.012 tiny), not
+    # against fp32, whose distance is the weight format's (0.19 tiny, 0.52 mobilevlm-1.7b, random
+    # weights) and is reported; see onnx_int4
     "int4": {"vision_encoder": {"rel_l2": 0.1}, "embed_tokens": {"atol": 1e-6, "rtol": 0.0},
-             "decoder": {"rel_l2": 0.35}},
+             "decoder": {"rel_l2": 0.05}},
 }
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -124,21 +127,23 @@ def image_cases(pixels) -> list[tuple[str, dict]]:
 
 def validate_graph(model, graph: str, path: str | Path, variant: str = "fp32",
                    cases: list[tuple[str, dict]] | None = None, gqa: bool = False, advice: str = "",
-                   judge: bool = True) -> dict:
+                   judge: bool = True, reference: str | Path | None = None) -> dict:
     """Run ``path`` in ONNX Runtime and the torch module on each case (default:
     ``validation_cases``); with ``judge``, raise when over tolerance (``advice``, what to try, ends
-    the message); without, only measure.
+    the message); without, only measure. ``reference``: another ONNX graph whose ONNX Runtime
+    outputs stand in for the torch module's.
 
     Returns {"max_abs_diff", "max_abs_diff_first_output", "max_rel_l2", "ref_scale", "tolerance", "cases"}.
     """
     check_graph(path)
     tol = TOLERANCES[variant][graph]
     session = cpu_session(path)
+    ref_session = cpu_session(reference) if reference else None
     names = [o.name for o in session.get_outputs()]
     report: dict = {"tolerance": dict(tol), "cases": {}}
     worst, worst_first, worst_l2, worst_l2_all, scale = 0.0, 0.0, 0.0, 0.0, 0.0
     for case, inputs in cases or validation_cases(model, graph, gqa):
-        ref = torch_outputs(model, graph, inputs)
+        ref = ort_outputs(ref_session, inputs) if ref_session else torch_outputs(model, graph, inputs)
         got = ort_outputs(session, inputs)
         diffs, l2 = {}, {}
         for name, r, g in zip(names, ref, got):

@@ -63,7 +63,8 @@ def _advice(variant: str, int8) -> str:
     if variant.startswith("int8"):
         return "try --int8-target portable (u8 x u8, the most accurate int8 format) or --quantize int4 / --dtype fp16"
     if variant == "int4":
-        return "try --quantize int8 or --dtype fp16; int4 weights are too coarse for this model"
+        return ("the int4 kernels differ from the same weights in fp32 on this CPU: try --quantize int8 "
+                "or --dtype fp16")
     return "this is an exporter bug for fp32/fp16 graphs: please report it with the manifest's versions"
 
 
@@ -226,6 +227,7 @@ def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict,
     from edgevlm.runtime.manifest import FileEntry
 
     from .onnx_graphs import graph_specs
+    from .onnx_int4 import validate_int4_decoder
     from .onnx_validate import image_cases, validate_graph
 
     specs = graph_specs(model)
@@ -237,8 +239,11 @@ def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict,
         files += [FileEntry(p.name, graph if i == 0 else f"{graph}_data") for i, p in enumerate(written)]
         cases = image_cases(calib[1]) if variant == "int8_static" else None  # calibrated: real images only
         gqa = graph == "decoder" and attn == "gqa"
-        report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases, gqa=gqa,
-                                advice=_advice(variant, int8))
+        if variant == "int4":
+            report = validate_int4_decoder(model, written[0], Path(sources[graph]["path"]), gqa, _advice(variant, int8))
+        else:
+            report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases, gqa=gqa,
+                                    advice=_advice(variant, int8))
         info["graphs"][graph] = {**specs[graph].to_dict(), "variant": variant, "validation": report}
         if graph == "decoder":
             info["graphs"][graph]["attention"] = attn

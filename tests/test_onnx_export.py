@@ -130,8 +130,9 @@ def test_variants_have_the_expected_operators(tiny_model, bundles):
             v = g["validation"]
             print(f"{name} {graph} ({g['variant']}): max |ort - torch| = {v['max_abs_diff']:.3g}, "
                   f"relative L2 {v['max_rel_l2']:.3g}")
+            judged = v["kernels"] if (name, graph) == ("int4", "decoder") else v  # int4: vs its fp32 twin
             if name != "fp16" and graph != "embed_tokens":
-                assert v["max_rel_l2"] <= TOLERANCES[name][graph]["rel_l2"]
+                assert judged["max_rel_l2_all_outputs"] <= TOLERANCES[name][graph]["rel_l2"]
 
 
 def test_kv_cache_mode_is_recorded(bundles):
@@ -320,3 +321,31 @@ def test_token_check_is_recorded_and_fails_on_a_damaged_bundle(tiny_model, bundl
     perturb_onnx_weight(b / "decoder_model_merged.onnx", rel=0.05)
     with pytest.raises(EdgeVLMError, match="token check: held-out prompt 0: logits differ"):
         check_tokens(tiny_model, b, read_manifest(b, verify=False), 2, atol=1e-3, threads=1)
+
+
+def test_int4_decoder_is_judged_by_kernels_and_weights(tiny_model, bundles, tmp_path):
+    """vs fp32 is the format's error (reported); vs the dequantised twin the kernels' (judged); the
+    weights vs their source (judged). A damaged twin or damaged int4 weights fail the export."""
+    from conftest import perturb_onnx_weight
+
+    from edgevlm.export import onnx_int4
+
+    v = read_manifest(bundles["int4"]).target_info["graphs"]["decoder"]["validation"]
+    print(f"int4 decoder vs fp32 {v['max_rel_l2_all_outputs']:.3g}, vs its twin "
+          f"{v['kernels']['max_rel_l2_all_outputs']:.3g}, weights {v['weights']}")
+    assert v["kernels"]["max_rel_l2_all_outputs"] < v["max_rel_l2_all_outputs"]
+    assert 0 < v["weights"]["max"] <= onnx_int4.WEIGHT_REL_ERROR
+    int4 = bundles["int4"] / GRAPH_FILES["decoder"]
+    twin = tmp_path / "twin.onnx"
+    onnx_int4.dequantized_twin(int4, twin)
+    perturb_onnx_weight(twin, rel=0.25)
+    with pytest.raises(EdgeVLMError, match="relative L2 error"):
+        validate_graph(tiny_model, "decoder", int4, "int4", gqa=True, reference=twin)
+    proto = onnx.load(str(int4))
+    b = next(t for t in proto.graph.initializer if t.name.endswith("_Q4"))
+    packed = onnx.numpy_helper.to_array(b)
+    b.CopyFrom(onnx.numpy_helper.from_array(((packed & 0x0F) << 4) | (packed >> 4), b.name))  # nibbles swapped
+    onnx.save_model(proto, str(tmp_path / "swapped.onnx"))  # the GQA fp32 source is not in the bundle: rebuild
+    onnx_graphs.build_gqa_decoder(tiny_model, tmp_path / "fp32.onnx")
+    with pytest.raises(EdgeVLMError, match="int4 weights are wrong"):
+        onnx_int4.validate_int4_decoder(tiny_model, tmp_path / "swapped.onnx", tmp_path / "fp32.onnx", gqa=True)
