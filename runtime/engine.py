@@ -5,9 +5,16 @@
     r = rt.generate("photo.jpg", "What colour is the car?", max_new_tokens=32)
     r.text, r.token_ids, r.timings
     for piece in rt.stream(image, prompt): ...
+
+Caches (``runtime.cache``): an image-embedding cache (``image_cache_mb``, default 64 MB; 0 = off)
+and, with ``prefix_reuse=True``, KV prefix reuse on backends that support it: a follow-up turn
+about the same image neither re-encodes the image nor prefills the shared prefix again.
+``r.cache`` says what a call took from them. Prefix reuse is off by default because a prefix
+computed in an earlier call can differ from a fresh prefill in the last float bits.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -15,43 +22,58 @@ from typing import Any
 import numpy as np
 
 from .backends import BACKENDS, load_backend_modules
+from .cache import DEFAULT_IMAGE_CACHE_MB, ImageCache, PrefixCache
 from .chat import IMAGE_TOKEN, TEMPLATES
-from .generate import GenerationConfig, GenerationResult, Stream, generate, stream
+from .generate import Caches, GenerationConfig, GenerationResult, Stream, generate, stream
 from .manifest import Manifest, read_manifest
-from .preprocess import load_image, preprocess_image
+from .preprocess import DEFAULT_MAX_PIXELS, load_image, preprocess_image
 from .tokenizer import TextTokenizer
 
 
 class Runtime:
-    def __init__(self, backend, tokenizer: TextTokenizer, manifest: Manifest, root: Path):
+    def __init__(self, backend, tokenizer: TextTokenizer, manifest: Manifest, root: Path,
+                 image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB, prefix_reuse: bool = False):
         self.backend = backend
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.root = root
+        self.caches = Caches(images=ImageCache(int(image_cache_mb * (1 << 20))) if image_cache_mb > 0 else None,
+                             prefix=PrefixCache() if prefix_reuse else None)
 
     @classmethod
-    def load(cls, bundle: str | os.PathLike, backend: str = "ort", verify: bool = True, **options: Any) -> "Runtime":
+    def load(cls, bundle: str | os.PathLike, backend: str = "ort", verify: bool = True,
+             image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB, prefix_reuse: bool = False,
+             **options: Any) -> "Runtime":
         """Open ``bundle`` with the named backend; ``options`` go to the backend (threads, providers...)."""
         root = Path(bundle)
+        caching = dict(image_cache_mb=image_cache_mb, prefix_reuse=prefix_reuse)
         if backend == "torch" and not (root / "manifest.json").is_file():
             from .backends.torch import open_model_dir  # a model dir or preset: the torch reference
 
             be, tok, manifest = open_model_dir(root)
-            return cls(be, tok, manifest, root)
+            return cls(be, tok, manifest, root, **caching)
         manifest = read_manifest(root, verify=verify)
         load_backend_modules()
         factory = BACKENDS.get(backend)
         be = factory(root, manifest, **options)
         tok = TextTokenizer.from_dir(root, bos_id=manifest.tokens["bos_id"], eos_id=manifest.tokens["eos_id"])
-        return cls(be, tok, manifest, root)
+        return cls(be, tok, manifest, root, **caching)
 
     def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
         if with_image and IMAGE_TOKEN not in prompt:
             prompt = f"{IMAGE_TOKEN}\n{prompt}"
         return self.tokenizer.encode_chat(TEMPLATES[self.manifest.chat_template], [(prompt, None)])
 
-    def pixel_values(self, image) -> np.ndarray:
-        return preprocess_image(load_image(image), self.manifest.preprocess)
+    def chat_ids(self, turns, system: str | None = None) -> list[int]:
+        """Prompt ids of a conversation [(question, answer-or-None)] (``<image>`` marks an image);
+        ``system`` replaces the template's system prompt."""
+        template = TEMPLATES[self.manifest.chat_template]
+        if system is not None:
+            template = dataclasses.replace(template, system=system)
+        return self.tokenizer.encode_chat(template, turns)
+
+    def pixel_values(self, image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        return preprocess_image(load_image(image, max_pixels), self.manifest.preprocess)  # [1, 3, S, S]
 
     def _inputs(self, image, prompt: str):
         pixels = None if image is None else self.pixel_values(image)
@@ -59,11 +81,17 @@ class Runtime:
 
     def generate(self, image=None, prompt: str = "", max_new_tokens: int = 32, **gen: Any) -> GenerationResult:
         ids, pixels = self._inputs(image, prompt)
-        return generate(self.backend, self.tokenizer, ids, pixels, GenerationConfig(max_new_tokens=max_new_tokens, **gen))
+        config = GenerationConfig(max_new_tokens=max_new_tokens, **gen)
+        return generate(self.backend, self.tokenizer, ids, pixels, config, self.caches)
 
     def stream(self, image=None, prompt: str = "", max_new_tokens: int = 32, **gen: Any) -> Stream:
         ids, pixels = self._inputs(image, prompt)
-        return stream(self.backend, self.tokenizer, ids, pixels, GenerationConfig(max_new_tokens=max_new_tokens, **gen))
+        config = GenerationConfig(max_new_tokens=max_new_tokens, **gen)
+        return stream(self.backend, self.tokenizer, ids, pixels, config, self.caches)
+
+    def stream_ids(self, prompt_ids, pixels: np.ndarray | None, config: GenerationConfig) -> Stream:
+        """``stream`` for prepared inputs (``chat_ids``, ``pixel_values``), with this Runtime's caches."""
+        return stream(self.backend, self.tokenizer, prompt_ids, pixels, config, self.caches)
 
     def close(self) -> None:
         self.backend.close()

@@ -11,16 +11,24 @@ Stop strings are matched on text that later tokens cannot change (see Incrementa
 the text of an open run of byte-fallback tokens -- ``<0x0A>`` for "\n" in Llama vocabularies --
 becomes final one token later, so such a stop may cost one extra decode step.
 Timings exclude the time a streaming consumer spends between pieces.
+
+Caches (``runtime.cache``, passed by ``Runtime``): an ``ImageCache`` skips the vision encoder for
+an image seen before; a ``PrefixCache`` lets a backend with ``supports_prefix`` keep the KV cache
+of the positions the new sequence shares with the previous one and prefill only the rest.
+``GenerationResult.cache`` reports both. ``Stream.cancel()`` (from any thread) ends a streaming
+run before its next decode step, with ``finish_reason`` ``"cancelled"``.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Generator, Iterator, Sequence
+from typing import Generator, Hashable, Iterator, Sequence
 
 import numpy as np
 
 from .backends.base import Backend
+from .cache import CacheReport, ImageCache, PrefixCache, image_key, position_keys, prefill
 from .chat import IMAGE_TOKEN_INDEX
 from .errors import ContextLengthError, EdgeVLMError
 from .sampling import Sampler, SamplingConfig
@@ -81,7 +89,16 @@ class GenerationResult:
     text: str
     token_ids: list[int]  # generated only
     timings: Timings = field(default_factory=Timings)
-    finish_reason: str = "length"  # "eos" | "stop" | "length"
+    finish_reason: str = "length"  # "eos" | "stop" | "length" | "cancelled" (Stream.cancel)
+    cache: CacheReport = field(default_factory=CacheReport)
+
+
+@dataclass
+class Caches:
+    """The caches a ``Runtime`` lends the loop (either may be None: not used)."""
+
+    images: ImageCache | None = None
+    prefix: PrefixCache | None = None
 
 
 def generate(
@@ -90,10 +107,11 @@ def generate(
     prompt_ids: Sequence[int],
     pixel_values: np.ndarray | None,
     config: GenerationConfig | None = None,
+    caches: Caches | None = None,
 ) -> GenerationResult:
     """Run the loop to the end and return text, ids, timings and why it stopped."""
     config = config or GenerationConfig()
-    gen = _run(backend, tokenizer, list(prompt_ids), pixel_values, config, False)
+    gen = _run(backend, tokenizer, list(prompt_ids), pixel_values, config, False, caches or Caches(), None)
     try:
         while True:
             next(gen)
@@ -104,8 +122,9 @@ def generate(
 class Stream(Iterator[str]):
     """Iterator over text pieces; ``result`` holds the GenerationResult once it is exhausted."""
 
-    def __init__(self, gen: Generator[str, None, GenerationResult]):
+    def __init__(self, gen: Generator[str, None, GenerationResult], cancelled: threading.Event):
         self._gen = gen
+        self._cancelled = cancelled
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> "Stream":
@@ -123,6 +142,10 @@ class Stream(Iterator[str]):
     def close(self) -> None:
         self._gen.close()
 
+    def cancel(self) -> None:
+        """Ask the run to stop before its next decode step (safe from another thread)."""
+        self._cancelled.set()
+
 
 def stream(
     backend: Backend,
@@ -130,13 +153,16 @@ def stream(
     prompt_ids: Sequence[int],
     pixel_values: np.ndarray | None,
     config: GenerationConfig | None = None,
+    caches: Caches | None = None,
 ) -> Stream:
     """Like ``generate`` but yields text pieces as they are complete; their concatenation is
     ``result.text``. Text that could be the start of a stop string is held back until resolved."""
     config = config or GenerationConfig()
     prompt_ids = list(prompt_ids)
     _check_inputs(prompt_ids, pixel_values, config)  # fail at the call, not at the first next()
-    return Stream(_run(backend, tokenizer, prompt_ids, pixel_values, config, True))
+    cancelled = threading.Event()
+    gen = _run(backend, tokenizer, prompt_ids, pixel_values, config, True, caches or Caches(), cancelled)
+    return Stream(gen, cancelled)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -198,7 +224,7 @@ def split_segments(prompt_ids: Sequence[int], visual: np.ndarray | None) -> list
     return segments
 
 
-def _encode_images(backend: Backend, pixel_values: np.ndarray, timings: Timings) -> np.ndarray:
+def _run_encoder(backend: Backend, pixel_values: np.ndarray, timings: Timings) -> np.ndarray:
     t = time.perf_counter()
     visual = backend.encode_image(np.ascontiguousarray(pixel_values, dtype=np.float32))
     timings.vision_ms = (time.perf_counter() - t) * 1e3
@@ -209,23 +235,45 @@ def _encode_images(backend: Backend, pixel_values: np.ndarray, timings: Timings)
     return visual  # [B, M, D]
 
 
+def _encode_images(
+    backend: Backend, pixel_values: np.ndarray, keys: list[str] | None, cache: ImageCache | None,
+    timings: Timings, report: CacheReport,
+) -> np.ndarray:
+    """Visual tokens [B, M, D]: cached images from ``cache``, the others through the encoder."""
+    if cache is None or keys is None or not backend.cacheable_images:
+        report.images_encoded = int(pixel_values.shape[0])
+        return _run_encoder(backend, pixel_values, timings)
+    return cache.lookup(keys, pixel_values, lambda px: _run_encoder(backend, px, timings), report)
+
+
 def _prepare(
     backend: Backend,
     prompt_ids: list[int],
     pixel_values: np.ndarray | None,
     config: GenerationConfig,
+    caches: Caches,
     tm: Timings,
-) -> tuple[list[np.ndarray], int]:
-    """Checks, vision encoder and context guard; returns (prefill segments, max new tokens)."""
+    report: CacheReport,
+) -> tuple[list[np.ndarray], int, list[Hashable] | None]:
+    """Checks, vision encoder and context guard; returns (prefill segments, max new tokens,
+    position keys for the prefix cache or None)."""
     n_images = _check_inputs(prompt_ids, pixel_values, config)
     tm.n_prompt_tokens = len(prompt_ids) - n_images
     fit_max_new_tokens(0, tm.n_prompt_tokens, 1, backend.n_ctx)  # text alone: fail before vision
-    visual = _encode_images(backend, pixel_values, tm) if n_images else None
+    hashed = n_images and (caches.images is not None or caches.prefix is not None)
+    image_keys = [image_key(p) for p in pixel_values] if hashed else []
+    visual = None
+    if n_images:
+        visual = _encode_images(backend, pixel_values, image_keys or None, caches.images, tm, report)
     tm.n_visual_tokens = 0 if visual is None else int(visual.shape[0] * visual.shape[1])
     max_new = fit_max_new_tokens(
         tm.n_visual_tokens, tm.n_prompt_tokens, config.max_new_tokens, backend.n_ctx
     )
-    return split_segments(prompt_ids, visual), max_new
+    keys = None
+    if caches.prefix is not None and backend.supports_prefix:
+        per_image = 0 if visual is None else int(visual.shape[1])
+        keys = position_keys(prompt_ids, image_keys, per_image, IMAGE_TOKEN_INDEX)
+    return split_segments(prompt_ids, visual), max_new, keys
 
 
 # --- text and stop strings ----------------------------------------------------------------------
@@ -283,40 +331,26 @@ def _run(
     pixel_values: np.ndarray | None,
     config: GenerationConfig,
     streaming: bool,
+    caches: Caches,
+    cancelled: threading.Event | None,
 ) -> Generator[str, None, GenerationResult]:
     t0 = time.perf_counter()
-    tm = Timings()
-    segments, max_new = _prepare(backend, prompt_ids, pixel_values, config, tm)
-    t = time.perf_counter()
-    logits = backend.prefill(segments)
-    tm.prefill_ms = (time.perf_counter() - t) * 1e3
-
-    sampler = Sampler(config.sampling)
-    context = [i for i in prompt_ids if i >= 0]  # for the repetition penalty
-    state = _TextState(tokenizer, config.stop) if (streaming or config.stop) else None
-    generated: list[int] = []
-    finish, paused, t_first = "length", 0.0, 0.0
-    for step in range(max_new):
-        token = sampler(logits, context)
-        generated.append(token)
-        context.append(token)
-        if step == 0:
-            t_first = time.perf_counter()
-            tm.ttft_ms = (t_first - t0) * 1e3
-        if token == tokenizer.eos_id and not config.ignore_eos:
-            finish = "eos"
-            break
-        if state is not None:
-            piece, stopped = state.push(token)
-            if piece and streaming:
-                t_yield = time.perf_counter()
-                yield piece
-                paused += time.perf_counter() - t_yield
-            if stopped:
-                finish = "stop"
-                break
-        if step + 1 < max_new:
-            logits = backend.decode(token)
+    tm, report = Timings(), CacheReport()
+    segments, max_new, keys = _prepare(backend, prompt_ids, pixel_values, config, caches, tm, report)
+    prefix = caches.prefix if keys is not None else None
+    try:
+        t = time.perf_counter()
+        logits = prefill(backend, segments, keys, prefix, report)
+        tm.prefill_ms = (time.perf_counter() - t) * 1e3
+        state = _TextState(tokenizer, config.stop) if (streaming or config.stop) else None
+        loop = _decode(backend, tokenizer, logits, prompt_ids, config, max_new, state, streaming,
+                       prefix, cancelled)
+        generated, finish, t_first, paused = yield from loop
+    except Exception:
+        if prefix is not None:
+            prefix.invalidate()  # the backend's KV cache may hold anything now
+        raise
+    tm.ttft_ms = (t_first - t0) * 1e3
     t_end = time.perf_counter()
 
     if state is None:
@@ -331,4 +365,51 @@ def _run(
     if len(generated) > 1:
         tm.decode_tok_s = (len(generated) - 1) / max(t_end - t_first - paused, 1e-9)
     tm.total_ms = (t_end - t0 - paused) * 1e3
-    return GenerationResult(text=text, token_ids=generated, timings=tm, finish_reason=finish)
+    return GenerationResult(text=text, token_ids=generated, timings=tm, finish_reason=finish,
+                            cache=report)
+
+
+def _decode(
+    backend: Backend,
+    tokenizer: TextTokenizer,
+    logits: np.ndarray,
+    prompt_ids: list[int],
+    config: GenerationConfig,
+    max_new: int,
+    state: _TextState | None,
+    streaming: bool,
+    prefix: PrefixCache | None,
+    cancelled: threading.Event | None,
+) -> Generator[str, None, tuple[list[int], str, float, float]]:
+    """Sample, stop rules, decode steps; returns (generated ids, finish reason, time of the first
+    token, seconds spent paused at yields)."""
+    sampler = Sampler(config.sampling)
+    context = [i for i in prompt_ids if i >= 0]  # for the repetition penalty
+    generated: list[int] = []
+    finish, paused, t_first = "length", 0.0, 0.0
+    for step in range(max_new):
+        token = sampler(logits, context)
+        generated.append(token)
+        context.append(token)
+        if step == 0:
+            t_first = time.perf_counter()
+        if token == tokenizer.eos_id and not config.ignore_eos:
+            finish = "eos"
+            break
+        if state is not None:
+            piece, stopped = state.push(token)
+            if piece and streaming:
+                t_yield = time.perf_counter()
+                yield piece
+                paused += time.perf_counter() - t_yield
+            if stopped:
+                finish = "stop"
+                break
+        if step + 1 < max_new:
+            if cancelled is not None and cancelled.is_set():
+                finish = "cancelled"
+                break
+            logits = backend.decode(token)
+            if prefix is not None:
+                prefix.keys.append(token)  # the KV cache now holds this token too
+    return generated, finish, t_first, paused

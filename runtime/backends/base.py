@@ -4,6 +4,11 @@ A backend holds one sequence at a time. ``prefill`` starts it (resetting the KV 
 ordered list of segments -- token ids or visual token embeddings -- and returns the logits of the
 last position; ``decode`` appends one token using the cache. Sampling, stop rules, streaming and
 timings are not a backend's business.
+
+Optional, for multi-turn use (``runtime.cache``): a backend with ``supports_prefix`` implements
+``prefill_from``, which keeps the first positions of the current sequence's KV cache and runs only
+the rest; ``cacheable_images = False`` marks a backend whose ``encode_image`` has side effects the
+sequence needs (so its visual tokens must not come from a cache).
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ class Backend(abc.ABC):
 
     name: str = "backend"
     n_ctx: int = 0  # max positions: visual tokens + prompt tokens + generated tokens
+    supports_prefix: bool = False  # implements prefill_from
+    cacheable_images: bool = True  # encode_image is a pure function of the pixels
 
     @abc.abstractmethod
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -37,6 +44,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def decode(self, token_id: int) -> np.ndarray:
         """Append one token at the next position using the KV cache; return float32 logits [V]."""
+
+    @property
+    def n_past(self) -> int:
+        """Positions the KV cache holds now (prefix-capable backends say; others 0)."""
+        return 0
+
+    def prefill_from(self, keep: int, segments: Sequence[np.ndarray]) -> np.ndarray:
+        """Keep the first ``keep`` positions of the current sequence (``0 < keep <=`` its length),
+        drop the rest, run ``segments`` at the positions after them; logits [V] of the last."""
+        raise NotImplementedError(f"the {self.name} backend cannot keep a KV prefix")
 
     def close(self) -> None:
         """Release the model's resources (default: nothing to do)."""

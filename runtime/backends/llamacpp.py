@@ -87,6 +87,7 @@ def default_threads() -> int:
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
+    supports_prefix = True
 
     def __init__(self, llm_path, mmproj_path, *, image_size: int, mean, std, n_threads: int | None = None,
                  n_gpu_layers: int = -1, n_ctx: int | None = None, n_batch: int = 512,
@@ -229,6 +230,22 @@ class LlamaCppBackend(Backend):
     def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
         self.lib.llama_memory_clear(self._mem, True)
         self._pos = 0
+        return self._feed_all(segments)
+
+    @property
+    def n_past(self) -> int:
+        return self._pos
+
+    def prefill_from(self, keep: int, segments: Sequence[np.ndarray]) -> np.ndarray:
+        if not 0 < keep <= self._pos:
+            raise RuntimeError(f"cannot keep {keep} positions of a sequence of {self._pos}")
+        if not self.lib.llama_memory_seq_rm(self._mem, 0, keep, -1):
+            raise RuntimeError(f"llama.cpp could not drop KV positions from {keep} on")
+        self._pos = keep
+        return self._feed_all(segments)
+
+    def _feed_all(self, segments: Sequence[np.ndarray]) -> np.ndarray:
+        """Evaluate ``segments`` after the current positions; logits [V] of the last."""
         segments = [s for s in segments if len(s)]
         if not segments:
             raise EdgeVLMError("prefill needs at least one token")

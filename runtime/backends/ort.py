@@ -94,6 +94,7 @@ def _warn_if_int8_saturates(manifest: Manifest, device: str) -> None:
 
 class OrtBackend(Backend):
     name = "ort"
+    supports_prefix = True
 
     def __init__(self, root: Path, manifest: Manifest, providers: str | Sequence[str] | None = None,
                  threads: int = 0, graph_optimization: str = "all", io_binding: bool = True,
@@ -147,13 +148,37 @@ class OrtBackend(Backend):
         out = self.sessions["embed_tokens"].run(None, {"input_ids": np.asarray(ids, dtype=np.int64)[None]})[0]
         return out[0]  # [T, D]
 
-    def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
+    def _embed_segments(self, segments: Sequence[np.ndarray]) -> np.ndarray:
         parts = [s if is_visual_segment(s) else self.embed(s) for s in segments]
-        x = np.concatenate([p.astype(self.embeds_dtype, copy=False) for p in parts])[None]  # [1, T, D]
+        return np.concatenate([p.astype(self.embeds_dtype, copy=False) for p in parts])[None]  # [1, T, D]
+
+    def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
+        x = self._embed_segments(segments)  # [1, T, D]
         self._pos = 0
         if not self.in_place:  # in place: keep the buffers, positions >= 0 are simply rewritten
             self._past = self._empty_past()
         return self._step(x)
+
+    @property
+    def n_past(self) -> int:
+        return self._pos if self._past is not None else 0
+
+    def prefill_from(self, keep: int, segments: Sequence[np.ndarray]) -> np.ndarray:
+        """Keep ``keep`` cached positions (in place: later ones are simply rewritten) and run the rest."""
+        if self._past is None or not 0 < keep <= self._pos:
+            raise RuntimeError(f"cannot keep {keep} positions of a sequence of {self._pos}")
+        if not self.in_place and keep < self._pos:
+            self._past = [self._truncated(v, keep) for v in self._past]
+        self._pos = keep
+        x = self._embed_segments(segments)  # [1, T, D]
+        return self._step(x)
+
+    def _truncated(self, past, keep: int):
+        """The first ``keep`` positions of one past tensor [1, H_kv, P, Dh] (numpy or OrtValue)."""
+        if not self.io_binding:
+            return past[:, :, :keep]
+        kept = np.ascontiguousarray(past.numpy()[:, :, :keep])
+        return self.ort.OrtValue.ortvalue_from_numpy(kept, self.device, 0)
 
     def decode(self, token_id: int) -> np.ndarray:
         if self._past is None or (self.in_place and self._pos == 0):

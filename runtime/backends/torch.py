@@ -19,6 +19,7 @@ from .base import Backend, is_visual_segment
 
 class TorchBackend(Backend):
     name = "torch"
+    cacheable_images = False  # encode_image keeps per-image LLM weights for the next prefill
 
     def __init__(self, model, device: str | None = None):
         import torch

@@ -1,0 +1,20 @@
+"""``edgevlm serve``: an OpenAI-compatible HTTP server over one ``Runtime`` (FastAPI + uvicorn).
+
+The server owns HTTP, request parsing, queueing and limits; generation, images, templates and
+caches are the runtime's. Modules: ``errors`` (user errors -> OpenAI-shaped 4xx, in one place),
+``requests`` (chat request body -> prompt ids, pixels, GenerationConfig), ``images`` (image_url ->
+bytes: data URIs and paths under --image-root), ``worker`` (one generation at a time, in order,
+bounded queue), ``metrics`` (Prometheus text), ``responses`` (OpenAI response and chunk shapes),
+``app`` (the routes), ``cli`` (the subcommand).
+"""
+from __future__ import annotations
+
+__all__ = ["ServeConfig", "create_app"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(name)

@@ -1,0 +1,82 @@
+"""Serve a bundle over HTTP with an OpenAI-compatible API (chat completions with images, streaming).
+
+Example:
+    edgevlm serve --bundle bundles/tiny-gguf --backend llamacpp --port 8080
+    curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "tiny-gguf", "messages": [{"role": "user", "content": "Hello"}]}'
+
+Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics (Prometheus).
+Requests run one at a time, in order; --max-queue more may wait, the rest get 429. Images come as
+base64 data: URIs, or as paths under --image-root; URLs are never fetched. Needs the [serve] extra.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle dir (manifest.json)")
+    p.add_argument("--backend", default="ort", help="ort (default) | llamacpp | trt | torch")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the bundle dir's name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the running one")
+    p.add_argument("--max-image-mb", type=float, default=20.0, help="largest encoded image accepted")
+    p.add_argument("--max-pixels", type=int, default=None, help="largest decoded image (decompression-bomb guard)")
+    p.add_argument("--max-images", type=int, default=1, help="images per conversation (the template takes one)")
+    p.add_argument("--image-root", type=Path, default=None, help="allow image paths under this directory")
+    p.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    p.add_argument("--image-cache-mb", type=float, default=64.0, help="image-embedding cache size (0: off)")
+    p.add_argument("--no-prefix-reuse", action="store_true", help="always prefill the whole prompt")
+    p.add_argument("--threads", type=int, default=None, help="ort: intra-op threads; llamacpp: n_threads")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    if args.threads is None:
+        return {}
+    return {"n_threads": args.threads} if args.backend == "llamacpp" else {"threads": args.threads}
+
+
+def build(args: argparse.Namespace):
+    """(ASGI app, runtime) for the parsed arguments."""
+    from ..engine import Runtime
+    from ..errors import EdgeVLMError
+    from ..preprocess import DEFAULT_MAX_PIXELS
+    from .app import ServeConfig, create_app
+    from .requests import Limits
+
+    if args.max_queue < 0 or args.max_image_mb <= 0 or args.max_images < 0:
+        raise EdgeVLMError("--max-queue must be >= 0, --max-image-mb > 0 and --max-images >= 0")
+    if args.image_root is not None and not args.image_root.is_dir():
+        raise EdgeVLMError(f"--image-root {args.image_root}: not a directory")
+    rt = Runtime.load(args.bundle, backend=args.backend, image_cache_mb=args.image_cache_mb,
+                      prefix_reuse=not args.no_prefix_reuse, **backend_options(args))
+    limits = Limits(max_image_bytes=int(args.max_image_mb * (1 << 20)),
+                    max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, max_images=args.max_images,
+                    image_root=args.image_root, default_max_tokens=args.max_tokens)
+    config = ServeConfig(model_name=args.model_name or Path(args.bundle).resolve().name,
+                         api_key=args.api_key, max_queue=args.max_queue, limits=limits)
+    return create_app(rt, config), rt
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import EdgeVLMError
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise EdgeVLMError("edgevlm serve needs FastAPI and uvicorn: pip install 'edgevlm[serve]'") from None
+    app, rt = build(args)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    finally:
+        rt.close()
+    return 0
+
+
+if __name__ == "__main__":
+    from edgevlm.cli import script_main
+
+    script_main("serve")
