@@ -98,9 +98,9 @@ WEIGHT_REL_ERROR = 0.25  # per matrix; round-to-nearest block-32 int4 of Gaussia
 
 
 def validate_int4_decoder(model, path: Path, source: Path, gqa: bool, advice: str = "") -> dict:
-    """The int4 decoder's three numbers: vs PyTorch fp32 (the format's error, reported), vs its
-    dequantised twin (the kernels' error, judged by ``TOLERANCES['int4']['decoder']``) and the
-    weights vs their fp32 source (judged by ``WEIGHT_REL_ERROR``)."""
+    """The int4 decoder's numbers: vs PyTorch fp32 (reported), its dequantised twin vs PyTorch fp32
+    (the weight format's share, reported), vs its twin (the kernels' share, judged by
+    ``TOLERANCES['int4']['decoder']``) and the weights vs their fp32 source (judged by ``WEIGHT_REL_ERROR``)."""
     import tempfile
 
     from .onnx_validate import validate_graph
@@ -114,5 +114,7 @@ def validate_int4_decoder(model, path: Path, source: Path, gqa: bool, advice: st
         twin = Path(tmp) / "decoder_dequantized.onnx"
         dequantized_twin(path, twin)
         report["kernels"] = validate_graph(model, "decoder", path, "int4", gqa=gqa, advice=advice, reference=twin)
+        twin_vs_fp32 = validate_graph(model, "decoder", twin, "int4", gqa=gqa, judge=False)  # the format alone
+        report["dequantized_vs_fp32_rel_l2"] = twin_vs_fp32["max_rel_l2_all_outputs"]
     report["weights"] = weights
     return report
