@@ -14,9 +14,9 @@ a time; with several clients a follow-up may find another conversation in the KV
 cache still hits). ``--no-cache`` serves without the image cache and prefix reuse, for the baseline.
 
 ``--compare-llama-cpp-server`` (GGUF bundles; needs llama-cpp-python's ``[server]`` extra) also
-serves the bundle's LLM with ``llama_cpp.server`` and streams the same text-only prompt from both
-servers, one request at a time: decode tok/s measured by the client for both, content chunks after
-the first / time from the first to the last chunk (both servers send about one chunk per token).
+serves the bundle's LLM with ``llama_cpp.server`` and sends the same text-only prompt to both, one
+request at a time: decode tok/s measured by the client the same way for both, (tokens of a long
+answer - tokens of an 8-token answer) / (median time of the long - of the short request).
 """
 from __future__ import annotations
 
@@ -124,21 +124,26 @@ def run_level(url: str, model: str, clients: int, rounds: int, max_tokens: int, 
     return {"clients": clients, "first": first, "follow_up": follow, "follow_up_ttft_ratio_p50": ratio}
 
 
-def chunk_rate(url: str, model: str, prompt: str, max_tokens: int) -> float:
-    """Client-side decode speed of one streamed text-only request: chunks/s after the first."""
+def timed_completion(url: str, model: str, prompt: str, max_tokens: int) -> tuple[int, float]:
+    """(completion tokens, seconds) of one non-streamed text-only request."""
     import httpx
 
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
-    stamps = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    stamps.append(time.perf_counter())
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 2 else float("nan")
+            "temperature": 0}
+    t0 = time.perf_counter()
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+    r.raise_for_status()
+    return r.json()["usage"]["completion_tokens"], time.perf_counter() - t0
+
+
+def decode_rate(url: str, model: str, prompt: str, max_tokens: int, repeats: int) -> float:
+    """Client-side decode tok/s: extra tokens / extra time of a long vs a short answer to the same
+    prompt (greedy, so the long one continues the short one); prefill and HTTP cancel out."""
+    short = [timed_completion(url, model, prompt, 8) for _ in range(repeats)]
+    long = [timed_completion(url, model, prompt, max_tokens) for _ in range(repeats)]
+    n_short, n_long = short[0][0], long[0][0]
+    extra_s = statistics.median(t for _, t in long) - statistics.median(t for _, t in short)
+    return (n_long - n_short) / extra_s if n_long > n_short and extra_s > 0 else float("nan")
 
 
 def compare_llama_cpp_server(ours_url: str, bundle: Path, threads: int | None, n: int, max_tokens: int) -> dict:
@@ -157,8 +162,8 @@ def compare_llama_cpp_server(ours_url: str, bundle: Path, threads: int | None, n
     out = {"quant": quant, "prompt": prompt, "max_tokens": max_tokens, "requests": n}
     with BackgroundServer(create_app(server_settings=ServerSettings(), model_settings=[settings])) as theirs:
         for name, url in (("edgevlm_serve", ours_url), ("llama_cpp_server", theirs.url)):
-            chunk_rate(url, "bench", prompt, 8)  # warm-up
-            out[name] = statistics.median(chunk_rate(url, "bench", prompt, max_tokens) for _ in range(n))
+            timed_completion(url, "bench", prompt, 8)  # warm-up
+            out[name] = decode_rate(url, "bench", prompt, max_tokens, n)
     out["ratio"] = out["edgevlm_serve"] / out["llama_cpp_server"]
     return out
 
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         rt.close()
     print_table(results)
     if peer:
-        print(f"decode tok/s, text-only, client-side: edgevlm serve {peer['edgevlm_serve']:.1f}, "
+        print(f"decode tok/s, text-only, client-side, long - short answer: edgevlm serve {peer['edgevlm_serve']:.1f}, "
               f"llama_cpp.server {peer['llama_cpp_server']:.1f} (ratio {peer['ratio']:.3f})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
