@@ -115,6 +115,14 @@ class PrefixCache:
 
 
 @dataclass
+class Caches:
+    """The caches a ``Runtime`` lends the generation loop (either may be None: not used)."""
+
+    images: ImageCache | None = None
+    prefix: PrefixCache | None = None
+
+
+@dataclass
 class CacheReport:
     """What one generation took from the caches."""
 

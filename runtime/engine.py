@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from .backends import BACKENDS, load_backend_modules
-from .cache import DEFAULT_IMAGE_CACHE_MB, ImageCache, PrefixCache
+from .cache import DEFAULT_IMAGE_CACHE_MB, Caches, ImageCache, PrefixCache
 from .chat import IMAGE_TOKEN, TEMPLATES
-from .generate import Caches, GenerationConfig, GenerationResult, Stream, generate, stream
+from .generate import GenerationConfig, GenerationResult, Stream, generate, stream
 from .manifest import Manifest, read_manifest
 from .preprocess import DEFAULT_MAX_PIXELS, load_image, preprocess_image
 from .tokenizer import TextTokenizer

@@ -28,7 +28,7 @@ from typing import Generator, Hashable, Iterator, Sequence
 import numpy as np
 
 from .backends.base import Backend
-from .cache import CacheReport, ImageCache, PrefixCache, image_key, position_keys, prefill
+from .cache import CacheReport, Caches, ImageCache, PrefixCache, image_key, position_keys, prefill
 from .chat import IMAGE_TOKEN_INDEX
 from .errors import ContextLengthError, EdgeVLMError
 from .sampling import Sampler, SamplingConfig
@@ -91,14 +91,6 @@ class GenerationResult:
     timings: Timings = field(default_factory=Timings)
     finish_reason: str = "length"  # "eos" | "stop" | "length" | "cancelled" (Stream.cancel)
     cache: CacheReport = field(default_factory=CacheReport)
-
-
-@dataclass
-class Caches:
-    """The caches a ``Runtime`` lends the loop (either may be None: not used)."""
-
-    images: ImageCache | None = None
-    prefix: PrefixCache | None = None
 
 
 def generate(

@@ -5,7 +5,8 @@ caches are the runtime's. Modules: ``errors`` (user errors -> OpenAI-shaped 4xx,
 ``requests`` (chat request body -> prompt ids, pixels, GenerationConfig), ``images`` (image_url ->
 bytes: data URIs and paths under --image-root), ``worker`` (one generation at a time, in order,
 bounded queue), ``metrics`` (Prometheus text), ``responses`` (OpenAI response and chunk shapes),
-``app`` (the routes), ``cli`` (the subcommand).
+``app`` (the routes), ``cli`` (the subcommand), ``background`` (uvicorn in a thread, for tests and
+benchmarks).
 """
 from __future__ import annotations
 
