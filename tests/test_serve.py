@@ -141,6 +141,15 @@ def onnx_bundle(small_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def gqa_bundle(small_model, tmp_path_factory):
+    """The GroupQueryAttention decoder: its KV cache is updated in place (another prefix path)."""
+    from edgevlm.export.to_onnx import export_onnx
+
+    return export_onnx(small_model, tmp_path_factory.mktemp("serve_gqa") / "b", exporter="torchscript",
+                       attention="gqa", token_check=0, progress=False)
+
+
+@pytest.fixture(scope="module")
 def gguf_bundle(small_model, tmp_path_factory):
     pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp")
@@ -193,15 +202,17 @@ def test_image_cache_is_bounded_in_bytes_and_keyed_by_content():
     assert cache.get("big") is None and cache.n_bytes == 1200
 
 
-@pytest.mark.parametrize("backend", ["ort", "llamacpp"])
-def test_runtime_prefix_reuse_keeps_the_answers(backend, request):
-    bundle = request.getfixturevalue("onnx_bundle" if backend == "ort" else "gguf_bundle")
+@pytest.mark.parametrize("backend, fixture", [("ort", "onnx_bundle"), ("ort", "gqa_bundle"),
+                                              ("llamacpp", "gguf_bundle")])
+def test_runtime_prefix_reuse_keeps_the_answers(backend, fixture, request):
+    bundle = request.getfixturevalue(fixture)
     from edgevlm.runtime.generate import GenerationConfig
 
     img = _image(4)
     opts = {"n_threads": 1} if backend == "llamacpp" else {"threads": 1}
     with Runtime.load(bundle, backend=backend, image_cache_mb=0, **opts) as fresh, \
             Runtime.load(bundle, backend=backend, prefix_reuse=True, **opts) as reuse:
+        assert getattr(reuse.backend, "in_place", False) == (fixture == "gqa_bundle")
         first = [rt.generate(img, "What colour is the circle?", max_new_tokens=10) for rt in (fresh, reuse)]
         assert first[0].token_ids == first[1].token_ids and first[1].cache.prefix_reused == 0
         turns = [("<image>\nWhat colour is the circle?", first[0].text), ("Is there a square?", None)]
