@@ -310,6 +310,11 @@ def _bad_cases(image_root) -> dict:
         "parent dir escape": (dict(body=ok("../inside.png")), 403, "image-root"),
         "URL": (dict(body=ok("https://example.com/cat.png")), 400, "not fetched"),
         "bad top_p": (dict(body={**ok(), "temperature": 0.5, "top_p": 2}), 400, "top_p"),
+        "assistant first": (dict(body={"model": MODEL, "messages": [{"role": "assistant", "content": "x"},
+                                                                   _user("hi")]}), 400, "alternate"),
+        "ends with the assistant": (dict(body={"model": MODEL, "messages": [
+            _user("hi"), {"role": "assistant", "content": "x"}]}), 400, "last message"),
+        "n=2": (dict(body={**ok(), "n": 2}), 400, "n=1"),
     }
 
 

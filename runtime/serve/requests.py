@@ -68,6 +68,7 @@ def check_model(body: dict, model_name: str) -> None:
 def prepare_chat(body: dict, rt, limits: Limits) -> ChatJob:
     """Validate ``body`` and turn it into a ChatJob for ``rt`` (a Runtime)."""
     conv = conversation(body.get("messages"))
+    config = generation_config(body, limits)
     if len(conv.images) > limits.max_images:
         raise RequestError(f"the conversation has {len(conv.images)} images but this model's prompt "
                            f"template takes at most {limits.max_images}", "messages", "too_many_images")
@@ -79,7 +80,7 @@ def prepare_chat(body: dict, rt, limits: Limits) -> ChatJob:
         raw = [image_bytes(u, limits.max_image_bytes, limits.image_root) for u in conv.images]
         pixels = np.concatenate([rt.pixel_values(b, limits.max_pixels) for b in raw])  # [B, 3, S, S]
     stream_options = body.get("stream_options") or {}
-    return ChatJob(ids, pixels, generation_config(body, limits), bool(body.get("stream", False)),
+    return ChatJob(ids, pixels, config, bool(body.get("stream", False)),
                    bool(isinstance(stream_options, dict) and stream_options.get("include_usage")))
 
 
@@ -94,7 +95,7 @@ def conversation(messages) -> Conversation:
         text, urls = _content(m.get("content"), f"messages[{i}]")
         if m["role"] == "system":
             system = text if system is None else f"{system}\n{text}"
-        elif (m["role"] == "user") != (question is None):
+        elif m["role"] != ("user" if question is None else "assistant"):
             raise RequestError(f"messages[{i}]: user and assistant messages must alternate, "
                                "starting with user", "messages")
         elif m["role"] == "user":
