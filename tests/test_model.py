@@ -1,6 +1,5 @@
 """The torch model: vision features, splicing, KV-cache generation, save/load, presets."""
 import hashlib
-import json
 import subprocess
 import sys
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import shlex
 import subprocess
 import sys
