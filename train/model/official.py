@@ -51,38 +51,64 @@ def official_config(path: Path, hf: dict, state: dict[str, torch.Tensor]) -> VLM
     )
 
 
+CLIP_L_SHAPES = dict(hidden_size=1024, intermediate_size=4096, patch_size=14)  # 16 heads of 64, quick_gelu
+
+
 def _vision_config(path: Path, hf: dict, state: dict[str, torch.Tensor]) -> VisionConfig:
-    """Vision shapes from the stored tensors (V2) or the local CLIP dir's config (V1)."""
+    """The tower's config stated by the local CLIP dir that ``mm_vision_tower`` names; without one,
+    V2 checkpoints (tower weights inside) are accepted when their shapes are CLIP ViT-L/14's, since
+    head count, activation and epsilon cannot be read from tensor shapes."""
     select = dict(select_layer=hf.get("mm_vision_select_layer", -2),
                   select_feature=hf.get("mm_vision_select_feature", "patch"),
                   name_or_path=hf.get("mm_vision_tower", ""))
-    vm = VISION_PREFIX + "vision_model."
-    if vm + "embeddings.patch_embedding.weight" in state:
-        pe = state[vm + "embeddings.patch_embedding.weight"]  # [Dv, 3, p, p]
-        n_pos = state[vm + "embeddings.position_embedding.weight"].shape[0]
-        grid = int(round((n_pos - 1) ** 0.5))
-        layers = 1 + max(int(k[len(vm + "encoder.layers."):].split(".")[0])
-                         for k in state if k.startswith(vm + "encoder.layers."))
-        fc1 = state[vm + "encoder.layers.0.mlp.fc1.weight"]  # [I, Dv]
-        heads = hf.get("mm_vision_num_heads", pe.shape[0] // 64)
-        return VisionConfig(hidden_size=pe.shape[0], intermediate_size=fc1.shape[0], num_hidden_layers=layers,
-                            num_attention_heads=heads, image_size=grid * pe.shape[-1], patch_size=pe.shape[-1],
-                            **select)
-    clip = _local_clip_dir(path, hf)
+    shapes = _vision_shapes(state)
+    clip = _local_clip_dir(path, hf, required=shapes is None)
+    if clip is not None:
+        stated = _stated_vision(clip)
+        differ = {k: (v, stated[k]) for k, v in (shapes or {}).items() if stated[k] != v}
+        if differ:
+            raise EdgeVLMError(f"{path}: the vision weights do not match {clip / 'config.json'} "
+                               f"(checkpoint, config): {differ}")
+        return VisionConfig(**stated, **select)
+    if all(shapes[k] == v for k, v in CLIP_L_SHAPES.items()):
+        return VisionConfig(**shapes, num_attention_heads=16, **select)
+    raise EdgeVLMError(
+        f"{path}: the vision tower in the checkpoint is not CLIP ViT-L/14 (hidden {shapes['hidden_size']}, "
+        f"MLP {shapes['intermediate_size']}, patch {shapes['patch_size']}), and its head count, activation and "
+        f"layer-norm epsilon cannot be read from tensor shapes; set mm_vision_tower in config.json to a local "
+        "directory with the tower's config.json"
+    )
+
+
+def _vision_shapes(state: dict[str, torch.Tensor]) -> dict | None:
+    """What the stored tower tensors say about its config (None: no tower weights in the checkpoint)."""
+    prefix = VISION_PREFIX + "vision_model."
+    vm = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if "embeddings.patch_embedding.weight" not in vm:
+        return None
+    pe = vm["embeddings.patch_embedding.weight"]  # [Dv, 3, p, p]
+    grid = int(round((vm["embeddings.position_embedding.weight"].shape[0] - 1) ** 0.5))
+    layers = 1 + max(int(k.split(".")[2]) for k in vm if k.startswith("encoder.layers."))
+    return dict(hidden_size=pe.shape[0], intermediate_size=vm["encoder.layers.0.mlp.fc1.weight"].shape[0],
+                num_hidden_layers=layers, image_size=grid * pe.shape[-1], patch_size=pe.shape[-1])
+
+
+def _stated_vision(clip: Path) -> dict:
     c = json.loads((clip / "config.json").read_text())
     c = c.get("vision_config", c)
-    return VisionConfig(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
-                        num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
-                        image_size=c["image_size"], patch_size=c["patch_size"],
-                        hidden_act=c.get("hidden_act", "quick_gelu"),
-                        layer_norm_eps=c.get("layer_norm_eps", 1e-5), **select)
+    return dict(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+                num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
+                image_size=c["image_size"], patch_size=c["patch_size"],
+                hidden_act=c.get("hidden_act", "quick_gelu"), layer_norm_eps=c.get("layer_norm_eps", 1e-5))
 
 
-def _local_clip_dir(path: Path, hf: dict) -> Path:
+def _local_clip_dir(path: Path, hf: dict, required: bool = True) -> Path | None:
     name = hf.get("mm_vision_tower", "")
     for cand in (Path(name), path / name):
         if name and (cand / "config.json").is_file():
             return cand
+    if not required:
+        return None
     raise EdgeVLMError(
         f"{path}: the checkpoint has no vision tower weights and mm_vision_tower={name!r} is not a local "
         "directory; download the CLIP model and set mm_vision_tower in config.json to its path"

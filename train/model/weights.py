@@ -12,19 +12,44 @@ from torch import nn
 from edgevlm.runtime.errors import EdgeVLMError
 
 
+# What Hugging Face reads as a checkpoint's weights, in its order of preference: one file, or the
+# shards an index names. Any other file (a LoRA adapter_model.safetensors, a projector-only file)
+# is not model weights.
+WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files (see ``WEIGHT_FILES``)."""
+    for single, index in WEIGHT_FILES:
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+        if (model_dir / index).is_file():
+            return _shards(model_dir / index)
+    names = [n for pair in WEIGHT_FILES for n in pair]
+    others = sorted(p.name for p in model_dir.glob("*.safetensors")) + sorted(p.name for p in model_dir.glob("*.bin"))
+    found = f" ({', '.join(others)} {'is' if len(others) == 1 else 'are'} not model weights)" if others else ""
+    raise EdgeVLMError(f"{model_dir}: no weight files: expected {', '.join(names[:-1])} or {names[-1]}{found}")
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EdgeVLMError(f"{index}: not a shard index with a weight_map ({type(e).__name__}: {e})") from None
+    files = sorted({index.parent / name for name in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise EdgeVLMError(f"{index}: names shard(s) that are missing: {', '.join(missing)}")
+    return files
+
+
 def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint dir: ``model.safetensors``, sharded safetensors (index json),
-    or legacy ``pytorch_model*.bin`` read with ``torch.load(weights_only=True)`` (never unpickled)."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    loader = _load_safetensors
-    if not files:
-        files = sorted(model_dir.glob("pytorch_model*.bin"))
-        loader = _load_bin
-    if not files:
-        raise EdgeVLMError(f"{model_dir}: no weight files (*.safetensors or pytorch_model*.bin)")
+    """All tensors of a checkpoint dir (``weight_files``); ``.bin`` files are read with
+    ``torch.load(weights_only=True)`` (never unpickled)."""
     state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(loader(f))
+    for f in weight_files(model_dir):
+        state.update(_load_safetensors(f) if f.suffix == ".safetensors" else _load_bin(f))
     return state
 
 
