@@ -11,7 +11,11 @@ PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test data train eval clean
+BUNDLES ?= bundles
+IMAGE  := $(DATA)/images/test_000000.png
+ASK    := "How many shapes are there?"
+
+.PHONY: install demo test data train eval bundles clean
 
 install: $(VENV)/.installed
 
@@ -35,17 +39,25 @@ train: install
 eval: install
 	$(BIN)/edgevlm eval --model $(RUN)/final --data $(DATA) --split test --json $(RUN)/eval_test.json
 
-# data, train and eval in that order (a sub-make, so `make -j demo` cannot reorder them)
+# the trained model as the two deployable bundles: ONNX int4 (ort backend) and GGUF q4_k_m (llama.cpp)
+bundles: install
+	$(BIN)/python export/to_onnx.py --model $(RUN)/final --quantize int4 --calib-data $(DATA)/train.json \
+		--out $(BUNDLES)/tiny-onnx-int4
+	$(BIN)/python export/to_gguf.py --model $(RUN)/final --quant q4_k_m --out $(BUNDLES)/tiny-gguf
+
+# data, train, eval and bundles in that order (a sub-make, so `make -j demo` cannot reorder them),
+# then one question answered by PyTorch and by both bundles on the torch-free runtime
 demo: install
-	$(MAKE) --no-print-directory data train eval
-	$(BIN)/edgevlm ask --model $(RUN)/final --image $(DATA)/images/test_000000.png \
-		--prompt "How many shapes are there?" --stream
+	$(MAKE) --no-print-directory data train eval bundles
+	$(BIN)/edgevlm ask --model $(RUN)/final --image $(IMAGE) --prompt $(ASK) --stream
+	$(BIN)/edgevlm run --bundle $(BUNDLES)/tiny-onnx-int4 --backend ort --image $(IMAGE) --prompt $(ASK) --stream
+	$(BIN)/edgevlm run --bundle $(BUNDLES)/tiny-gguf --backend llamacpp --image $(IMAGE) --prompt $(ASK) --stream
 	$(BIN)/python benchmarks/run.py --matrix smoke --out $(RUN)/bench/smoke.jsonl --no-resume
 	$(BIN)/python benchmarks/report.py $(RUN)/bench/smoke.jsonl --out report/
-	@echo "data: $(DATA)  model: $(RUN)/final  eval: $(RUN)/eval_test.json  benchmark report: report/report.md"
+	@echo "data: $(DATA)  model: $(RUN)/final  eval: $(RUN)/eval_test.json  bundles: $(BUNDLES)/  benchmark report: report/report.md"
 
 test: install
 	$(BIN)/python -m pytest tests
 
 clean:
-	rm -rf $(RUN) $(DATA)
+	rm -rf $(RUN) $(DATA) $(BUNDLES)
