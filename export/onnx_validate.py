@@ -175,14 +175,16 @@ def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
 
 def _check(tol: dict, ref: np.ndarray, got: np.ndarray, max_abs: float, rel_l2: float, where: str,
            advice: str = "") -> None:
-    from edgevlm.runtime.hostcpu import cpu_class
-
-    tail = f" (on a {cpu_class()} CPU){'; ' + advice if advice else ''}"
+    problem = None
     if not np.isfinite(got).all():
-        raise EdgeVLMError(f"{where}: ONNX Runtime produced non-finite values{tail}")
-    if "rel_l2" in tol and rel_l2 > tol["rel_l2"]:
-        raise EdgeVLMError(f"{where}: relative L2 error vs PyTorch {rel_l2:.3g} > tolerance {tol['rel_l2']}{tail}")
-    if "atol" in tol:
+        problem = "ONNX Runtime produced non-finite values"
+    elif "rel_l2" in tol and rel_l2 > tol["rel_l2"]:
+        problem = f"relative L2 error vs PyTorch {rel_l2:.3g} > tolerance {tol['rel_l2']}"
+    elif "atol" in tol:
         bound = tol["atol"] + tol["rtol"] * float(np.abs(ref).max() if ref.size else 0.0)
         if max_abs > bound:
-            raise EdgeVLMError(f"{where}: differs from PyTorch by {max_abs:.3g} > tolerance {bound:.3g}{tail}")
+            problem = f"differs from PyTorch by {max_abs:.3g} > tolerance {bound:.3g}"
+    if problem:
+        from edgevlm.runtime.hostcpu import cpu_class  # read only when reporting a failure
+
+        raise EdgeVLMError(f"{where}: {problem} (on a {cpu_class()} CPU){'; ' + advice if advice else ''}")
