@@ -79,10 +79,15 @@ def kl_divergence(ref: np.ndarray, target: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum())
 
 
-def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
-    """Smallest per-token cosine similarity of two [..., D] embedding arrays."""
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-token cosine similarity of two [..., D] embedding arrays -> [N] (N = all leading dims)."""
     a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
-    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest per-token cosine similarity of two [..., D] embedding arrays (1.0 when empty)."""
+    cos = cosine(a, b)
     return float(cos.min()) if cos.size else 1.0
 
 

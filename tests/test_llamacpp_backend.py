@@ -16,6 +16,7 @@ from conftest import (SMALL, assert_clear_tokens, assert_parity, copy_bundle, pe
                       split_records)
 
 from edgevlm.runtime.errors import BundleError, EdgeVLMError  # noqa: E402
+from edgevlm.runtime.fidelity import cosine  # noqa: E402
 
 QUANTS = ["f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"]
 THREADS = 1  # the test machine is shared: 2+ OpenMP threads on 2 busy cores crawl
@@ -28,10 +29,6 @@ def _image(seed: int = 0, size=(300, 400)):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # [M, D] x [M, D] -> [M]
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 def _export(model, out, quants, **kw):
@@ -75,7 +72,7 @@ def _embedding_cosine(model, bundle, **runtime_kw) -> float:
     with torch.inference_mode():
         want = model.encode_images(torch.from_numpy(pixels)).numpy()
     assert got.shape == want.shape == (2, model.n_visual_tokens, model.cfg.llm.hidden_size)
-    cos = _cosine(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]))
+    cos = cosine(got, want)
     print(f"\n[{model.cfg.integrator.name}] per-token cosine min {cos.min():.6f} mean {cos.mean():.6f}, "
           f"max abs diff {np.abs(got - want).max():.2e} (|x| max {np.abs(want).max():.2f})")
     return float(cos.min())
@@ -156,8 +153,8 @@ def test_cls_keep_mode_meets_llama_cpps_cls_order(bundle, tiny_model, tmp_path):
         got = rt.backend.encode_image(pixels)[0]
     with torch.inference_mode():
         want = tiny_model.encode_images(torch.from_numpy(pixels))[0].numpy()
-    vs_torch = _cosine(got, want).min()
-    vs_cls_last = _cosine(got, _cls_last_features(tiny_model, pixels)[0]).min()
+    vs_torch = cosine(got, want).min()
+    vs_cls_last = cosine(got, _cls_last_features(tiny_model, pixels)[0]).min()
     print(f"\n[cls=keep] per-token cosine min vs torch {vs_torch:.4f}, vs CLS-last graph {vs_cls_last:.6f}")
     assert vs_cls_last >= COS_MIN or vs_torch >= COS_MIN
 
@@ -343,7 +340,7 @@ def test_trained_image_embeddings_match_torch(trained_bundle, heldout):
         got = rt.backend.encode_image(pixels)
     with torch.inference_mode():
         want = model.encode_images(torch.from_numpy(pixels)).numpy()
-    cos = _cosine(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]))
+    cos = cosine(got, want)
     print(f"\n[trained] per-token cosine min {cos.min():.6f} mean {cos.mean():.6f}, "
           f"max abs diff {np.abs(got - want).max():.2e} (|x| max {np.abs(want).max():.2f})")
     assert cos.min() >= COS_MIN
