@@ -298,3 +298,56 @@ def test_skip_bad_records(folder):
     assert ds.n_skipped == len(bad) + 1
     assert [rid for rid, _ in ds.skipped] == [r["id"] for r in bad.values()] + [f"#{len(bad) + 1}"]
     assert all(reason for _, reason in ds.skipped)
+
+
+def _exif_rotated_jpeg(path: Path) -> None:
+    """A 40x24 gradient stored sideways: EXIF orientation 6 says "rotate 90 degrees to display"."""
+    import numpy as np
+
+    x = np.linspace(0, 255, 40, dtype=np.uint8)
+    rgb = np.dstack([np.tile(x, (24, 1)), np.tile(x[:24, None], (1, 40)), np.full((24, 40), 90, np.uint8)])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(path, "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def _png16(path: Path) -> None:
+    """A 16-bit greyscale PNG whose values PIL's convert("RGB") would clip to 255."""
+    import numpy as np
+
+    Image.fromarray(np.arange(30 * 20, dtype=np.uint16).reshape(20, 30) * 100).save(path)
+
+
+def test_training_and_runtime_decode_identically(tmp_path, tiny_model):
+    """One decoder: a training sample's pixels equal the runtime's for an EXIF-rotated JPEG and a
+    16-bit PNG (both upright and scaled, not as stored)."""
+    import numpy as np
+
+    from edgevlm.runtime.engine import Runtime
+    from edgevlm.train.batches import VQADataset
+
+    _exif_rotated_jpeg(tmp_path / "rot.jpg")
+    _png16(tmp_path / "deep.png")
+    ds = load_llava_records(str(_write(tmp_path, [_good("rot", "rot.jpg"), _good("deep", "deep.png")])))
+    assert load_record_image(ds[0]).size == (24, 40)  # upright: the stored 40x24 turned
+    with Image.open(tmp_path / "deep.png") as im:
+        want = (np.asarray(im).astype(np.int64) >> 8).astype(np.uint8)  # [H, W], not clipped at 255
+    assert np.array_equal(np.asarray(load_record_image(ds[1]))[..., 0], want)
+    cfg = tiny_model.cfg.preprocess
+    train = VQADataset(ds, tiny_model.tokenizer, "vicuna_v1", cfg, 1000, tiny_model.n_visual_tokens)
+    rt = type("Bundle", (), {"manifest": type("Manifest", (), {"preprocess": cfg})})()
+    for i, rec in enumerate(ds):
+        device = Runtime.pixel_values(rt, rec.image_path)  # [1, 3, S, S] float32
+        assert np.array_equal(train[i].pixel_values.numpy(), device[0]), rec.id
+
+
+def test_corrupt_image_same_error_in_training_and_runtime(folder):
+    from edgevlm.runtime.preprocess import load_image
+
+    with pytest.raises(ImageError) as device:
+        load_image(folder / "junk.png")
+    ds = load_llava_records(str(_write(folder, [_good("bad", image="junk.png")])))
+    with pytest.raises(ImageError) as train:
+        load_record_image(ds[0])
+    assert isinstance(train.value, EdgeVLMError)
+    assert str(train.value) == f"{device.value} (record 'bad')"

@@ -8,7 +8,8 @@ A file is a JSON list of records::
 
 "image" is optional (text-only records) and relative to ``image_root`` (default: the JSON's
 folder). ShapesVQA records also carry "qa_meta" (one dict per QA pair). Structural problems and
-missing image files are found when loading; undecodable images when ``load_record_image`` runs.
+missing image files are found when loading; undecodable images when ``load_record_image`` runs
+(with the runtime's decoder, ``edgevlm.runtime.preprocess.load_image``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Iterator, Optional
 
 from edgevlm.runtime.chat import IMAGE_TOKEN
 from edgevlm.runtime.errors import EdgeVLMError, ImageError
+from edgevlm.runtime.preprocess import load_image
 
 
 @dataclass
@@ -162,20 +164,12 @@ def load_llava_records(json_path: str, image_root: Optional[str] = None,
 
 
 def load_record_image(record: VQARecord):
-    """The record's image as an RGB ``PIL.Image``; ImageError names the file and record."""
-    from PIL import Image
-
+    """The record's image as an upright RGB ``PIL.Image``, decoded by the runtime's ``load_image``
+    (EXIF orientation, 16-bit greyscale, pixel limit), so training sees what a device sees.
+    ImageError names the file and the record."""
     if record.image_path is None:
         raise ImageError(f"record {record.id!r} has no image")
-    where = f"{record.image_path} (record {record.id!r})"
     try:
-        with Image.open(record.image_path) as im:
-            im.verify()  # structure and checksums; the object is unusable afterwards
-        with Image.open(record.image_path) as im:
-            return im.convert("RGB")  # decodes fully: truncated data fails here
-    except FileNotFoundError:
-        raise ImageError(f"image file not found: {where}") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"image too large: {where}: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
-        raise ImageError(f"not a readable image: {where}: {e}") from None
+        return load_image(record.image_path)
+    except ImageError as e:
+        raise ImageError(f"{e} (record {record.id!r})") from None
