@@ -1,16 +1,207 @@
-"""The README stays true: its support matrix is the generated one, its Quickstart has the two commands."""
+"""The README and docs/ stay true: the generated support matrix, the two Quickstart commands, a Limits
+section that fits on one screen, links that resolve, commands that exist, and tables that match the
+registry and the stored results they were measured from."""
+import json
+import re
+
+import pytest
+
 from edgevlm.export.support_matrix import markdown
 
 from conftest import REPO
 
+README = REPO / "README.md"
+DOCS = REPO / "docs"
+RESULTS = REPO / "benchmarks" / "results"
+# research logs and long measurements the README links instead of holding
+MOVED = ("demo-model-study.md", "int8-portability.md", "integrator-study.md", "serving.md")
+
+
+def section(text: str, heading: str) -> str:
+    """The body of the section that starts with ``heading`` (a full heading line), to the next
+    heading of the same or a higher level."""
+    level = heading.split()[0]
+    body = text.split("\n" + heading + "\n", 1)[1]
+    stop = re.search(rf"^#{{1,{len(level)}}} ", body, flags=re.M)
+    return body[: stop.start()] if stop else body
+
+
+def table(text: str, header_start: str) -> list[list[str]]:
+    """Rows (cells stripped) of the markdown table whose header line starts with ``header_start``."""
+    lines = text[text.index(header_start):].splitlines()
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def pages() -> dict:
+    """README.md and every docs page, by path relative to the repo."""
+    out = {"README.md": README.read_text()}
+    out.update({f"docs/{p.name}": p.read_text() for p in sorted(DOCS.glob("*.md"))})
+    return out
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    s = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return s.replace(" ", "-")
+
+
+def close(shown: str, value: float) -> bool:
+    """A number as printed (rounded to its decimals, thousands commas allowed) is ``value``."""
+    digits = len(shown.split(".")[1]) if "." in shown else 0
+    return abs(float(shown.replace(",", "")) - value) <= 0.5 * 10 ** -digits + 1e-9
+
 
 def test_support_matrix_in_readme_is_current():
-    assert markdown() in (REPO / "README.md").read_text()
+    assert markdown() in README.read_text()
 
 
 def test_quickstart_has_exactly_the_two_commands():
-    text = (REPO / "README.md").read_text()
+    text = README.read_text()
     quick = text.split("## Quickstart", 1)[1].split("```", 2)[1]
     commands = [l.split("#")[0].strip() for l in quick.splitlines()[1:] if l.strip()]
     assert commands == ["make demo", "make test"]
     assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_limits_fit_on_one_screen():
+    limits = section(README.read_text(), "## Limits").strip().splitlines()
+    assert 0 < len(limits) <= 30, f"README's Limits section has {len(limits)} lines; move detail to docs/"
+
+
+def test_readme_links_the_moved_research_logs():
+    text = README.read_text()
+    for name in MOVED:
+        assert f"(docs/{name}" in text, f"README does not link docs/{name}"
+
+
+def test_relative_links_resolve():
+    """Every relative link in README.md and docs/*.md names a file that exists, and an anchor names a
+    heading of that page."""
+    texts = pages()
+    for page, text in texts.items():
+        base = (REPO / page).parent
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (base / path).resolve() if path else REPO / page
+            assert file.exists(), f"{page} links {target}, which does not exist"
+            if anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)
+                assert anchor in {slug(h) for h in headings}, f"{page} links {target}: no such heading"
+
+
+def test_commands_named_in_docs_exist():
+    """Scripts run by path exist, `edgevlm X` is a subcommand, `make X` is a Makefile target."""
+    from edgevlm.cli import COMMANDS
+
+    makefile = (REPO / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w-]+):", makefile, flags=re.M))
+    for page, text in pages().items():
+        for script in re.findall(r"python3? ((?:train|export|benchmarks)/[\w/]+\.py)", text):
+            assert (REPO / script).exists(), f"{page}: {script} does not exist"
+        for cmd in re.findall(r"`edgevlm (\w+)", text):
+            assert cmd in COMMANDS, f"{page}: edgevlm {cmd} is not a subcommand"
+        for target in re.findall(r"`make ([\w-]+)", text):
+            assert target in targets, f"{page}: make {target} is not a Makefile target"
+
+
+def test_integrator_table_matches_the_registry():
+    """The README's integrator table: the registered integrators, their visual tokens, parameters at
+    MobileVLM-1.7B widths and GGUF projector, as `edgevlm list integrators` computes them."""
+    pytest.importorskip("torch")
+    from edgevlm.train.listing import _fmt, integrator_rows
+
+    rows = table(section(README.read_text(), "### Integrators"), "| integrator |")
+    shown = {r[0].strip("`"): r for r in rows}
+    actual = {r["integrator"]: r for r in integrator_rows("mobilevlm-1.7b")}
+    assert sorted(shown) == sorted(actual)
+    for name, r in actual.items():
+        _, _, tokens, params, gguf = shown[name]
+        assert int(re.findall(r"\d+", tokens)[-1]) == r["visual_tokens"], name
+        assert params.split()[0] == _fmt(r["params"]), name
+        assert (gguf.split()[0].strip("`") if gguf != "-" else "-") == r["gguf"], name
+
+
+def test_int8_table_matches_stored_results():
+    """docs/int8-portability.md's format table is benchmarks/int8_formats.py's output on the VNNI host
+    and under qemu -cpu Haswell (AVX2), as stored in benchmarks/results/int8/."""
+    host = json.loads((RESULTS / "int8" / "tiny_x86-vnni.json").read_text())["formats"]
+    avx2 = json.loads((RESULTS / "int8" / "tiny_avx2-qemu.json").read_text())["formats"]
+    rows = table((DOCS / "int8-portability.md").read_text(), "| `--int8-target` |")
+    assert sorted(r[0].split()[0].strip("`") for r in rows) == sorted(host)
+    for r in rows:
+        fmt = r[0].split()[0].strip("`")
+        for cell, graph in ((r[3], "vision_encoder_rel_l2"), (r[4], "decoder_rel_l2")):
+            on_host, on_avx2 = (v.strip().strip("*") for v in cell.split("/"))
+            assert close(on_host, host[fmt][graph]), (fmt, graph, on_host)
+            assert close(on_avx2, avx2[fmt][graph]), (fmt, graph, on_avx2)
+
+
+def test_int4_numbers_match_stored_manifest():
+    """docs/int8-portability.md's int4-at-1.7B table and token check are the stored export manifest's."""
+    info = json.loads((RESULTS / "int4-1.7b" / "manifest.json").read_text())["target_info"]
+    check = info["graphs"]["decoder"]["validation"]
+    text = section((DOCS / "int8-portability.md").read_text(), "## int4 at MobileVLM-1.7B shape")
+    values = [r[1] for r in table(text, "| check on the int4 decoder |")]
+    expected = [check["max_rel_l2_all_outputs"], check["dequantized_vs_fp32_rel_l2"],
+                check["kernels"]["max_rel_l2"], check["weights"]["max"]]
+    assert len(values) == len(expected)
+    for shown, value in zip(values, expected):
+        assert close(shown, value), (shown, value)
+    assert f"({check['weights']['n_matrices']} matrices" in text
+    tc = info["token_check"]
+    for phrase, value in (("mean ", tc["kl_mean"]), ("same top token ", tc["same_top_token"])):
+        shown = re.search(re.escape(phrase) + r"([\d.]+)", text).group(1)
+        assert close(shown, value), (phrase, shown, value)
+
+
+def test_integrator_study_excerpt_matches_stored_study():
+    """docs/integrator-study.md's excerpt is benchmarks/results/integrators/study.json: accuracy
+    overall / colour / count and median TTFT at MobileVLM-1.7B shape."""
+    study = json.loads((RESULTS / "integrators" / "study.json").read_text())
+    acc = {r["integrator"]: r for r in study["integrators"]}
+    ttft = {c["integrator"]: c["metrics"]["ttft_ms"]["median"] for c in study["latency"]
+            if c.get("type") == "case" and "ttft_ms" in c.get("metrics", {})}
+    rows = table((DOCS / "integrator-study.md").read_text(), "| integrator | tokens |")
+    names_seen = []
+    for r in rows:
+        names = re.findall(r"`(\w+)`", r[0])
+        names_seen += names
+        cells = [[v.strip() for v in c.split("/")] for c in r[1:]]
+        for i, name in enumerate(names):
+            pick = [c[i] if len(c) > 1 else c[0] for c in cells]
+            e = acc[name]["eval"]
+            assert int(pick[0]) == acc[name]["n_visual_tokens_1p7b"], name
+            assert close(pick[1], e["overall"]["accuracy"]), (name, "overall")
+            assert close(pick[2], e["per_type"]["colour"]["accuracy"]), (name, "colour")
+            assert close(pick[3], e["per_type"]["count"]["accuracy"]), (name, "count")
+            assert close(pick[4], ttft[name]), (name, "ttft")
+    assert sorted(names_seen) == sorted(acc)
+
+
+def test_measured_numbers_agree_with_their_pages():
+    """Each decimal number in the README's "Measured numbers" table appears on the page its row links."""
+    text = README.read_text()
+    rows = table(section(text, "## Measured numbers"), "| what |")
+    assert rows
+    for what, number, command, details in rows:
+        assert command.startswith("`"), f"{what}: no command"
+        for link in re.findall(r"\]\((docs/[\w.-]+\.md)", details):
+            page = (REPO / link).read_text()
+            for n in re.findall(r"\d+\.\d+", number):
+                assert n in page, f"Measured numbers: {what}: {n} is not in {link}"
+
+
+def test_source_paths_named_in_docs_exist():
+    """Files and folders of the repo that README.md and docs/ name (the architecture section's "where
+    to add" included) exist, so a moved file shows here."""
+    pattern = r"`((?:runtime|train|export|benchmarks|edgevlm|tests)/[\w./-]*)(?![\w<*{])"
+    for page, text in pages().items():
+        for path in re.findall(pattern, text):
+            assert (REPO / path).exists(), f"{page} names {path}, which does not exist"
