@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KEY_CACHE, VALUE_CACHE = "key_cache", "value_cache"
-OUTPUT = "logits"
+from edgevlm.runtime.graph_io import CAUSAL_MASK, INPUTS_EMBEDS, KEY_CACHE, LOGITS, VALUE_CACHE
+
 MASK_MIN = -3e4  # "hidden" in causal_mask: exp underflows to 0 in fp16, no inf arithmetic on device
 
 
@@ -56,9 +56,9 @@ class DecoderDims:
 
     def io_spec(self) -> dict:
         """Names and dims for the manifest ("T" and "P+T" are flexible, 1..max_context)."""
-        return {"inputs": {"inputs_embeds": [1, "T", self.hidden], "causal_mask": [1, 1, "T", "P+T"]},
+        return {"inputs": {INPUTS_EMBEDS: [1, "T", self.hidden], CAUSAL_MASK: [1, 1, "T", "P+T"]},
                 "states": {KEY_CACHE: list(self.cache_shape), VALUE_CACHE: list(self.cache_shape)},
-                "outputs": {OUTPUT: [1, "T", self.vocab]}, "dtype": "float16",
+                "outputs": {LOGITS: [1, "T", self.vocab]}, "dtype": "float16",
                 "flexible": {"T": [1, self.max_context], "P+T": [1, self.max_context]}}
 
 
@@ -166,9 +166,9 @@ def convert_decoder(llm, max_context: int):
     d = module.dims
     t = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
     total = ct.RangeDim(lower_bound=1, upper_bound=max_context, default=1)
-    inputs = [ct.TensorType(name="inputs_embeds", shape=(1, t, d.hidden), dtype=np.float16),
-              ct.TensorType(name="causal_mask", shape=(1, 1, t, total), dtype=np.float16)]
+    inputs = [ct.TensorType(name=INPUTS_EMBEDS, shape=(1, t, d.hidden), dtype=np.float16),
+              ct.TensorType(name=CAUSAL_MASK, shape=(1, 1, t, total), dtype=np.float16)]
     states = [ct.StateType(wrapped_type=ct.TensorType(shape=d.cache_shape, dtype=np.float16), name=name)
               for name in (KEY_CACHE, VALUE_CACHE)]
-    outputs = [ct.TensorType(name=OUTPUT, dtype=np.float16)]
+    outputs = [ct.TensorType(name=LOGITS, dtype=np.float16)]
     return trace_and_convert(module, example_inputs(d), inputs, outputs, "decoder (LLaMA)", states=states)

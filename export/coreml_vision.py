@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.graph_io import IMAGE_FEATURES, PIXEL_VALUES
 
 # coremltools' torch frontend: the message of a missing op conversion, and the log line it writes
 # (logger "coremltools") naming the op and its module scope whenever any op's conversion fails
@@ -104,14 +105,14 @@ def convert_vision(model):
 
     s = model.cfg.vision.image_size
     example = torch.randn(1, 3, s, s, generator=torch.Generator().manual_seed(0))
-    inputs = [ct.TensorType(name="pixel_values", shape=(1, 3, s, s), dtype=np.float16)]
-    outputs = [ct.TensorType(name="image_features", dtype=np.float16)]
+    inputs = [ct.TensorType(name=PIXEL_VALUES, shape=(1, 3, s, s), dtype=np.float16)]
+    outputs = [ct.TensorType(name=IMAGE_FEATURES, dtype=np.float16)]
     what = f"vision encoder (integrator {model.cfg.integrator.name!r})"
     return trace_and_convert(VisionEncoder(model), [example], inputs, outputs, what)
 
 
 def vision_io_spec(model) -> dict:
     s = model.cfg.vision.image_size
-    return {"inputs": {"pixel_values": [1, 3, s, s]},
-            "outputs": {"image_features": [1, model.n_visual_tokens, model.cfg.llm.hidden_size]},
+    return {"inputs": {PIXEL_VALUES: [1, 3, s, s]},
+            "outputs": {IMAGE_FEATURES: [1, model.n_visual_tokens, model.cfg.llm.hidden_size]},
             "dtype": "float16"}

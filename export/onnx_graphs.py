@@ -34,6 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgevlm.runtime.graph_io import (
+    ATTENTION_MASK, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, INTEGER_INPUTS, LOGITS, PIXEL_VALUES, POSITION_IDS,
+    past_key, past_names, past_value, present_names,
+)
+
 OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
 LARGE_MODEL_BYTES = 1_800_000_000  # near the 2 GB protobuf cap: weights must go to a side file
@@ -63,27 +68,22 @@ class GraphSpec:
                 "outputs": {k: list(v) for k, v in self.outputs.items()}}
 
 
-def kv_names(num_layers: int, prefix: str) -> list[str]:
-    """``past_key_values.{i}.key/value`` or ``present.{i}.key/value`` in layer order."""
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
 def graph_specs(model) -> dict[str, GraphSpec]:
     c = model.cfg
     s, d, v = c.vision.image_size, c.llm.hidden_size, c.llm.vocab_size
     kv, hd, n = c.llm.num_key_value_heads, c.llm.hidden_size // c.llm.num_attention_heads, c.llm.num_hidden_layers
-    past = {name: ("batch", kv, "past_sequence_length", hd) for name in kv_names(n, "past_key_values")}
-    present = {name: ("batch", kv, "total_sequence_length", hd) for name in kv_names(n, "present")}
+    past = {name: ("batch", kv, "past_sequence_length", hd) for name in past_names(n)}
+    present = {name: ("batch", kv, "total_sequence_length", hd) for name in present_names(n)}
     return {
-        "vision_encoder": GraphSpec("vision_encoder", "vision_encoder.onnx", {"pixel_values": ("batch", 3, s, s)},
-                                    {"image_features": ("batch", model.n_visual_tokens, d)}),
-        "embed_tokens": GraphSpec("embed_tokens", "embed_tokens.onnx", {"input_ids": ("batch", "sequence_length")},
-                                  {"inputs_embeds": ("batch", "sequence_length", d)}),
+        "vision_encoder": GraphSpec("vision_encoder", "vision_encoder.onnx", {PIXEL_VALUES: ("batch", 3, s, s)},
+                                    {IMAGE_FEATURES: ("batch", model.n_visual_tokens, d)}),
+        "embed_tokens": GraphSpec("embed_tokens", "embed_tokens.onnx", {INPUT_IDS: ("batch", "sequence_length")},
+                                  {INPUTS_EMBEDS: ("batch", "sequence_length", d)}),
         "decoder": GraphSpec(
             "decoder", "decoder_model_merged.onnx",
-            {"inputs_embeds": ("batch", "sequence_length", d), "attention_mask": ("batch", "total_sequence_length"),
-             "position_ids": ("batch", "sequence_length"), **past},
-            {"logits": ("batch", "sequence_length", v), **present}),
+            {INPUTS_EMBEDS: ("batch", "sequence_length", d), ATTENTION_MASK: ("batch", "total_sequence_length"),
+             POSITION_IDS: ("batch", "sequence_length"), **past},
+            {LOGITS: ("batch", "sequence_length", v), **present}),
     }
 
 
@@ -156,16 +156,16 @@ def example_inputs(model, graph: str, batch: int = 2, seq: int = 3, past: int = 
     g = torch.Generator().manual_seed(seed)
     if graph == "vision_encoder":
         s = c.vision.image_size
-        return {"pixel_values": torch.randn(batch, 3, s, s, generator=g)}
+        return {PIXEL_VALUES: torch.randn(batch, 3, s, s, generator=g)}
     if graph == "embed_tokens":
-        return {"input_ids": torch.randint(0, c.llm.vocab_size, (batch, seq), generator=g)}
+        return {INPUT_IDS: torch.randint(0, c.llm.vocab_size, (batch, seq), generator=g)}
     kv, hd = c.llm.num_key_value_heads, c.llm.hidden_size // c.llm.num_attention_heads
     inputs = {
-        "inputs_embeds": torch.randn(batch, seq, c.llm.hidden_size, generator=g) * 0.02,
-        "attention_mask": torch.ones(batch, past + seq, dtype=torch.long),
-        "position_ids": torch.arange(past, past + seq).repeat(batch, 1),
+        INPUTS_EMBEDS: torch.randn(batch, seq, c.llm.hidden_size, generator=g) * 0.02,
+        ATTENTION_MASK: torch.ones(batch, past + seq, dtype=torch.long),
+        POSITION_IDS: torch.arange(past, past + seq).repeat(batch, 1),
     }
-    for name in kv_names(c.llm.num_hidden_layers, "past_key_values"):
+    for name in past_names(c.llm.num_hidden_layers):
         inputs[name] = torch.randn(batch, kv, past, hd, generator=g)
     return inputs
 
@@ -296,7 +296,7 @@ def _gqa_layer(b: _Builder, layer, i: int, h: str, seqlens_k: str, total: str, c
     att, mlp = layer.self_attn, layer.mlp
     x = b.rms_norm(h, b.const(f"layers.{i}.input_layernorm.weight", layer.input_layernorm.weight), c.rms_norm_eps)
     qkv = b.op("MatMul", x, b.weight(f"layers.{i}.qkv_proj.weight", att.q_proj, att.k_proj, att.v_proj))
-    out, pk, pv = b.op("GroupQueryAttention", qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+    out, pk, pv = b.op("GroupQueryAttention", qkv, "", "", past_key(i), past_value(i),
                        seqlens_k, total, "cos_cache", "sin_cache", n_out=3, domain="com.microsoft",
                        num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads, do_rotary=1,
                        rotary_interleaved=0, scale=float(att.scaling))  # packed QKV [B, S, (N + 2 Nkv) Dh]
@@ -330,17 +330,17 @@ def build_gqa_decoder(model, path: Path, opset: int = OPSET) -> dict:
     b.const("cos_cache", freqs.cos() * llm.rotary_emb.attention_scaling)
     b.const("sin_cache", freqs.sin() * llm.rotary_emb.attention_scaling)
     # seqlens_k = valid keys - 1 per row; total = attention_mask width (the positions in use)
-    seqlens_k = b.op("Cast", b.op("Sub", b.op("ReduceSum", "attention_mask", b.const("axis1", [1]), keepdims=0),
+    seqlens_k = b.op("Cast", b.op("Sub", b.op("ReduceSum", ATTENTION_MASK, b.const("axis1", [1]), keepdims=0),
                                   b.const("one", np.array(1, np.int64))), to=TensorProto.INT32)
-    total = b.op("Cast", b.op("Gather", b.op("Shape", "attention_mask"), b.const("idx1", np.array(1, np.int64)),
+    total = b.op("Cast", b.op("Gather", b.op("Shape", ATTENTION_MASK), b.const("idx1", np.array(1, np.int64)),
                               axis=0), to=TensorProto.INT32)
-    h, presents = "inputs_embeds", []
+    h, presents = INPUTS_EMBEDS, []
     with torch.no_grad():
         for i, layer in enumerate(llm.layers):
             h, pk, pv = _gqa_layer(b, layer, i, h, seqlens_k, total, c)
             presents += [pk, pv]
         h = b.rms_norm(h, b.const("norm.weight", llm.norm.weight), c.rms_norm_eps)
-        b.nodes.append(helper.make_node("MatMul", [h, b.weight("lm_head.weight", model.llm.lm_head)], ["logits"]))
+        b.nodes.append(helper.make_node("MatMul", [h, b.weight("lm_head.weight", model.llm.lm_head)], [LOGITS]))
     b.close()
     renames = dict(zip(presents, list(spec.outputs)[1:]))
     for node in b.nodes:
@@ -362,8 +362,7 @@ def build_gqa_decoder(model, path: Path, opset: int = OPSET) -> dict:
 def _value_infos(dims: dict) -> list:
     from onnx import TensorProto, helper
 
-    ints = {"attention_mask", "position_ids", "input_ids"}
-    return [helper.make_tensor_value_info(n, TensorProto.INT64 if n in ints else TensorProto.FLOAT, list(d))
+    return [helper.make_tensor_value_info(n, TensorProto.INT64 if n in INTEGER_INPUTS else TensorProto.FLOAT, list(d))
             for n, d in dims.items()]
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.graph_io import PIXEL_VALUES
 
 from .onnx_graphs import EXTERNAL_DATA_BYTES, LARGE_MODEL_BYTES, graph_files, iter_tensors
 
@@ -145,7 +146,7 @@ def quantize_int8_dynamic(src: str | Path, dst: str | Path, fmt: Int8Format = IN
 class PixelReader(CalibrationDataReader):
     """onnxruntime CalibrationDataReader over preprocessed images (float32 [1, 3, S, S] each)."""
 
-    def __init__(self, pixels: Sequence[np.ndarray], input_name: str = "pixel_values"):
+    def __init__(self, pixels: Sequence[np.ndarray], input_name: str = PIXEL_VALUES):
         self._it = iter([{input_name: np.ascontiguousarray(p, dtype=np.float32)} for p in pixels])
 
     def get_next(self) -> dict | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.graph_io import ATTENTION_MASK, INPUTS_EMBEDS, PIXEL_VALUES, POSITION_IDS, past_names
 
 # variant -> graph -> {"atol", "rtol"} (max-abs bound) or {"rel_l2"} (relative L2 bound)
 TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
@@ -60,20 +61,20 @@ def decoder_case(model, batch: int, seq: int, past: int, seed: int) -> dict:
     outside what quantised weights were fitted for and make the bound meaningless)."""
     import torch
 
-    from .onnx_graphs import example_inputs, graph_module, kv_names
+    from .onnx_graphs import example_inputs, graph_module
 
     g = torch.Generator().manual_seed(seed)
     emb = model.llm.get_input_embeddings().weight
     x = emb[torch.randint(0, emb.shape[0], (batch, past + seq), generator=g)].detach()  # [B, P + T, D]
     inputs = example_inputs(model, "decoder", batch=batch, seq=past, past=0, seed=seed)  # empty past
-    inputs["inputs_embeds"] = x[:, :past]
-    names = kv_names(model.cfg.llm.num_hidden_layers, "past_key_values")
+    inputs[INPUTS_EMBEDS] = x[:, :past]
+    names = past_names(model.cfg.llm.num_hidden_layers)
     if past:
         with torch.no_grad():
             present = graph_module(model, "decoder")(*inputs.values())[1:]  # [B, H_kv, P, Dh] each
         inputs.update(zip(names, present))
-    inputs.update(inputs_embeds=x[:, past:], attention_mask=torch.ones(batch, past + seq, dtype=torch.long),
-                  position_ids=torch.arange(past, past + seq).repeat(batch, 1))
+    inputs.update({INPUTS_EMBEDS: x[:, past:], ATTENTION_MASK: torch.ones(batch, past + seq, dtype=torch.long),
+                   POSITION_IDS: torch.arange(past, past + seq).repeat(batch, 1)})
     return inputs
 
 
@@ -122,7 +123,7 @@ def image_cases(pixels) -> list[tuple[str, dict]]:
     import torch
 
     x = np.concatenate([np.asarray(p, dtype=np.float32) for p in pixels])  # [B, 3, S, S]
-    return [(f"images{len(x)}", {"pixel_values": torch.from_numpy(x)})]
+    return [(f"images{len(x)}", {PIXEL_VALUES: torch.from_numpy(x)})]
 
 
 def validate_graph(model, graph: str, path: str | Path, variant: str = "fp32",

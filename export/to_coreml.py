@@ -23,6 +23,9 @@ from typing import Any
 
 from edgevlm.export.coreml_compress import WEIGHT_MODES as WEIGHTS  # light: no coremltools at import
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.graph_io import (
+    CAUSAL_MASK, IMAGE_FEATURES, INPUTS_EMBEDS, KEY_CACHE, LOGITS, PIXEL_VALUES, VALUE_CACHE,
+)
 
 PACKAGES = {"vision_encoder": "VisionEncoder.mlpackage", "decoder": "Decoder.mlpackage"}
 EMBED_FILE = "embed_tokens.npy"
@@ -179,9 +182,9 @@ def _target_info(model, weights: str, max_context: int, compression: dict, embed
         "packages": {"vision_encoder": {"path": PACKAGES["vision_encoder"], **vision_io_spec(model)},
                      "decoder": {"path": PACKAGES["decoder"], **dims.io_spec()}},
         "compression": compression, "embed_tokens": embed,
-        "causal_mask": {"visible": 0.0, "hidden": MASK_MIN, "position": "P = last dim - T"},
+        CAUSAL_MASK: {"visible": 0.0, "hidden": MASK_MIN, "position": "P = last dim - T"},
         "kv_cache": {"layout": ["layer", "batch", "num_kv_heads", "max_context", "head_dim"],
-                     "dtype": "float16", "states": ["key_cache", "value_cache"]},
+                     "dtype": "float16", "states": [KEY_CACHE, VALUE_CACHE]},
     }
 
 
@@ -225,7 +228,7 @@ def validate_predictions(model, vision_path: Path, decoder_path: Path, prompt_to
     decoder = ct.models.MLModel(str(decoder_path), compute_units=cu)
     with torch.no_grad():
         ref_feats = model.encode_images(pixels).float()  # [1, M, D]
-        got_feats = vision.predict({"pixel_values": pixels.numpy().astype(np.float16)})["image_features"]
+        got_feats = vision.predict({PIXEL_VALUES: pixels.numpy().astype(np.float16)})[IMAGE_FEATURES]
         ids = torch.randint(0, model.cfg.llm.vocab_size, (1, prompt_tokens + decode_steps), generator=g)
         emb = model.llm.get_input_embeddings()(ids)  # [1, n, D]
         half = prompt_tokens // 2
@@ -234,11 +237,11 @@ def validate_predictions(model, vision_path: Path, decoder_path: Path, prompt_to
     x = seq.numpy().astype(np.float16)
     state = decoder.make_state()
     prefill = x.shape[1] - decode_steps
-    outs = [decoder.predict({"inputs_embeds": x[:, :prefill], "causal_mask": causal_mask(0, prefill)},
-                            state=state)["logits"][0]]
+    outs = [decoder.predict({INPUTS_EMBEDS: x[:, :prefill], CAUSAL_MASK: causal_mask(0, prefill)},
+                            state=state)[LOGITS][0]]
     for p in range(prefill, x.shape[1]):
-        outs.append(decoder.predict({"inputs_embeds": x[:, p : p + 1], "causal_mask": causal_mask(p, 1)},
-                                    state=state)["logits"][0])
+        outs.append(decoder.predict({INPUTS_EMBEDS: x[:, p : p + 1], CAUSAL_MASK: causal_mask(p, 1)},
+                                    state=state)[LOGITS][0])
     got_logits = np.concatenate(outs, axis=0).astype(np.float32)
 
     def rel(a, b) -> float:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.graph_io import PIXEL_VALUES
 
 from .trt_plan import CALIB_CACHE, BuildPlan, EnginePlan
 
@@ -55,7 +56,7 @@ def write_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def make_calibrator(tc: Toolchain, batches: Sequence[np.ndarray], cache: Path, input_name: str = "pixel_values"):
+def make_calibrator(tc: Toolchain, batches: Sequence[np.ndarray], cache: Path, input_name: str = PIXEL_VALUES):
     """An IInt8EntropyCalibrator2 over preprocessed image batches ([B, 3, S, S] float32 each); it
     reads ``cache`` if present (no images needed then) and writes it after calibrating."""
     trt = tc.trt
@@ -178,7 +179,7 @@ def build_all(tc: Toolchain, plan: BuildPlan, out_dir: Path, calib_pixels: Calla
 
 def _calibrator_for(tc: Toolchain, ep: EnginePlan, out_dir: Path, calib_pixels, log):
     cache = out_dir / CALIB_CACHE
-    batch = ep.profiles[0].shapes["pixel_values"].opt[0]
+    batch = ep.profiles[0].shapes[PIXEL_VALUES].opt[0]
     pixels = calib_pixels() if calib_pixels is not None else []
     batches = calibration_batches(pixels, batch)
     if not batches:

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.graph_io import (
+    ATTENTION_MASK, INPUT_IDS, INPUTS_EMBEDS, PAST, PIXEL_VALUES, POSITION_IDS, is_past,
+)
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder")
@@ -31,10 +34,10 @@ TRT_TARGET = "10.3"  # JetPack 6.1 / 6.2; the operator list in data/tensorrt_onn
 
 # input name (or prefix ending in ".") -> role of each dimension; None = fixed by the model
 ROLES: dict[str, dict[str, tuple[str | None, ...]]] = {
-    "vision_encoder": {"pixel_values": ("batch", None, None, None)},
-    "embed_tokens": {"input_ids": ("batch", "seq")},
-    "decoder": {"inputs_embeds": ("batch", "seq", None), "attention_mask": ("batch", "total"),
-                "position_ids": ("batch", "seq"), "past_key_values.": ("batch", None, "past", None)},
+    "vision_encoder": {PIXEL_VALUES: ("batch", None, None, None)},
+    "embed_tokens": {INPUT_IDS: ("batch", "seq")},
+    "decoder": {INPUTS_EMBEDS: ("batch", "seq", None), ATTENTION_MASK: ("batch", "total"),
+                POSITION_IDS: ("batch", "seq"), f"{PAST}.": ("batch", None, "past", None)},
 }
 TRTEXEC_FLAGS = {"FP16": "--fp16", "INT8": "--int8", "FP8": "--fp8", "GPU_FALLBACK": "--allowGPUFallback"}
 
@@ -279,10 +282,10 @@ def trtexec_lines(plan: BuildPlan) -> list[str]:
 def _group(shapes: dict[str, ShapeRange]) -> list[tuple[str, ShapeRange]]:
     """past_key_values.{i}.key/value with identical ranges shown as one row."""
     rows: list[tuple[str, ShapeRange]] = []
-    kv = [(n, r) for n, r in shapes.items() if n.startswith("past_key_values.")]
-    rows += [(n, r) for n, r in shapes.items() if not n.startswith("past_key_values.")]
+    kv = [(n, r) for n, r in shapes.items() if is_past(n)]
+    rows += [(n, r) for n, r in shapes.items() if not is_past(n)]
     if kv and all(r == kv[0][1] for _, r in kv):
-        rows.append((f"past_key_values.* ({len(kv)} tensors)", kv[0][1]))
+        rows.append((f"{PAST}.* ({len(kv)} tensors)", kv[0][1]))
     else:
         rows += kv
     return rows

@@ -17,6 +17,7 @@ from edgevlm import load_model  # noqa: E402
 from edgevlm.export import onnx_graphs, onnx_quant  # noqa: E402
 from edgevlm.export.onnx_validate import TOLERANCES, validate_graph  # noqa: E402
 from edgevlm.export.to_onnx import export_fp32_graphs, export_onnx  # noqa: E402
+from edgevlm.runtime.graph_io import INPUT_IDS, PIXEL_VALUES  # noqa: E402
 from edgevlm.runtime.manifest import read_manifest  # noqa: E402
 from edgevlm.runtime.errors import EdgeVLMError  # noqa: E402
 from edgevlm.train.integrators import INTEGRATORS, export_refusal  # noqa: E402
@@ -184,7 +185,7 @@ def test_vision_graph_for_every_integrator(integrator, tmp_path):
     path = graphs["vision_encoder"]["path"]
     report = validate_graph(model, "vision_encoder", path)  # batch 1 and 3: the batch axis is dynamic
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = s.run(None, {"pixel_values": np.zeros((2, 3, 336, 336), np.float32)})[0]
+    out = s.run(None, {PIXEL_VALUES: np.zeros((2, 3, 336, 336), np.float32)})[0]
     assert out.shape == (2, model.n_visual_tokens, model.cfg.llm.hidden_size)
     assert report["max_abs_diff"] < 1e-4
 
@@ -248,7 +249,7 @@ def test_large_graphs_keep_weights_in_external_data(fp32_graphs, tmp_path, monke
     onnx.checker.check_model(str(files[0]))
     s = ort.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
     ref = ort.InferenceSession(str(fp32_graphs["embed_tokens"]["path"]), providers=["CPUExecutionProvider"])
-    ids = {"input_ids": np.array([[1, 5, 9]], np.int64)}
+    ids = {INPUT_IDS: np.array([[1, 5, 9]], np.int64)}
     np.testing.assert_array_equal(s.run(None, ids)[0], ref.run(None, ids)[0])
 
 

@@ -24,6 +24,9 @@ from onnx import TensorProto, helper  # noqa: E402
 from edgevlm.export import trt_ops, trt_plan  # noqa: E402
 from edgevlm.runtime.backends import trt as rtrt  # noqa: E402
 from edgevlm.runtime.errors import BundleError, EdgeVLMError  # noqa: E402
+from edgevlm.runtime.graph_io import (  # noqa: E402
+    ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, PIXEL_VALUES, POSITION_IDS, is_past, past_key, past_names, present_names,
+)
 from edgevlm.runtime.manifest import read_manifest  # noqa: E402
 from edgevlm.train.integrators import INTEGRATORS  # noqa: E402
 
@@ -172,18 +175,18 @@ def test_decoder_profiles_cover_prefill_and_decode(onnx_bundle, manifest):
     dec = plan.engine("decoder")
     prefill, decode = dec.profiles
     assert [p.name for p in dec.profiles] == ["prefill", "decode"]
-    kv = "past_key_values.0.key"
+    kv = past_key(0)
     assert prefill.shapes[kv].min == prefill.shapes[kv].max == (1, m.num_kv_heads, 0, m.head_dim)  # empty cache
-    assert prefill.shapes["inputs_embeds"].max == (1, 512, m.hidden_size)
-    assert decode.shapes["inputs_embeds"].min == decode.shapes["inputs_embeds"].max == (1, 1, m.hidden_size)
+    assert prefill.shapes[INPUTS_EMBEDS].max == (1, 512, m.hidden_size)
+    assert decode.shapes[INPUTS_EMBEDS].min == decode.shapes[INPUTS_EMBEDS].max == (1, 1, m.hidden_size)
     assert decode.shapes[kv].max == (1, m.num_kv_heads, 511, m.head_dim)
     for p in dec.profiles:  # total = past + seq at every corner of every profile
         for which in ("min", "opt", "max"):
             s = {n: getattr(r, which) for n, r in p.shapes.items()}
-            assert s["attention_mask"][1] == s[kv][2] + s["inputs_embeds"][1]
-            assert s["position_ids"] == s["inputs_embeds"][:2]
-    assert len([n for n in decode.shapes if n.startswith("past_key_values.")]) == 2 * m.num_layers
-    vision = plan.engine("vision_encoder").profiles[0].shapes["pixel_values"]
+            assert s[ATTENTION_MASK][1] == s[kv][2] + s[INPUTS_EMBEDS][1]
+            assert s[POSITION_IDS] == s[INPUTS_EMBEDS][:2]
+    assert len([n for n in decode.shapes if is_past(n)]) == 2 * m.num_layers
+    vision = plan.engine("vision_encoder").profiles[0].shapes[PIXEL_VALUES]
     assert vision.min == (1, 3, m.image_size, m.image_size) and vision.max[0] == 1
 
 
@@ -212,7 +215,7 @@ def test_precision_flags(onnx_bundle, manifest):
 def test_dla_pins_the_vision_batch_and_falls_back_to_the_gpu(onnx_bundle, manifest):
     plan = plan_for(onnx_bundle, manifest, precision="fp16", max_batch=4, dla_core=1)
     v = plan.engine("vision_encoder")
-    r = v.profiles[0].shapes["pixel_values"]
+    r = v.profiles[0].shapes[PIXEL_VALUES]
     assert r.min == r.opt == r.max and r.max[0] == 4  # DLA has no dynamic shapes
     assert v.dla_core == 1 and "GPU_FALLBACK" in v.flags
     assert plan.engine("decoder").dla_core is None
@@ -370,16 +373,16 @@ def test_engine_compatibility_check():
 def test_kv_pairs_step_shapes_and_profile_choice(onnx_bundle, manifest):
     m = manifest.model
     dec = plan_for(onnx_bundle, manifest, max_seq=300).engine("decoder")
-    names = [f"past_key_values.{i}.{k}" for i in range(m.num_layers) for k in ("key", "value")]
-    outs = ["logits", *(n.replace("past_key_values.", "present.") for n in names)]
+    names = past_names(m.num_layers)
+    outs = [LOGITS, *present_names(m.num_layers)]
     pairs = rtrt.kv_pairs(names, outs)
-    assert pairs[0] == ("past_key_values.0.key", "present.0.key") and len(pairs) == len(names)
+    assert pairs[0] == ("past_key_values.0.key", "present.0.key") and len(pairs) == len(names)  # the contract
     with pytest.raises(BundleError):
         rtrt.kv_pairs(names, outs[:-1])
     ranges = [{n: (r.min, r.opt, r.max) for n, r in p.shapes.items()} for p in dec.profiles]
     kv = (m.num_kv_heads, m.head_dim)
     prefill = rtrt.step_shapes(0, 150, m.hidden_size, kv, names)
-    assert prefill["past_key_values.0.key"] == (1, m.num_kv_heads, 0, m.head_dim)
+    assert prefill[past_key(0)] == (1, m.num_kv_heads, 0, m.head_dim)
     assert rtrt.pick_profile(ranges, prefill) == 0
     assert rtrt.pick_profile(ranges, rtrt.step_shapes(150, 1, m.hidden_size, kv, names)) == 1
     assert rtrt.pick_profile(ranges, rtrt.step_shapes(299, 1, m.hidden_size, kv, names)) == 1

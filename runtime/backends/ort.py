@@ -24,6 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import BundleError, EdgeVLMError
+from ..graph_io import (
+    ATTENTION_MASK, INPUT_IDS, INPUTS_EMBEDS, LOGITS, PIXEL_VALUES, POSITION_IDS, is_past, is_present, past_key,
+)
 from ..manifest import Manifest
 from . import BACKENDS
 from .base import check_options, Backend, is_visual_segment
@@ -114,13 +117,13 @@ class OrtBackend(Backend):
         self.n_ctx = manifest.model.max_positions
         self.io_binding = io_binding
         dec = self.sessions["decoder"]
-        self.past_names = [i.name for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
-        self.present_names = [o.name for o in dec.get_outputs() if o.name.startswith("present.")]
+        self.past_names = [i.name for i in dec.get_inputs() if is_past(i.name)]
+        self.present_names = [o.name for o in dec.get_outputs() if is_present(o.name)]
         if len(self.past_names) != 2 * manifest.model.num_layers or len(self.present_names) != len(self.past_names):
             raise BundleError(f"{root}: decoder graph has {len(self.past_names)} past inputs, expected "
-                              f"{2 * manifest.model.num_layers} (past_key_values.{{i}}.key/value)")
+                              f"{2 * manifest.model.num_layers} ({past_key('{i}')}/value)")
         types = {i.name: i.type for i in dec.get_inputs()}
-        self.embeds_dtype = _NP_TYPES[types["inputs_embeds"]]
+        self.embeds_dtype = _NP_TYPES[types[INPUTS_EMBEDS]]
         self.kv_dtype = _NP_TYPES[types[self.past_names[0]]]
         self.kv_shape = (1, manifest.model.num_kv_heads, 0, manifest.model.head_dim)  # [B, H_kv, 0, Dh]
         _warn_if_int8_saturates(manifest, self.device)
@@ -142,10 +145,10 @@ class OrtBackend(Backend):
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         s = self.sessions["vision_encoder"]
         x = pixel_values.astype(_NP_TYPES[s.get_inputs()[0].type], copy=False)  # [B, 3, S, S]
-        return np.asarray(s.run(None, {"pixel_values": x})[0], dtype=np.float32)  # [B, M, D]
+        return np.asarray(s.run(None, {PIXEL_VALUES: x})[0], dtype=np.float32)  # [B, M, D]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        out = self.sessions["embed_tokens"].run(None, {"input_ids": np.asarray(ids, dtype=np.int64)[None]})[0]
+        out = self.sessions["embed_tokens"].run(None, {INPUT_IDS: np.asarray(ids, dtype=np.int64)[None]})[0]
         return out[0]  # [T, D]
 
     def _embed_segments(self, segments: Sequence[np.ndarray]) -> np.ndarray:
@@ -202,8 +205,8 @@ class OrtBackend(Backend):
         """Run the decoder on ``x`` [1, T, D] after ``self._pos`` cached positions; logits [V] of the last."""
         t = x.shape[1]
         total = self._pos + t
-        feeds = {"inputs_embeds": x, "attention_mask": np.ones((1, total), dtype=np.int64),
-                 "position_ids": np.arange(self._pos, total, dtype=np.int64)[None]}  # [1, T]
+        feeds = {INPUTS_EMBEDS: x, ATTENTION_MASK: np.ones((1, total), dtype=np.int64),
+                 POSITION_IDS: np.arange(self._pos, total, dtype=np.int64)[None]}  # [1, T]
         if self.in_place:
             self._reserve(total)
             logits = self._run_in_place(feeds)
@@ -231,7 +234,7 @@ class OrtBackend(Backend):
         io = s.io_binding()
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
-        io.bind_output("logits", "cpu")
+        io.bind_output(LOGITS, "cpu")
         for past, present, value in zip(self.past_names, self.present_names, self._past):
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)  # GroupQueryAttention writes the new positions in place
@@ -240,7 +243,7 @@ class OrtBackend(Backend):
 
     def _run_plain(self, feeds: dict) -> tuple[np.ndarray, list]:
         s = self.sessions["decoder"]
-        out = s.run(["logits", *self.present_names], {**feeds, **dict(zip(self.past_names, self._past))})
+        out = s.run([LOGITS, *self.present_names], {**feeds, **dict(zip(self.past_names, self._past))})
         return out[0], out[1:]
 
     def _run_bound(self, feeds: dict) -> tuple[np.ndarray, list]:
@@ -250,7 +253,7 @@ class OrtBackend(Backend):
             io.bind_cpu_input(name, value)
         for name, value in zip(self.past_names, self._past):
             io.bind_ortvalue_input(name, value)
-        io.bind_output("logits", "cpu")
+        io.bind_output(LOGITS, "cpu")
         for name in self.present_names:
             io.bind_output(name, self.device)  # ONNX Runtime allocates; no copy to numpy
         s.run_with_iobinding(io)

@@ -29,11 +29,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import BundleError, EdgeVLMError
+from ..graph_io import (
+    ATTENTION_MASK, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, PIXEL_VALUES, POSITION_IDS, is_past,
+    is_present, present_for,
+)
 from ..manifest import Manifest
 from . import BACKENDS
 from .base import check_options, Backend, is_visual_segment
-
-PAST, PRESENT = "past_key_values.", "present."
 
 # --- pure helpers (unit-tested without TensorRT) --------------------------------------------------
 
@@ -76,9 +78,9 @@ def incompatibility_message(root: Path, recorded: dict, errors: list[str]) -> st
 
 def kv_pairs(inputs: Sequence[str], outputs: Sequence[str]) -> list[tuple[str, str]]:
     """[(past_key_values.i.k, present.i.k)] in input order; every past input needs its present output."""
-    pairs = [(n, PRESENT + n[len(PAST):]) for n in inputs if n.startswith(PAST)]
+    pairs = [(n, present_for(n)) for n in inputs if is_past(n)]
     missing = [p for _, p in pairs if p not in outputs]
-    extra = [o for o in outputs if o.startswith(PRESENT) and o not in {p for _, p in pairs}]
+    extra = [o for o in outputs if is_present(o) and o not in {p for _, p in pairs}]
     if missing or extra or not pairs:
         raise BundleError(f"decoder engine KV inputs/outputs do not pair up (missing {missing}, extra {extra})")
     return pairs
@@ -87,7 +89,7 @@ def kv_pairs(inputs: Sequence[str], outputs: Sequence[str]) -> list[tuple[str, s
 def step_shapes(past: int, t: int, hidden: int, kv_shape: tuple[int, int], past_names: Sequence[str]) -> dict:
     """Decoder input shapes for ``t`` new positions after ``past`` cached ones (batch 1)."""
     heads, head_dim = kv_shape
-    shapes = {"inputs_embeds": (1, t, hidden), "attention_mask": (1, past + t), "position_ids": (1, t)}
+    shapes = {INPUTS_EMBEDS: (1, t, hidden), ATTENTION_MASK: (1, past + t), POSITION_IDS: (1, t)}
     shapes.update({n: (1, heads, past, head_dim) for n in past_names})
     return shapes
 
@@ -285,7 +287,7 @@ class TrtBackend(Backend):
         raw = {g: self._deserialize(root, manifest, g) for g in ("vision_encoder", "embed_tokens", "decoder")}
         self.vision = Engine(trt, self.cuda, raw["vision_encoder"])
         names = [raw["decoder"].get_tensor_name(i) for i in range(raw["decoder"].num_io_tensors)]
-        self.pairs = kv_pairs([n for n in names if n.startswith(PAST)], names)
+        self.pairs = kv_pairs([n for n in names if is_past(n)], names)
         self.decoder = Engine(trt, self.cuda, raw["decoder"], external=[p for p, _ in self.pairs])
         d = self.decoder
         for p, q in self.pairs:  # both halves of a ping-pong pair hold a full (present-sized) cache
@@ -293,10 +295,10 @@ class TrtBackend(Backend):
         self.embed = Engine(trt, self.cuda, raw["embed_tokens"])
         m = manifest.model
         self.hidden, self.kv_shape = m.hidden_size, (m.num_kv_heads, m.head_dim)
-        self.vocab = d.max_shapes["logits"][-1]  # [1, T, V]
-        if self.embed.dtypes["inputs_embeds"] != self.decoder.dtypes["inputs_embeds"]:
+        self.vocab = d.max_shapes[LOGITS][-1]  # [1, T, V]
+        if self.embed.dtypes[INPUTS_EMBEDS] != self.decoder.dtypes[INPUTS_EMBEDS]:
             raise BundleError(f"{root}: embed_tokens and decoder engines disagree on the embedding dtype")
-        self.n_ctx = min(m.max_positions, self.decoder.max_shapes["attention_mask"][1])
+        self.n_ctx = min(m.max_positions, self.decoder.max_shapes[ATTENTION_MASK][1])
         self._fill_constants()
         self._pos = 0
         self._flip = False  # False: the cache is in the past buffers; True: in the present buffers
@@ -311,45 +313,45 @@ class TrtBackend(Backend):
     def _fill_constants(self) -> None:
         """attention_mask is all ones (one sequence, no padding): written once, every step reads a prefix."""
         d = self.decoder
-        n = d.max_shapes["attention_mask"][1]
-        self.cuda.h2d(d.buffers["attention_mask"], np.ones(n, dtype=d.dtypes["attention_mask"]))
+        n = d.max_shapes[ATTENTION_MASK][1]
+        self.cuda.h2d(d.buffers[ATTENTION_MASK], np.ones(n, dtype=d.dtypes[ATTENTION_MASK]))
         self.cuda.sync()
 
     # --- the Backend interface -------------------------------------------------------------------
 
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         v = self.vision
-        lo, _, hi = v.ranges[0]["pixel_values"] if v.ranges else (v.max_shapes["pixel_values"],) * 3
+        lo, _, hi = v.ranges[0][PIXEL_VALUES] if v.ranges else (v.max_shapes[PIXEL_VALUES],) * 3
         b_min, b_max = lo[0], hi[0]  # [B, 3, S, S]
         outs = []
         for start in range(0, len(pixel_values), b_max):
-            chunk = pixel_values[start:start + b_max].astype(v.dtypes["pixel_values"], copy=False)  # [b, 3, S, S]
+            chunk = pixel_values[start:start + b_max].astype(v.dtypes[PIXEL_VALUES], copy=False)  # [b, 3, S, S]
             n = len(chunk)
             if n < b_min:  # a fixed-batch (DLA) engine: pad with zeros
                 chunk = np.concatenate([chunk, np.zeros((b_min - n, *chunk.shape[1:]), chunk.dtype)])
-            self.cuda.h2d(v.buffers["pixel_values"], chunk)
-            v.run({"pixel_values": chunk.shape})
-            out = np.empty(v.output_shape("image_features"), v.dtypes["image_features"])  # [b, M, D]
-            outs.append(self.cuda.d2h(out, v.buffers["image_features"])[:n])
+            self.cuda.h2d(v.buffers[PIXEL_VALUES], chunk)
+            v.run({PIXEL_VALUES: chunk.shape})
+            out = np.empty(v.output_shape(IMAGE_FEATURES), v.dtypes[IMAGE_FEATURES])  # [b, M, D]
+            outs.append(self.cuda.d2h(out, v.buffers[IMAGE_FEATURES])[:n])
         return np.concatenate(outs).astype(np.float32, copy=False)
 
     def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
         d, e = self.decoder, self.embed
-        dtype = d.dtypes["inputs_embeds"]
+        dtype = d.dtypes[INPUTS_EMBEDS]
         row = self.hidden * dtype.itemsize
-        base, offset = d.buffers["inputs_embeds"], 0
+        base, offset = d.buffers[INPUTS_EMBEDS], 0
         for seg in segments:
             t = len(seg)
             if t == 0:
                 continue
-            if offset + t > d.max_shapes["inputs_embeds"][1]:
+            if offset + t > d.max_shapes[INPUTS_EMBEDS][1]:
                 raise EdgeVLMError(f"prompt of {offset + t}+ positions exceeds the engines' {self.n_ctx}")
             if is_visual_segment(seg):  # [M, D] float
                 self.cuda.h2d(base + offset * row, seg.astype(dtype, copy=False))
             else:  # token ids [T] -> embeddings [1, T, D] on the device, copied into place
-                self.cuda.h2d(e.buffers["input_ids"], np.asarray(seg, dtype=e.dtypes["input_ids"]))
-                e.run({"input_ids": (1, t)})
-                self.cuda.d2d(base + offset * row, e.buffers["inputs_embeds"], t * row)
+                self.cuda.h2d(e.buffers[INPUT_IDS], np.asarray(seg, dtype=e.dtypes[INPUT_IDS]))
+                e.run({INPUT_IDS: (1, t)})
+                self.cuda.d2d(base + offset * row, e.buffers[INPUTS_EMBEDS], t * row)
             offset += t
         self._pos, self._flip = 0, False
         return self._step(offset, base)
@@ -360,9 +362,9 @@ class TrtBackend(Backend):
         if self._pos >= self.n_ctx:
             raise EdgeVLMError(f"the context is full ({self.n_ctx} positions, the engines' --max-seq)")
         e = self.embed
-        self.cuda.h2d(e.buffers["input_ids"], np.array([token_id], dtype=e.dtypes["input_ids"]))
-        e.run({"input_ids": (1, 1)})
-        return self._step(1, e.buffers["inputs_embeds"])  # the decoder reads the embed engine's output
+        self.cuda.h2d(e.buffers[INPUT_IDS], np.array([token_id], dtype=e.dtypes[INPUT_IDS]))
+        e.run({INPUT_IDS: (1, 1)})
+        return self._step(1, e.buffers[INPUTS_EMBEDS])  # the decoder reads the embed engine's output
 
     def _step(self, t: int, embeds: int) -> np.ndarray:
         """Run the decoder on ``t`` embeddings (at device address ``embeds``) after ``self._pos``
@@ -370,17 +372,17 @@ class TrtBackend(Backend):
         d = self.decoder
         past = self._pos
         shapes = step_shapes(past, t, self.hidden, self.kv_shape, [p for p, _ in self.pairs])
-        self.cuda.h2d(d.buffers["position_ids"], np.arange(past, past + t, dtype=d.dtypes["position_ids"]))
-        addresses = {"inputs_embeds": embeds}
+        self.cuda.h2d(d.buffers[POSITION_IDS], np.arange(past, past + t, dtype=d.dtypes[POSITION_IDS]))
+        addresses = {INPUTS_EMBEDS: embeds}
         for p, q in self.pairs:  # ping-pong: read the cache from one buffer, write the whole of it to the other
             a, b = d.buffers[p], d.buffers[q]
             addresses[p], addresses[q] = (b, a) if self._flip else (a, b)
         d.run(shapes, addresses)
         self._flip = not self._flip
         self._pos = past + t
-        logits_dtype = d.dtypes["logits"]
+        logits_dtype = d.dtypes[LOGITS]
         row = np.empty(self.vocab, logits_dtype)  # only the last position's logits come back
-        self.cuda.d2h(row, d.buffers["logits"] + (t - 1) * self.vocab * logits_dtype.itemsize)
+        self.cuda.d2h(row, d.buffers[LOGITS] + (t - 1) * self.vocab * logits_dtype.itemsize)
         return row.astype(np.float32, copy=False)
 
     def close(self) -> None:
