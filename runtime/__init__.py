@@ -4,7 +4,7 @@ Depends only on numpy, Pillow and tokenizers (plus each backend's own library, i
 """
 from __future__ import annotations
 
-__all__ = ["Runtime", "GenerationConfig", "GenerationResult", "EdgeVLMError"]
+__all__ = ["Runtime", "GenerationConfig", "GenerationResult", "SamplingConfig", "EdgeVLMError"]
 
 
 def __getattr__(name: str):
@@ -16,6 +16,10 @@ def __getattr__(name: str):
         from . import generate
 
         return getattr(generate, name)
+    if name == "SamplingConfig":
+        from .sampling import SamplingConfig
+
+        return SamplingConfig
     if name == "EdgeVLMError":
         from .errors import EdgeVLMError
 

@@ -35,31 +35,23 @@ from .sampling import Sampler, SamplingConfig
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
-@dataclass
+@dataclass(init=False)
 class GenerationConfig:
+    """How many tokens, how to pick them (``sampling``) and when to stop. The sampling fields may
+    also be given flat: ``GenerationConfig(max_new_tokens=8, do_sample=True, seed=1)``."""
+
     max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # for benchmarks: always generate max_new_tokens
 
-    def __post_init__(self) -> None:
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-    @property
-    def sampling(self) -> SamplingConfig:
-        return SamplingConfig(
-            do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-        )
+    def __init__(self, max_new_tokens: int = 32, sampling: SamplingConfig | None = None,
+                 stop: str | Sequence[str] = (), ignore_eos: bool = False, **sampling_fields):
+        if sampling is not None and sampling_fields:
+            raise TypeError(f"GenerationConfig: pass sampling= or {', '.join(sampling_fields)}, not both")
+        self.max_new_tokens, self.ignore_eos = max_new_tokens, ignore_eos
+        self.sampling = SamplingConfig(**sampling_fields) if sampling is None else sampling
+        self.stop = (stop,) if isinstance(stop, str) else tuple(stop)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -160,9 +152,7 @@ def stream(
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def _check_inputs(
-    prompt_ids: list[int], pixel_values: np.ndarray | None, config: GenerationConfig
-) -> int:
+def _check_inputs(prompt_ids: list[int], pixel_values: np.ndarray | None, config: GenerationConfig) -> int:
     """Validate config, ids and image count; return the number of images."""
     config.validate()
     n_markers = sum(1 for t in prompt_ids if t == IMAGE_TOKEN_INDEX)
