@@ -27,7 +27,7 @@ class TensorRTUnavailable(EdgeVLMError):
 @dataclass
 class Toolchain:
     trt: object  # the tensorrt module
-    cuda: object  # edgevlm.runtime.backends.trt.Cuda
+    cuda: object  # edgevlm.runtime.cuda_device.Cuda
     device: object  # DeviceInfo
 
     @property
@@ -37,7 +37,7 @@ class Toolchain:
 
 def probe(device: int = 0) -> Toolchain:
     """TensorRT + a CUDA device, or TensorRTUnavailable saying which is missing."""
-    from edgevlm.runtime.backends.trt import Cuda, import_cudart, import_tensorrt
+    from edgevlm.runtime.cuda_device import Cuda, import_cudart, import_tensorrt
 
     try:
         trt = import_tensorrt()

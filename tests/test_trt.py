@@ -22,6 +22,7 @@ pytest.importorskip("torch")
 from onnx import TensorProto, helper  # noqa: E402
 
 from edgevlm.export import trt_ops, trt_plan  # noqa: E402
+from edgevlm.runtime import cuda_device  # noqa: E402
 from edgevlm.runtime.backends import trt as rtrt  # noqa: E402
 from edgevlm.runtime.errors import BundleError, EdgeVLMError  # noqa: E402
 from edgevlm.runtime.graph_io import (  # noqa: E402
@@ -336,7 +337,7 @@ def test_building_on_a_jetson_needs_no_torch(onnx_bundle, tmp_path):
         "from edgevlm.cli import main",
         "from edgevlm.export.to_trt import _pixels_loader",
         "from edgevlm.runtime.manifest import read_manifest",
-        "import edgevlm.runtime.backends.trt",
+        "import edgevlm.runtime.backends.trt, edgevlm.runtime.cuda_device",
         f"px = _pixels_loader(read_manifest({str(onnx_bundle)!r}), None, 2)()",
         "assert len(px) == 2 and px[0].shape == (1, 3, 336, 336), [p.shape for p in px]",
         f"sys.exit(main(['export', 'trt', '--bundle', {str(onnx_bundle)!r}, '--out', {str(tmp_path / 't')!r}, "
@@ -359,15 +360,15 @@ def test_cli_user_errors_are_one_line(onnx_bundle, tmp_path):
 
 def test_engine_compatibility_check():
     built = {"tensorrt": "10.3.0", "device": {"name": "Orin", "sm": "8.7"}, "source_bundle": "/b/onnx"}
-    orin = rtrt.DeviceInfo("Orin", "8.7")
-    assert rtrt.compatibility(built, "10.3.0.30", orin) == ([], [])  # the build number does not matter
-    errors, _ = rtrt.compatibility(built, "10.7.0", rtrt.DeviceInfo("NVIDIA H100 80GB HBM3", "9.0"))
+    orin = cuda_device.DeviceInfo("Orin", "8.7")
+    assert cuda_device.compatibility(built, "10.3.0.30", orin) == ([], [])  # the build number does not matter
+    errors, _ = cuda_device.compatibility(built, "10.7.0", cuda_device.DeviceInfo("NVIDIA H100 80GB HBM3", "9.0"))
     assert len(errors) == 2 and "10.7.0" in errors[0] and "SM 9.0" in errors[1]
-    errors, warnings = rtrt.compatibility(built, "10.3.0", rtrt.DeviceInfo("Orin (nvgpu)", "8.7"))
+    errors, warnings = cuda_device.compatibility(built, "10.3.0", cuda_device.DeviceInfo("Orin (nvgpu)", "8.7"))
     assert errors == [] and warnings
-    msg = rtrt.incompatibility_message("/b/trt", built, errors or ["x"])
+    msg = cuda_device.incompatibility_message("/b/trt", built, errors or ["x"])
     assert "python export/to_trt.py --bundle /b/onnx" in msg
-    assert rtrt.version_key("10.3.0.30") == (10, 3, 0) and rtrt.version_key("10.3") == (10, 3, 0)
+    assert cuda_device.version_key("10.3.0.30") == (10, 3, 0) and cuda_device.version_key("10.3") == (10, 3, 0)
 
 
 def test_kv_pairs_step_shapes_and_profile_choice(onnx_bundle, manifest):

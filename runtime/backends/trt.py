@@ -1,9 +1,9 @@
 """Backend ``trt``: a TensorRT bundle (vision_encoder / embed_tokens / decoder engines built by
 ``export/to_trt.py``) on an NVIDIA GPU or Jetson.
 
-Device memory comes from cuda-python's runtime API (``cuda.bindings.runtime``, or ``cuda.cudart``
-in older cuda-python): one CUDA stream, and every input/output buffer allocated once, at load, for
-the largest shapes the engines' optimisation profiles allow (``--max-seq`` at build time is the
+Device memory comes from cuda-python's runtime API through ``runtime.cuda_device`` (shared with
+the TensorRT exporter, as is the engine/GPU compatibility check): one CUDA stream, and every
+input/output buffer allocated once, at load, for the largest shapes the engines' optimisation profiles allow (``--max-seq`` at build time is the
 context length). The KV cache never leaves the GPU: each layer's ``past``/``present`` tensors use
 two buffers whose roles swap every step (the decoder writes the whole present cache, so it cannot
 write in place). A decode step feeds the embed engine's output buffer to the decoder as is; prefill
@@ -22,12 +22,12 @@ default 0), ``verbose`` (TensorRT's log at INFO instead of WARNING).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from ..cuda_device import Cuda, compatibility, import_cudart, import_tensorrt, incompatibility_message
 from ..errors import BundleError, EdgeVLMError
 from ..graph_io import (
     ATTENTION_MASK, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, PIXEL_VALUES, POSITION_IDS, is_past,
@@ -38,42 +38,6 @@ from . import BACKENDS
 from .base import check_options, Backend, is_visual_segment
 
 # --- pure helpers (unit-tested without TensorRT) --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    name: str
-    sm: str  # compute capability, "8.7" on Jetson Orin
-    total_memory: int = 0
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    """"10.3.0.30" -> (10, 3, 0): engines are tied to major.minor.patch."""
-    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in str(version).split(".")[:3]]
-    return tuple(parts + [0] * (3 - len(parts)))
-
-
-def compatibility(recorded: dict, trt_version: str, device: DeviceInfo) -> tuple[list[str], list[str]]:
-    """(errors, warnings) for running engines built as ``recorded`` (a TensorRT bundle's
-    target_info: "tensorrt", "device": {"name", "sm"}) with this TensorRT and GPU."""
-    errors, warnings = [], []
-    built_v, built_dev = recorded.get("tensorrt", "?"), recorded.get("device") or {}
-    if version_key(built_v) != version_key(trt_version):
-        errors.append(f"built with TensorRT {built_v}, this machine has TensorRT {trt_version}")
-    if str(built_dev.get("sm")) != device.sm:
-        errors.append(f"built for {built_dev.get('name', '?')} (SM {built_dev.get('sm', '?')}), this GPU is "
-                      f"{device.name} (SM {device.sm})")
-    elif built_dev.get("name") and built_dev["name"] != device.name:
-        warnings.append(f"engines were built on {built_dev['name']} and run on {device.name} (same SM "
-                        f"{device.sm}): they work, but their tactics were tuned for the other GPU")
-    return errors, warnings
-
-
-def incompatibility_message(root: Path, recorded: dict, errors: list[str]) -> str:
-    src = recorded.get("source_bundle") or "<the ONNX bundle>"
-    return (f"{root}: TensorRT engines run only on the TensorRT version and GPU they were built for: "
-            f"{'; '.join(errors)}. Rebuild them on this machine: python export/to_trt.py --bundle {src} "
-            f"--out <dir>")
 
 
 def kv_pairs(inputs: Sequence[str], outputs: Sequence[str]) -> list[tuple[str, str]]:
@@ -111,96 +75,6 @@ def nbytes(shape: Sequence[int], itemsize: int) -> int:
 
 def elementwise_max(shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
     return tuple(int(max(d)) for d in zip(*shapes))
-
-
-# --- CUDA (cuda-python runtime API) ---------------------------------------------------------------
-
-
-def import_cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            raise EdgeVLMError("cuda-python (CUDA device memory for TensorRT) is not installed: pip install "
-                               "cuda-python (the 12.x line on JetPack 6)") from None
-    return cudart
-
-
-def import_tensorrt():
-    try:
-        import tensorrt
-    except ImportError:
-        raise EdgeVLMError("TensorRT's Python bindings (module tensorrt) are not installed: on Jetson they come "
-                           "with JetPack (apt install python3-libnvinfer; a venv needs --system-site-packages), "
-                           "elsewhere pip install tensorrt") from None
-    return tensorrt
-
-
-class Cuda:
-    """A CUDA device, one stream, and the device buffers allocated through it."""
-
-    def __init__(self, cudart, device: int = 0):
-        self.rt = cudart
-        count = self.check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount", quiet=True)
-        if not count:
-            raise EdgeVLMError("no CUDA device found (cudaGetDeviceCount returned 0 or failed)")
-        if not 0 <= device < count:
-            raise EdgeVLMError(f"CUDA device {device} does not exist (this machine has {count})")
-        self.check(cudart.cudaSetDevice(device), "cudaSetDevice")
-        self.device = device
-        self.stream = self.check(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        try:
-            self.handle = int(self.stream)  # TensorRT takes the stream as an integer handle
-        except TypeError:
-            self.handle = int(self.stream.getPtr())
-        self._allocs: list[int] = []
-
-    def check(self, result, what: str, quiet: bool = False):
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if err != self.rt.cudaError_t.cudaSuccess:
-            if quiet:
-                return None
-            name = self.rt.cudaGetErrorName(err)[1]
-            raise RuntimeError(f"{what} failed: {name.decode() if isinstance(name, bytes) else name}")
-        return rest[0] if len(rest) == 1 else (rest or None)
-
-    def info(self) -> DeviceInfo:
-        prop = self.check(self.rt.cudaGetDeviceProperties(self.device), "cudaGetDeviceProperties")
-        name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-        return DeviceInfo(name.rstrip("\x00").strip(), f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem))
-
-    def malloc(self, size: int) -> int:
-        ptr = int(self.check(self.rt.cudaMalloc(size), f"cudaMalloc({size})"))
-        self._allocs.append(ptr)
-        return ptr
-
-    def h2d(self, dst: int, array: np.ndarray) -> None:
-        a = np.ascontiguousarray(array)  # pageable: the call returns once the host data is staged
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self.check(self.rt.cudaMemcpyAsync(dst, a.ctypes.data, a.nbytes, kind, self.stream), "H2D copy")
-
-    def d2d(self, dst: int, src: int, size: int) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-        self.check(self.rt.cudaMemcpyAsync(dst, src, size, kind, self.stream), "D2D copy")
-
-    def d2h(self, out: np.ndarray, src: int) -> np.ndarray:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self.check(self.rt.cudaMemcpyAsync(out.ctypes.data, src, out.nbytes, kind, self.stream), "D2H copy")
-        self.sync()
-        return out
-
-    def sync(self) -> None:
-        self.check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-
-    def close(self) -> None:
-        for p in self._allocs:
-            self.rt.cudaFree(p)
-        self._allocs = []
-        if self.stream is not None:
-            self.rt.cudaStreamDestroy(self.stream)
-            self.stream = None
 
 
 class Engine:
