@@ -9,14 +9,17 @@ import argparse
 import importlib
 import importlib.util
 
+from edgevlm.runtime.registry import Registry
+
 # target -> module with add_arguments(parser) and run(args); modules keep heavy imports inside run()
-TARGETS = {"onnx": "edgevlm.export.to_onnx", "gguf": "edgevlm.export.to_gguf",
-           "trt": "edgevlm.export.to_trt", "coreml": "edgevlm.export.to_coreml"}
+EXPORTERS: Registry[str] = Registry("export target")
+for _target in ("onnx", "gguf", "trt", "coreml"):
+    EXPORTERS.add(_target, f"edgevlm.export.to_{_target}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="target", metavar="TARGET", required=True)
-    for name, module_name in TARGETS.items():
+    for name, module_name in EXPORTERS.items():
         if importlib.util.find_spec(module_name) is None:
             continue
         module = importlib.import_module(module_name)
