@@ -260,19 +260,6 @@ def test_sampled_generation_is_reproducible_by_seed(tok):
     assert run(3).token_ids != run(4).token_ids
 
 
-def test_generation_config_holds_a_sampling_config():
-    from edgevlm.runtime.sampling import SamplingConfig
-
-    flat = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=0.7, top_k=4, seed=9, stop="x")
-    nested = GenerationConfig(5, SamplingConfig(do_sample=True, temperature=0.7, top_k=4, seed=9), ("x",))
-    assert flat == nested and flat.sampling == SamplingConfig(do_sample=True, temperature=0.7, top_k=4, seed=9)
-    assert GenerationConfig().sampling == SamplingConfig()
-    with pytest.raises(TypeError):
-        GenerationConfig(sampling=SamplingConfig(), seed=1)
-    with pytest.raises(TypeError):
-        GenerationConfig(temprature=0.5)
-
-
 def test_eos_ends_generation_and_ignore_eos_does_not(tok):
     be = scripted(tok, "a red circle")
     res = generate(be, tok, [tok.bos_id, 5], None, GenerationConfig(max_new_tokens=20))

@@ -80,3 +80,16 @@ def test_bad_sampling_settings_are_user_errors(kw):
 def test_nan_logits_are_reported():
     with pytest.raises(EdgeVLMError, match="NaN"):
         select_token(np.array([0.0, np.nan], np.float32), SamplingConfig())
+
+
+def test_generation_config_holds_a_sampling_config():
+    from edgevlm.runtime.generate import GenerationConfig
+
+    flat = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=0.7, top_k=4, seed=9, stop="x")
+    nested = GenerationConfig(5, SamplingConfig(do_sample=True, temperature=0.7, top_k=4, seed=9), ("x",))
+    assert flat == nested and flat.sampling == SamplingConfig(do_sample=True, temperature=0.7, top_k=4, seed=9)
+    assert GenerationConfig().sampling == SamplingConfig()
+    with pytest.raises(TypeError):
+        GenerationConfig(sampling=SamplingConfig(), seed=1)
+    with pytest.raises(TypeError):
+        GenerationConfig(temprature=0.5)
