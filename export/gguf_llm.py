@@ -98,22 +98,26 @@ def add_tokenizer(w, model) -> None:
 
 def chat_template_jinja(t: ChatTemplate) -> str:
     """Jinja that renders ``messages`` exactly as ``ChatTemplate.render`` does (BOS is added by the
-    tokenizer, ``add_bos_token``); a leading system message replaces the default system prompt."""
-    if t.name == "plain":
-        return ("{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{ m['content'] }}"
-                "{%- elif m['role'] == 'assistant' -%}{{ m['content'] + eos_token }}{%- endif -%}"
-                "{%- endfor -%}")
+    tokenizer, ``add_bos_token``); a leading system message replaces the default system prompt.
+
+    Without ``--jinja`` (llama-mtmd-cli's default) llama.cpp does not run this text: it picks a
+    built-in template by substrings of it (``llm_chat_detect_template``), "USER: " and
+    "ASSISTANT: " meaning its "vicuna". So the assistant header is one literal only for a template
+    that built-in renders byte for byte (``t.llama_cpp``); any other keeps it split, and llama.cpp
+    asks for ``--jinja`` instead of silently using another format.
+    """
     q = json.dumps  # a valid Jinja string literal for these ASCII texts
+    header = q(t.assistant + t.answer_prefix) if t.llama_cpp else f"{q(t.assistant)} + {q(t.answer_prefix)}"
     return (
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
         f"{{%- else -%}}{{%- set system = {q(t.system)} -%}}{{%- set turns = messages -%}}{{%- endif -%}}"
+        f"{{%- if system -%}}{{{{ system + {q(t.system_end)} }}}}{{%- endif -%}}"
         "{%- for m in turns -%}"
-        "{%- if m['role'] == 'user' -%}"
-        f"{{%- if loop.first and system -%}}{{{{ system + {q(t.sep)} }}}}{{%- endif -%}}"
-        f"{{{{ {q(t.user + ': ')} + m['content'] + {q(t.sep + t.assistant + ':')} }}}}"
-        "{%- elif m['role'] == 'assistant' -%}{{ ' ' + m['content'] + eos_token }}"
+        f"{{%- if m['role'] == 'user' -%}}{{{{ {q(t.user)} + m['content'] + {q(t.user_end)} }}}}"
+        f"{{%- elif m['role'] == 'assistant' -%}}{{{{ {header} + m['content'] + eos_token + {q(t.turn_end)} }}}}"
         "{%- endif -%}{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {q(t.assistant)} }}}}{{%- endif -%}}"
     )
 
 

@@ -4,8 +4,9 @@ Example: python export/to_gguf.py --model runs/tiny/final --out bundles/tiny-ggu
 
 The bundle holds llm-<quant>.gguf for each --quant (llama architecture, the model's own
 SentencePiece tokenizer and chat template; quantised by llama.cpp's quantiser from the f16 file),
-mmproj-f16.gguf (CLIP vision tower + integrator, clip architecture) and the tokenizer; run it with
-``Runtime.load(bundle, backend="llamacpp", quant=...)`` or any llama.cpp multimodal tool.
+mmproj-f16.gguf (CLIP vision tower + integrator, clip architecture), the tokenizer and a README.md
+with the commands; run it with ``Runtime.load(bundle, backend="llamacpp", quant=...)``, llama-mtmd-cli
+or llama-server (``export/gguf_usage.py``; the manifest's ``target_info.llama_cpp_usage``).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def export_gguf(model, out, quants=DEFAULT_QUANTS, cls: str = "omit", threads: i
     from edgevlm.export.gguf_llm import write_llm
     from edgevlm.export.gguf_mmproj import projector_type, write_mmproj
     from edgevlm.export.gguf_quant import check_quant_types, llama_cpp_versions, quantize, tensor_types
+    from edgevlm.export.gguf_usage import llama_cpp_usage, readme
     from edgevlm.runtime.backends.llamacpp import quiet_llama_logs
     from edgevlm.runtime.gguf_check import check_pair
     from edgevlm.runtime.manifest import BundleWriter, FileEntry
@@ -61,12 +63,14 @@ def export_gguf(model, out, quants=DEFAULT_QUANTS, cls: str = "omit", threads: i
         for rel in llm_files.values():
             check_pair(w.path(rel), w.path("mmproj-f16.gguf"))  # what the backend checks on load
         files = [FileEntry(rel, "llm") for rel in llm_files.values()]
-        files += [FileEntry("mmproj-f16.gguf", "mmproj"), *copy_tokenizer(model, w)]
+        files += [FileEntry("mmproj-f16.gguf", "mmproj"), *copy_tokenizer(model, w), FileEntry("README.md", "readme")]
+        w.path("README.md").write_text(readme(model.cfg.chat_template, llm_files, "mmproj-f16.gguf"))
         info = {"quant_types": quants, "default_quant": quants[0], "llm": llm_files,
                 "mmproj": "mmproj-f16.gguf", "mmproj_type": "f16", **mm_info,
                 "llm_tensors": llm_info["n_tensors"],
                 "tensor_types": {q: tensor_types(w.path(rel)) for q, rel in llm_files.items()},
-                "llama_cpp": llama_cpp_versions()}
+                "llama_cpp": llama_cpp_versions(),
+                "llama_cpp_usage": llama_cpp_usage(model.cfg.chat_template, llm_files[quants[0]], "mmproj-f16.gguf")}
         if source:
             info["source"] = source
         manifest = base_manifest(model, "gguf", files, "edgevlm.export.to_gguf",

@@ -4,6 +4,11 @@ Training and the on-device runtime both turn a conversation into token ids with 
 using the same ``tokenizers.Tokenizer`` (the fast tokenizer's backend), so the ids a phone feeds
 the decoder are the ids training saw. ``<image>`` in a prompt becomes ``IMAGE_TOKEN_INDEX``; the
 model (or backend) replaces that position with the image's visual tokens.
+
+A template is data: the text pieces around questions and answers, and where a question's image
+goes. Wherever ``<image>`` appears in a question, the template puts it first, followed by
+``image_sep`` (LLaVA does the same), so data, the runtime and servers only say *that* a question
+has an image. The GGUF's Jinja chat template (``export/gguf_llm.py``) is built from the same data.
 """
 from __future__ import annotations
 
@@ -21,39 +26,64 @@ VICUNA_SYSTEM = (
 
 @dataclass
 class ChatTemplate:
-    """A two-role template. ``plain`` (stage-1 captions) has no system prompt and no roles.
+    """A two-role template: ``[system system_end] user Q1 user_end assistant answer_prefix A1 EOS
+    turn_end user Q2 user_end assistant`` (the system part only when ``system`` is not empty).
 
-    vicuna_v1 renders: ``{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:``
-    plain renders:      ``{q1}{a1}</s>`` where q1 is normally just ``<image>\\n``.
+    ``llama_cpp`` names the llama.cpp built-in template that renders this one byte for byte (what
+    ``llama-mtmd-cli`` uses without ``--jinja``), or is empty when none does.
     """
 
-    name: str = "vicuna_v1"
-    system: str = VICUNA_SYSTEM
-    user: str = "USER"
-    assistant: str = "ASSISTANT"
-    sep: str = " "
+    name: str
+    system: str = ""  # default system prompt; a conversation's own system message replaces it
+    system_end: str = ""
+    user: str = ""
+    user_end: str = ""
+    assistant: str = ""  # the generation prompt ends here
+    answer_prefix: str = ""
+    turn_end: str = ""  # after an answer's EOS
+    image_sep: str = "\n"  # between a question's image placeholder(s), always first, and its text
+    llama_cpp: str = ""
+
+    def question_text(self, question: str) -> str:
+        """``question`` with its ``<image>`` placeholders moved to the front, then ``image_sep``."""
+        n = question.count(IMAGE_TOKEN)
+        if not n:
+            return question
+        return IMAGE_TOKEN * n + self.image_sep + question.replace(IMAGE_TOKEN, "").strip()
 
     def prompt_text(self, question: str, first: bool) -> str:
         """The text before an assistant answer (not including the answer)."""
-        if self.name == "plain":
-            return question
-        head = (self.system + self.sep) if (first and self.system) else ""
-        return f"{head}{self.user}: {question}{self.sep}{self.assistant}:"
+        if first:
+            head = self.system + self.system_end if self.system else ""
+        else:
+            head = self.turn_end
+        return f"{head}{self.user}{self.question_text(question)}{self.user_end}{self.assistant}"
 
     def render(self, turns: Sequence[tuple[str, str | None]], eos: str = "</s>") -> str:
-        """Human-readable rendering (for docs and GGUF chat templates); not used for ids."""
+        """Human-readable rendering (for docs and GGUF chat templates); not used for ids. Equals
+        the GGUF's Jinja template with ``add_generation_prompt`` when the last answer is None."""
         out = ""
         for i, (q, a) in enumerate(turns):
             out += self.prompt_text(q, i == 0)
             if a is not None:
-                out += (" " + a if self.name != "plain" else a) + eos
-        return out
+                out += self.answer_prefix + a + eos
+        return out + (self.turn_end if turns and turns[-1][1] is not None else "")
 
 
 TEMPLATES = {
-    "vicuna_v1": ChatTemplate(),
-    "plain": ChatTemplate(name="plain", system="", user="", assistant="", sep=""),
+    # LLaVA's conv_vicuna_v1 (MobileVLM's checkpoints): {system} USER: <image>\n{q} ASSISTANT: {a}</s>USER: ...
+    "vicuna_v1": ChatTemplate(name="vicuna_v1", system=VICUNA_SYSTEM, system_end=" ", user="USER: ",
+                              user_end=" ", assistant="ASSISTANT:", answer_prefix=" "),
+    # llama.cpp's built-in "vicuna" (src/llama-chat.cpp) with the image where llama-mtmd-cli and
+    # llama-server put it (its marker right before the question): USER: <image>{q}\nASSISTANT: {a}</s>\n
+    # The default for models trained here, so llama.cpp's tools run their bundles with no flags.
+    "llamacpp_vicuna": ChatTemplate(name="llamacpp_vicuna", system_end="\n\n", user="USER: ", user_end="\n",
+                                    assistant="ASSISTANT:", answer_prefix=" ", turn_end="\n", image_sep="",
+                                    llama_cpp="vicuna"),
+    # stage-1 captions: no roles, the question is normally just <image>\n
+    "plain": ChatTemplate(name="plain"),
 }
+DEFAULT_TEMPLATE = "llamacpp_vicuna"
 
 
 def encode_text(encode: Callable[[str], list[int]], text: str) -> list[int]:
@@ -78,8 +108,9 @@ def encode_turns(
     """Token ids for a conversation and, per id, whether it is a training target.
 
     ``turns`` is [(question, answer-or-None)]; a final ``None`` answer leaves the sequence ready
-    for generation. Answers are encoded as `` answer`` followed by EOS and are the only targets.
-    ``encode`` must not add special tokens.
+    for generation. Answers are encoded as ``answer_prefix + answer`` followed by EOS and are the
+    only targets. ``encode`` must not add special tokens. Text between images and special tokens
+    is encoded piece by piece, as llama.cpp's mtmd tokenises the text around its media markers.
     """
     ids: list[int] = [bos_id] if bos_id is not None else []
     target = [False] * len(ids)
@@ -91,7 +122,7 @@ def encode_turns(
             if i != len(turns) - 1:
                 raise ValueError("only the last turn may leave its answer open")
             break
-        a = encode(answer if template.name == "plain" else " " + answer) + [eos_id]
+        a = encode(template.answer_prefix + answer) + [eos_id]
         ids += a
         target += [True] * len(a)
     return ids, target

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -124,21 +125,100 @@ def test_llama_cpp_tokenizes_like_sentencepiece_and_the_runtime(bundle, tiny_mod
     assert llm.tokenize(b"hi", add_bos=True, special=False)[0] == 1
 
 
-def test_chat_template_renders_like_runtime_chat():
+TURNS = [("<image>\nWhat colour is it?", "red"), ("How many?", None)]
+
+
+def _messages(t, turns, system: str | None = None) -> list[dict]:
+    """OpenAI-style messages as llama.cpp's tools build them (image placeholder where the template
+    puts it: llama-mtmd-cli and llama-server put their marker before the question)."""
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    for q, a in turns:
+        msgs.append({"role": "user", "content": t.question_text(q)})
+        if a is not None:
+            msgs.append({"role": "assistant", "content": a})
+    return msgs
+
+
+def _llama_cpp_builtin(template: str, messages: list[dict]) -> str | None:
+    """What llama.cpp renders without --jinja (llama_chat_apply_template detects a built-in
+    template from the GGUF's Jinja text); None where it refuses the template."""
+    import ctypes
+
+    import llama_cpp
+
+    raw = [(m["role"].encode(), m["content"].encode()) for m in messages]
+    chat = (llama_cpp.llama_chat_message * len(raw))(*[llama_cpp.llama_chat_message(r, c) for r, c in raw])
+    buf = ctypes.create_string_buffer(1 << 14)
+    n = llama_cpp.llama_chat_apply_template(template.encode(), chat, len(raw), True, buf, len(buf))
+    return None if n < 0 else buf.raw[:n].decode()
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llamacpp_vicuna", "plain"])
+def test_chat_template_renders_like_runtime_chat(name):
     jinja2 = pytest.importorskip("jinja2")
     from edgevlm.export.gguf_llm import chat_template_jinja
     from edgevlm.runtime.chat import TEMPLATES
 
-    turns = [("<image>\nWhat colour is it?", "red"), ("How many?", None)]
-    msgs = [m for q, a in turns for m in ({"role": "user", "content": q},
-                                          *([{"role": "assistant", "content": a}] if a else []))]
-    for name, t in TEMPLATES.items():
-        src = chat_template_jinja(t)
-        out = jinja2.Environment().from_string(src).render(messages=msgs, eos_token="</s>")
-        assert out == t.render(turns), name
-    sys_out = jinja2.Environment().from_string(chat_template_jinja(TEMPLATES["vicuna_v1"])).render(
-        messages=[{"role": "system", "content": "Be brief."}, msgs[0]], eos_token="</s>")
-    assert sys_out == "Be brief. USER: <image>\nWhat colour is it? ASSISTANT:"
+    t = TEMPLATES[name]
+    jinja = jinja2.Environment().from_string(chat_template_jinja(t))
+    out = jinja.render(messages=_messages(t, TURNS), eos_token="</s>", add_generation_prompt=True)
+    assert out == t.render(TURNS)
+    sys_out = jinja.render(messages=_messages(t, TURNS[:1], "Be brief."), eos_token="</s>", add_generation_prompt=False)
+    assert sys_out == replace(t, system="Be brief.").render(TURNS[:1])
+
+
+def test_vicuna_v1_system_prompt_and_image_placement():
+    from edgevlm.runtime.chat import TEMPLATES, VICUNA_SYSTEM
+
+    t = TEMPLATES["vicuna_v1"]
+    assert t.render([("What colour is it? <image>", None)]) == \
+        f"{VICUNA_SYSTEM} USER: <image>\nWhat colour is it? ASSISTANT:"
+    assert TEMPLATES["llamacpp_vicuna"].render(TURNS) == \
+        "USER: <image>What colour is it?\nASSISTANT: red</s>\nUSER: How many?\nASSISTANT:"
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llamacpp_vicuna", "plain"])
+def test_llama_cpp_without_jinja_renders_the_template_or_refuses_it(name):
+    """llama-mtmd-cli's default (no --jinja): llama.cpp's built-in twin renders byte for byte what the
+    runtime tokenises, a system message included; a template without a twin is refused (llama.cpp
+    then says to use --jinja) instead of being prompted in another format."""
+    from edgevlm.export.gguf_llm import chat_template_jinja
+    from edgevlm.runtime.chat import TEMPLATES
+
+    t = TEMPLATES[name]
+    jinja = chat_template_jinja(t)
+    if not t.llama_cpp:
+        assert _llama_cpp_builtin(jinja, _messages(t, TURNS)) is None
+        return
+    assert _llama_cpp_builtin(jinja, _messages(t, TURNS)) == t.render(TURNS)
+    assert _llama_cpp_builtin(t.llama_cpp, _messages(t, TURNS)) == t.render(TURNS)  # the twin by name
+    assert (_llama_cpp_builtin(jinja, _messages(t, TURNS, "Be brief.")) ==
+            replace(t, system="Be brief.").render(TURNS))
+
+
+def test_runtime_prompt_ids_are_llama_cpps_tokens_of_the_builtin_rendering(bundle, tiny_model):
+    """llama-mtmd-cli's prompt, tokenised as mtmd does (BOS, then each text piece between media markers
+    on its own, special tokens parsed), is the runtime's prompt ids with the image where the marker is."""
+    from llama_cpp import Llama
+
+    from edgevlm.runtime.chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES
+    from edgevlm.runtime.manifest import read_manifest
+    from edgevlm.runtime.tokenizer import TextTokenizer
+
+    m = read_manifest(bundle, verify=False)
+    t = TEMPLATES[m.chat_template]
+    assert t.llama_cpp, "new models default to a template llama.cpp renders without --jinja"
+    llm = Llama(str(bundle / "llm-f16.gguf"), vocab_only=True, verbose=False)
+    tok = TextTokenizer.from_dir(bundle)
+    template = llm.metadata["tokenizer.chat_template"]
+    for turns in ([("What colour is the circle?", None)], [("Is there a red square?", "no"), ("How many?", None)]):
+        turns = [(f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1]), *turns[1:]]
+        text = _llama_cpp_builtin(template, _messages(t, turns))
+        pieces = text.split(IMAGE_TOKEN)
+        want = [m.tokens["bos_id"]]
+        for i, piece in enumerate(pieces):
+            want += ([IMAGE_TOKEN_INDEX] if i else []) + llm.tokenize(piece.encode(), add_bos=False, special=True)
+        assert tok.encode_chat(t, turns) == want, text
 
 
 # --- quantisation ---------------------------------------------------------------------------------

@@ -25,15 +25,19 @@ def records(shapes_dir):
     return recs[:2]
 
 
+def _template(model):
+    return TEMPLATES[model.cfg.chat_template]  # the default for new models; packing is template-agnostic
+
+
 def _single(model, question, answer):
     tok = model.tokenizer
-    return encode_turns(tok.encode, TEMPLATES["vicuna_v1"], [(single_turn(question), answer)], tok.bos_id, tok.eos_id)
+    return encode_turns(tok.encode, _template(model), [(single_turn(question), answer)], tok.bos_id, tok.eos_id)
 
 
 def test_every_segment_is_the_runtime_single_turn_prompt(model, records):
     tok = model.tokenizer
     rec = records[0]
-    ids, target, segs = pack_independent(tok.encode, TEMPLATES["vicuna_v1"], rec.turns, tok.bos_id, tok.eos_id,
+    ids, target, segs = pack_independent(tok.encode, _template(model), rec.turns, tok.bos_id, tok.eos_id,
                                          model.n_visual_tokens, 10_000)
     prefix = [t for t, s in zip(ids, segs) if s == 0]
     assert max(segs) == len(rec.turns)
@@ -47,8 +51,8 @@ def test_every_segment_is_the_runtime_single_turn_prompt(model, records):
 
 
 def test_packed_loss_equals_separate_single_turn_losses(model, records):
-    ds = VQADataset(records, model.tokenizer, "vicuna_v1", model.cfg.preprocess, 1000, model.n_visual_tokens,
-                    qa_mode="independent")
+    ds = VQADataset(records, model.tokenizer, model.cfg.chat_template, model.cfg.preprocess, 1000,
+                    model.n_visual_tokens, qa_mode="independent")
     batch = collate([ds[0], ds[1]])
     with torch.no_grad():
         packed = model(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["segments"]).loss
@@ -65,7 +69,7 @@ def test_packed_loss_equals_separate_single_turn_losses(model, records):
 
 def test_segments_do_not_see_each_other(model, records):
     """Changing question 1's tokens leaves the logits of question 2 unchanged."""
-    ds = VQADataset(records[:1], model.tokenizer, "vicuna_v1", model.cfg.preprocess, 1000,
+    ds = VQADataset(records[:1], model.tokenizer, model.cfg.chat_template, model.cfg.preprocess, 1000,
                     model.n_visual_tokens, qa_mode="independent")
     s = ds[0]
     other = s.input_ids.clone()
@@ -84,10 +88,10 @@ def test_segments_do_not_see_each_other(model, records):
 def test_long_records_drop_whole_questions(model, records):
     tok = model.tokenizer
     rec = records[0]
-    full = pack_independent(tok.encode, TEMPLATES["vicuna_v1"], rec.turns, tok.bos_id, tok.eos_id,
+    full = pack_independent(tok.encode, _template(model), rec.turns, tok.bos_id, tok.eos_id,
                             model.n_visual_tokens, 10_000)
     cut = len(full[0]) + model.n_visual_tokens - 1 - 3  # three positions short of the full pack
-    ids, target, segs = pack_independent(tok.encode, TEMPLATES["vicuna_v1"], rec.turns, tok.bos_id, tok.eos_id,
+    ids, target, segs = pack_independent(tok.encode, _template(model), rec.turns, tok.bos_id, tok.eos_id,
                                          model.n_visual_tokens, cut)
     assert max(segs) == len(rec.turns) - 1
     assert ids == full[0][: len(ids)]
@@ -96,7 +100,7 @@ def test_long_records_drop_whole_questions(model, records):
 
 def test_single_turn_records_are_not_packed(model, records):
     tok = model.tokenizer
-    assert pack_independent(tok.encode, TEMPLATES["vicuna_v1"], records[0].turns[:1], tok.bos_id, tok.eos_id,
+    assert pack_independent(tok.encode, _template(model), records[0].turns[:1], tok.bos_id, tok.eos_id,
                             model.n_visual_tokens, 1000) is None
 
 

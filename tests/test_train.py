@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from edgevlm import load_model
+from edgevlm.runtime.chat import DEFAULT_TEMPLATE
 from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.train.loop import run
 from edgevlm.train.recipe import LoraConfig, StageConfig, TrainConfig, load_recipe
@@ -45,6 +46,14 @@ def test_two_stage_trains_only_what_the_stage_says(shapes_dir, tmp_path):
     assert log[0]["trainable_by_group"] == {"integrator": counts["integrator"], "llm": counts["llm"]}
     assert log[0]["trainable_params"] == counts["integrator"] + counts["llm"]
     assert log[-1]["event"] == "end" and log[-1]["peak_rss_mb"] > 0 and log[-1]["peak_rss_scope"] == "stage"
+    assert model.cfg.chat_template == DEFAULT_TEMPLATE  # a stage without a template trains the model's
+
+
+def test_a_chat_stage_makes_its_template_the_models(shapes_dir, tmp_path):
+    """The runtime and every bundle prompt with the model's chat template: the one it was trained with."""
+    final = run(recipe(shapes_dir, tmp_path / "r", template="vicuna_v1", max_steps=1, save_every=0))
+    assert load_model(tmp_path / "r" / "pretrain" / "model").cfg.chat_template == DEFAULT_TEMPLATE  # plain: kept
+    assert load_model(final).cfg.chat_template == "vicuna_v1"
 
 
 def test_fresh_integrator_on_a_trained_model(shapes_dir, tmp_path):
@@ -107,6 +116,8 @@ def test_recipe_overrides_and_validation(tmp_path):
         load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.1.lora.enabled=true"])
     with pytest.raises(EdgeVLMError, match="unknown module"):
         load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.0.train=[vision]"])
+    with pytest.raises(EdgeVLMError, match="template 'vicuna'; valid: vicuna_v1, llamacpp_vicuna, plain"):
+        load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.1.template=vicuna"])
 
 
 def test_ddp_two_processes_gloo(shapes_dir, tmp_path):

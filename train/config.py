@@ -5,6 +5,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgevlm.runtime.chat import DEFAULT_TEMPLATE
 from edgevlm.runtime.configio import apply_overrides, from_dict, to_dict
 from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.preprocess_config import PreprocessConfig
@@ -81,7 +82,7 @@ class VLMConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     tokens: TokenConfig = field(default_factory=TokenConfig)
-    chat_template: str = "vicuna_v1"
+    chat_template: str = DEFAULT_TEMPLATE  # runtime/chat.py TEMPLATES; official checkpoints: vicuna_v1
     preset: str = ""
     seed: int = 0
 

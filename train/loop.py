@@ -56,7 +56,10 @@ def train_stage(model, stage: StageConfig, cfg: TrainConfig, info, stage_dir: Pa
     torch.manual_seed(cfg.seed)
     data = load_llava_records(stage.data, stage.image_root or None, skip_bad_records=stage.skip_bad_records)
     records = data.records[: stage.max_records] if stage.max_records else data.records
-    ds = VQADataset(records, model.tokenizer, stage.template, model.cfg.preprocess, stage.max_length,
+    template = stage.template or model.cfg.chat_template
+    if template != "plain":
+        model.cfg.chat_template = template  # saved with the model: the runtime prompts as trained
+    ds = VQADataset(records, model.tokenizer, template, model.cfg.preprocess, stage.max_length,
                     model.n_visual_tokens, stage.qa_mode)
     model.train()
     groups = set_trainable(model, stage)

@@ -26,7 +26,7 @@ QA_MODES = ("conversation", "independent")
 
 
 def single_turn(question: str) -> str:
-    """The question as the runtime asks it: the image placeholder, a newline, the text."""
+    """The question as the runtime asks it: with the image (the template puts it first)."""
     text = question.replace(IMAGE_TOKEN, "").strip()
     return f"{IMAGE_TOKEN}\n{text}"
 

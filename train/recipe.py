@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgevlm.runtime.chat import TEMPLATES
 from edgevlm.runtime.configio import apply_overrides, load_yaml
 from edgevlm.runtime.errors import EdgeVLMError
 
@@ -32,7 +33,9 @@ class StageConfig:
     name: str = "instruct"
     data: str = ""  # LLaVA-format JSON
     image_root: str = ""  # default: the JSON's folder
-    template: str = "vicuna_v1"  # plain for caption pretraining
+    # runtime/chat.py TEMPLATES: "" = the model's chat template; plain for caption pretraining. A chat
+    # stage makes its template the model's (what the runtime and exported bundles then use)
+    template: str = ""
     # multi-turn records: "conversation" (as written) or "independent" (each question packed as a
     # single-turn sample sharing the image; no answer can be read off an earlier turn)
     qa_mode: str = "conversation"
@@ -92,6 +95,8 @@ def validate(cfg: TrainConfig) -> None:
             raise EdgeVLMError(f"stage {s.name}: choose full LLM training ('llm' in train) or LoRA, not both")
         if not s.data:
             raise EdgeVLMError(f"stage {s.name}: no 'data' (a LLaVA-format JSON file)")
+        if s.template and s.template not in TEMPLATES:
+            raise EdgeVLMError(f"stage {s.name}: template {s.template!r}; valid: {', '.join(TEMPLATES)}")
         if s.qa_mode not in ("conversation", "independent"):
             raise EdgeVLMError(f"stage {s.name}: qa_mode {s.qa_mode!r}; use conversation or independent")
     bad = [m for m in cfg.fresh if m not in MODULES]
