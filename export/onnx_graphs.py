@@ -24,7 +24,6 @@ external data -- and validated against PyTorch like the exported graphs.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,13 +38,10 @@ from edgevlm.runtime.graph_io import (
     past_key, past_names, past_value, present_names,
 )
 
+from .onnx_io import EXTERNAL_DATA_BYTES, LARGE_MODEL_BYTES, save_model
+
 OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
-LARGE_MODEL_BYTES = 1_800_000_000  # near the 2 GB protobuf cap: weights must go to a side file
-# Graphs with more weight bytes than this keep them in <file>_data: required over 2 GB, and worth it
-# above a few hundred MB: ONNX Runtime maps the file instead of parsing a copy (int4 mobilevlm-1.7b
-# decoder: peak RSS 1.39 GB instead of 1.62 GB at the same decode speed).
-EXTERNAL_DATA_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -350,8 +346,6 @@ def build_gqa_decoder(model, path: Path, opset: int = OPSET) -> dict:
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                     helper.make_opsetid("com.microsoft", 1)])
     if b.data_path is None:
-        from .onnx_quant import save_model
-
         save_model(proto, path)
     else:
         onnx.save_model(proto, str(path))  # weights already in <file>_data
@@ -364,28 +358,3 @@ def _value_infos(dims: dict) -> list:
 
     return [helper.make_tensor_value_info(n, TensorProto.INT64 if n in INTEGER_INPUTS else TensorProto.FLOAT, list(d))
             for n, d in dims.items()]
-
-
-def graph_files(path: str | os.PathLike) -> list[Path]:
-    """The .onnx file and the external-data files its initializers point at."""
-    import onnx
-
-    path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    extra: list[Path] = []
-    for init in iter_tensors(proto):
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next(e.value for e in init.external_data if e.key == "location")
-            p = path.parent / loc
-            if p not in extra:
-                extra.append(p)
-    return [path, *extra]
-
-
-def iter_tensors(proto):
-    """Initializers and Constant-node tensors of the main graph (where exporters put weights)."""
-    yield from proto.graph.initializer
-    for node in proto.graph.node:
-        for attr in node.attribute:
-            if attr.t.ByteSize():
-                yield attr.t

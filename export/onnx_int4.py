@@ -73,7 +73,7 @@ def dequantized_twin(src: str | Path, dst: str | Path) -> list[Path]:
     import onnx
     from onnx import helper, numpy_helper
 
-    from .onnx_quant import save_model
+    from .onnx_io import save_model
 
     proto = onnx.load(str(src))
     inits = {t.name: t for t in proto.graph.initializer}

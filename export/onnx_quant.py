@@ -20,8 +20,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.graph_io import PIXEL_VALUES
 
-from .onnx_graphs import EXTERNAL_DATA_BYTES, LARGE_MODEL_BYTES, graph_files, iter_tensors
-
+from .onnx_io import graph_files, is_large, renormalise, save_model
 
 
 @dataclass(frozen=True)
@@ -79,37 +78,6 @@ def quiet_logs():
             lg.setLevel(level)
 
 
-def _tensor_bytes(proto) -> int:
-    return sum(t.ByteSize() for t in iter_tensors(proto))
-
-
-def is_large(path: str | Path) -> bool:
-    return sum(p.stat().st_size for p in graph_files(path)) > LARGE_MODEL_BYTES
-
-
-def save_model(proto, path: str | Path) -> list[Path]:
-    """Save ``proto``; weights go to ``<file>_data`` above EXTERNAL_DATA_BYTES. Returns the files written."""
-    import onnx
-
-    path = Path(path)
-    large = _tensor_bytes(proto) > EXTERNAL_DATA_BYTES
-    if large:
-        data = path.with_name(path.name + "_data")
-        data.unlink(missing_ok=True)  # onnx appends to an existing data file
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
-    return graph_files(path)
-
-
-def copy_graph(src: str | Path, dst: str | Path) -> list[Path]:
-    """Re-save ``src`` as ``dst`` so that external data (if any) follows the bundle's naming."""
-    import onnx
-
-    return save_model(onnx.load(str(src)), dst)
-
-
 def to_fp16(src: str | Path, dst: str | Path) -> list[Path]:
     """All float tensors and float graph inputs/outputs in fp16 (the KV cache too: half the memory).
     Ops ONNX Runtime has no fp16 kernel for stay fp32 behind Casts (the converter's block list)."""
@@ -140,7 +108,7 @@ def quantize_int8_dynamic(src: str | Path, dst: str | Path, fmt: Int8Format = IN
                          extra_options={"MatMulConstBOnly": True,
                                         # shape inference cannot type outputs of com.microsoft ops (GQA)
                                         "DefaultTensorType": onnx.TensorProto.FLOAT})
-    return _renormalise(dst)
+    return renormalise(dst)
 
 
 class PixelReader(CalibrationDataReader):
@@ -179,7 +147,7 @@ def quantize_int8_static(src: str | Path, dst: str | Path, pixels: Sequence[np.n
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
                         calibration_providers=["CPUExecutionProvider"],
                         extra_options={"CalibTensorRangeSymmetric": False, "WeightSymmetric": fmt.weight_type == "int8"})
-    return _renormalise(dst)
+    return renormalise(dst)
 
 
 def quantize_int4(src: str | Path, dst: str | Path, block_size: int = INT4_BLOCK_SIZE,
@@ -194,20 +162,6 @@ def quantize_int4(src: str | Path, dst: str | Path, block_size: int = INT4_BLOCK
     with quiet_logs():
         q.process()
     return save_model(q.model.model, dst)
-
-
-def _renormalise(path: str | Path) -> list[Path]:
-    """onnxruntime's quantizers choose external data their own way; re-save by our rule if it differs."""
-    files = graph_files(path)
-    size = sum(f.stat().st_size for f in files)
-    if len(files) == 1 and size <= EXTERNAL_DATA_BYTES:
-        return files
-    import onnx
-
-    proto = onnx.load(str(path))
-    for extra in files[1:]:
-        extra.unlink()
-    return save_model(proto, path)
 
 
 def to_ort_format(graphs: Iterable[str | Path], out_dir: str | Path, target_platform: str = "arm") -> list[Path]:

@@ -109,9 +109,10 @@ def calibration_pixels(model, calib_data: str | None, count: int) -> tuple[list,
 
 def _make_variant(variant: str, src: Path, dst: Path, pixels: Sequence | None, int8) -> list[Path]:
     from . import onnx_quant as q
+    from .onnx_io import copy_graph
 
     if variant == "fp32":
-        return q.copy_graph(src, dst)
+        return copy_graph(src, dst)
     if variant == "fp16":
         return q.to_fp16(src, dst)
     if variant == "int8_static":

@@ -14,7 +14,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from edgevlm import load_model  # noqa: E402
-from edgevlm.export import onnx_graphs, onnx_quant  # noqa: E402
+from edgevlm.export import onnx_graphs, onnx_io, onnx_quant  # noqa: E402
 from edgevlm.export.onnx_validate import TOLERANCES, validate_graph  # noqa: E402
 from edgevlm.export.to_onnx import export_fp32_graphs, export_onnx  # noqa: E402
 from edgevlm.runtime.graph_io import INPUT_IDS, PIXEL_VALUES  # noqa: E402
@@ -157,7 +157,7 @@ def test_gqa_builder_streams_large_weights_to_external_data(tiny_model, tmp_path
     monkeypatch.setattr(onnx_graphs, "EXTERNAL_DATA_BYTES", 1000)
     path = tmp_path / "decoder_model_merged.onnx"
     onnx_graphs.build_gqa_decoder(tiny_model, path)
-    files = onnx_graphs.graph_files(path)
+    files = onnx_io.graph_files(path)
     assert [f.name for f in files] == ["decoder_model_merged.onnx", "decoder_model_merged.onnx_data"]
     assert files[0].stat().st_size < 100_000
     assert validate_graph(tiny_model, "decoder", path, gqa=True)["max_abs_diff"] < 1e-4
@@ -242,8 +242,8 @@ def test_failed_export_leaves_no_bundle(tiny_model, fp32_graphs, tmp_path, monke
 
 
 def test_large_graphs_keep_weights_in_external_data(fp32_graphs, tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_quant, "EXTERNAL_DATA_BYTES", 1000)  # pretend the embedding table is large
-    files = onnx_quant.copy_graph(fp32_graphs["embed_tokens"]["path"], tmp_path / "embed_tokens.onnx")
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 1000)  # pretend the embedding table is large
+    files = onnx_io.copy_graph(fp32_graphs["embed_tokens"]["path"], tmp_path / "embed_tokens.onnx")
     assert [f.name for f in files] == ["embed_tokens.onnx", "embed_tokens.onnx_data"]
     assert files[0].stat().st_size < 10_000 < files[1].stat().st_size
     onnx.checker.check_model(str(files[0]))
@@ -297,7 +297,7 @@ def test_validation_fails_on_a_damaged_graph(tiny_model, fp32_graphs, tmp_path):
     from conftest import perturb_onnx_weight
 
     path = tmp_path / "decoder_model_merged.onnx"
-    onnx_quant.copy_graph(fp32_graphs["decoder"]["path"], path)
+    onnx_io.copy_graph(fp32_graphs["decoder"]["path"], path)
     perturb_onnx_weight(path, rel=0.05)
     with pytest.raises(EdgeVLMError, match=r"differs from PyTorch.*CPU"):
         validate_graph(tiny_model, "decoder", path, "fp32")
