@@ -10,6 +10,11 @@ PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 # extra recipe overrides for `make train`, e.g. TRAIN_ARGS="seed=1"
 TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
+# llama.cpp (llama-cpp-python here, llama-mtmd-cli/llama-server in tests/llamacpp_tools.py) is built
+# for this host but without Intel AMX: on a VM whose CPUID reports AMX that the hypervisor does not
+# enable, ggml's AMX matmul dies with SIGILL (docs/int8-portability.md). Override to build differently.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64 amd64,$(shell uname -m)),-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)')
 
 BUNDLES ?= bundles
 IMAGE  := $(DATA)/images/test_000000.png
@@ -26,7 +31,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade $(PIN) pip setuptools wheel
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q $(PIN) -e ".[all]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q $(PIN) -e ".[all]"
 	touch $@
 
 data: install

@@ -1,10 +1,11 @@
 """llama.cpp's own ``llama-mtmd-cli`` and ``llama-server``, built once from the llama.cpp sources
 vendored in the llama-cpp-python sdist the project pins, so tests run the tools a user runs.
 
-Cached per version under ``$XDG_CACHE_HOME/edgevlm/llama.cpp-<version>/`` (default ``~/.cache``):
+Cached per version and flags under ``$XDG_CACHE_HOME/edgevlm/llama.cpp-<version>-<flags hash>/``
+(default ``~/.cache``):
 ``sdist/`` (fetched with ``pip download``) and ``bin/``; ``src/`` and ``build/`` exist only while
-building. The build is CPU only, static, native like llama-cpp-python's own build of the same
-sources (so both run the same kernels), only the two targets: 19.6 minutes measured on 2 cores
+building. The build is CPU only, static, native without AMX like the Makefile's llama-cpp-python
+build of the same sources (so both run the same kernels), only the two targets: 19.6 minutes measured on 2 cores
 that a llama-cpp-python wheel build shared (``build-seconds.txt`` keeps each build's time).
 
     python tests/llamacpp_tools.py          # build (or find) them and print the bin directory
@@ -15,7 +16,9 @@ C++ compiler, no network for the sdist, a failed build), which the test fixture 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -30,6 +33,11 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
 )
+# Native, minus Intel AMX, as the Makefile builds llama-cpp-python: ggml's AMX matmul dies with SIGILL
+# on VMs whose CPUID reports AMX that the hypervisor does not enable.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    _NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CMAKE_FLAGS += (f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}")
 
 
 class ToolsUnavailable(RuntimeError):
@@ -47,7 +55,8 @@ def llama_cpp_python_version() -> str:
 
 def cache_dir(version: str) -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "edgevlm" / f"llama.cpp-{version}"
+    flags = hashlib.sha256(" ".join(CMAKE_FLAGS).encode()).hexdigest()[:8]  # another build, another dir
+    return base / "edgevlm" / f"llama.cpp-{version}-{flags}"
 
 
 def _run(cmd: list, log: Path, **kw) -> None:
