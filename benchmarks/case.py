@@ -9,7 +9,8 @@ runner) reads the analytic shape, artifact sizes and the bytes a decode step rea
 a peer), does warm-up runs, then timed runs with a fixed image, prompt length and number of new
 tokens (EOS ignored), and writes per-run timings, their median/p10/p90, peak memory and, for
 trained model dirs, held-out accuracy. Only the torch backend and the Hugging Face peer import
-torch; an ``ort`` or ``llamacpp`` measurement carries none of its memory.
+torch; an ``ort`` or ``llamacpp`` measurement carries none of its memory. A fidelity case
+(``task: fidelity``) is measured by ``fidelity.measure_fidelity`` instead of timed runs.
 """
 from __future__ import annotations
 
@@ -149,6 +150,7 @@ def describe(case: dict) -> dict:
 
 
 def build_export(case: dict, bundle: Path) -> None:
+    """The case's bundle; without the exporters' token check (the ``fidelity`` matrices measure it)."""
     spec = case["export"]
     model = load_torch_model(case)
     source = case["model"].get("path") or case["model"]["name"]
@@ -156,11 +158,12 @@ def build_export(case: dict, bundle: Path) -> None:
     if spec["target"] == "onnx":
         from edgevlm.export.to_onnx import export_onnx
 
-        export_onnx(model, bundle, dtype=spec["dtype"], quantize=spec["quantize"], source=source, progress=False)
+        export_onnx(model, bundle, dtype=spec["dtype"], quantize=spec["quantize"], source=source, progress=False,
+                    token_check=0)
     elif spec["target"] == "gguf":
         from edgevlm.export.to_gguf import export_gguf
 
-        export_gguf(model, bundle, spec["quants"], source=source, progress=False)
+        export_gguf(model, bundle, spec["quants"], source=source, progress=False, token_check=0)
     else:
         raise EdgeVLMError(f"no exporter wired for target {spec['target']!r} in the benchmark runner")
 
@@ -217,17 +220,22 @@ def open_runtime(case: dict, prepared: dict):
     if backend == "torch":
         import torch
 
-        from edgevlm.export.common import base_manifest
-        from edgevlm.runtime.backends.torch import TorchBackend
-
         torch.set_num_threads(threads)
         model = load_torch_model(case, case["precision"], acc)
-        manifest = base_manifest(model, "torch", [], "edgevlm.torch")
-        return Runtime(TorchBackend(model), model.tokenizer, manifest, Path(".")), model
+        return torch_runtime(model), model
     options = {"ort": {"threads": threads, "providers": "cuda" if acc == "cuda" else "cpu"},
                "llamacpp": {"n_threads": threads, "quant": case["precision"],
                             "n_gpu_layers": -1 if acc == "gpu" else 0}}
     return Runtime.load(prepared["artifact"], backend=backend, **options.get(backend, {})), None
+
+
+def torch_runtime(model):
+    """A ``Runtime`` over the PyTorch model itself (the torch backend, no bundle)."""
+    from edgevlm.export.common import base_manifest
+    from edgevlm.runtime.backends.torch import TorchBackend
+    from edgevlm.runtime.engine import Runtime
+
+    return Runtime(TorchBackend(model), model.tokenizer, base_manifest(model, "torch", [], "edgevlm.torch"), Path("."))
 
 
 def measure_edgevlm(case: dict, prepared: dict) -> dict:
@@ -305,7 +313,8 @@ def held_out_accuracy(rt, spec: dict) -> dict:
     t = time.perf_counter()
     result = score(records, answer, majority_answers(basis), progress=False)
     return {"split": split, "n": result["overall"]["n"], "accuracy": result["overall"]["accuracy"],
-            "majority_baseline": result["overall"]["majority_baseline"], "eval_s": round(time.perf_counter() - t, 1)}
+            "majority_baseline": result["overall"]["majority_baseline"], "eval_s": round(time.perf_counter() - t, 1),
+            "per_type": {k: v["accuracy"] for k, v in result["per_type"].items()}}
 
 
 def measure(case: dict, prepared: dict) -> dict:
@@ -316,6 +325,10 @@ def measure(case: dict, prepared: dict) -> dict:
             from edgevlm.benchmarks import peers
 
             out = peers.MEASURE[case["backend"]](case, prepared)
+        elif case.get("task") == "fidelity":
+            from edgevlm.benchmarks.fidelity import measure_fidelity
+
+            out = measure_fidelity(case, prepared)
         else:
             out = measure_edgevlm(case, prepared)
     if (mem := tegra.result()) is not None:

@@ -10,6 +10,10 @@
     backends: {torch: [fp32], ort: [fp32, int8], llamacpp: [q4_k_m]}   # backend -> precisions
     peers: {hf_eager: [fp32], llamacpp_raw: [q4_k_m]}
 
+A ``fidelity: {prompts: 8, steps: 16}`` section makes every case a fidelity case instead (KL divergence
+and same-top-token rate against PyTorch fp32, ``benchmarks/fidelity.py``): one per model x integrator x
+backend x precision, no peers, no workload axes.
+
 Any workload key (images, prompt_tokens, new_tokens, threads) may be a list; cases are the product
 model x integrator x backend x precision x workload. Each case has a stable ``id`` (resume key) and
 an ``export`` spec (what bundle it needs; cached by content hash in ``case.py``). Cases whose
@@ -75,7 +79,8 @@ def load_matrix(name_or_path: str) -> dict:
         raise EdgeVLMError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict) or not data.get("models"):
         raise EdgeVLMError(f"{path}: a matrix needs a 'models' list (see benchmarks/matrix.py)")
-    unknown = set(data) - {"name", "description", "defaults", "models", "backends", "peers", *WORKLOAD_KEYS}
+    unknown = set(data) - {"name", "description", "defaults", "models", "backends", "peers", "fidelity",
+                           *WORKLOAD_KEYS}
     if unknown:
         raise EdgeVLMError(f"{path}: unknown matrix keys {sorted(unknown)}")
     data.setdefault("name", path.stem)
@@ -91,6 +96,12 @@ def expand(matrix: dict, base_dir: Path | None = None) -> list[dict]:
     targets += [("peer", b, p) for b, p in _target_list(matrix.get("peers") or {}, PEERS)]
     if not targets:
         raise EdgeVLMError("the matrix names no backends and no peers")
+    fidelity = _fidelity_spec(matrix)
+    if fidelity is not None:
+        if any(kind == "peer" for kind, _, _ in targets):
+            raise EdgeVLMError("a fidelity matrix compares edgevlm targets with PyTorch fp32; drop its 'peers'")
+        workload_axes = {"images": [1], "prompt_tokens": [0], "new_tokens": [fidelity["steps"]],
+                         "threads": _as_list(defaults["threads"])[:1]}
     cases = []
     for spec in matrix["models"]:
         model = _model_entry(spec, base_dir)
@@ -101,12 +112,29 @@ def expand(matrix: dict, base_dir: Path | None = None) -> list[dict]:
                     continue
                 for values in itertools.product(*workload_axes.values()):
                     workload = dict(zip(workload_axes, values))
-                    cases.append(_case(model, integrator, kind, backend, precision, workload, defaults))
+                    cases.append(_case(model, integrator, kind, backend, precision, workload, defaults, fidelity))
     ids = [c["id"] for c in cases]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise EdgeVLMError(f"duplicate case ids {dup[:3]}: give models distinct 'label's")
     return cases
+
+
+def _fidelity_spec(matrix: dict) -> dict | None:
+    """The matrix's ``fidelity`` section with defaults filled in (None: a latency matrix)."""
+    from edgevlm.benchmarks.fidelity import DEFAULTS as FIDELITY_DEFAULTS
+
+    spec = matrix.get("fidelity")
+    if spec is None or spec is False:
+        return None
+    spec = {} if spec is True else spec
+    if not isinstance(spec, dict) or set(spec) - set(FIDELITY_DEFAULTS):
+        raise EdgeVLMError(f"'fidelity' takes {sorted(FIDELITY_DEFAULTS)} (or true), got {spec!r}")
+    out = {**FIDELITY_DEFAULTS, **spec}
+    for k, v in out.items():
+        if not isinstance(v, int) or v < 1:
+            raise EdgeVLMError(f"fidelity.{k} must be a positive integer, got {v!r}")
+    return out
 
 
 def _as_list(value) -> list:
@@ -171,12 +199,14 @@ def export_spec(backend: str, precision: str) -> dict | None:
 
 
 def _case(model: dict, integrator: str | None, kind: str, backend: str, precision: str, workload: dict,
-          defaults: dict) -> dict:
+          defaults: dict, fidelity: dict | None = None) -> dict:
     w = workload
     integ = integrator or "own"
-    case_id = (f"{model['label']}/{integ}/{backend}/{precision}/"
-               f"t{w['threads']}-i{w['images']}-p{w['prompt_tokens']}-n{w['new_tokens']}")
-    case = {"id": case_id, "kind": kind, "backend": backend, "precision": precision,
+    tail = (f"fidelity-n{fidelity['prompts']}-s{fidelity['steps']}" if fidelity else
+            f"t{w['threads']}-i{w['images']}-p{w['prompt_tokens']}-n{w['new_tokens']}")
+    case = {"id": f"{model['label']}/{integ}/{backend}/{precision}/{tail}",
+            "task": "fidelity" if fidelity else "latency", "fidelity": fidelity, "kind": kind, "backend": backend,
+            "precision": precision,
             "model": {k: v for k, v in model.items() if k not in ("eval", "missing", "optional")},
             "integrator": integrator, "workload": dict(w), "export": export_spec(backend, precision),
             "eval": model["eval"] if kind == "edgevlm" else None,
@@ -187,6 +217,8 @@ def _case(model: dict, integrator: str | None, kind: str, backend: str, precisio
 
 def skip_reason(case: dict, model: dict) -> str | None:
     """Why a case cannot run here (None: it can)."""
+    if case["task"] == "fidelity" and (case["backend"], case["precision"]) == ("torch", "fp32"):
+        return "torch fp32 is the fidelity reference itself"
     if model.get("missing"):
         return f"model dir {model['path']} does not exist" + (" (optional; run `make demo` first)"
                                                                if model.get("optional") else "")
@@ -271,8 +303,10 @@ def image_prompt(question: str, n_images: int) -> str:
 # --- export cache keys -------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
-# Code whose changes change an export's bytes: exporters, model definition, init, manifest.
-EXPORT_CODE = ("export", "train/model", "train/integrators", "train/config.py", "runtime/manifest.py")
+# Code whose changes change an export or a recorded reference: exporters, the runtime (templates,
+# preprocessing, graph names, manifest), model definition and init, the held-out prompts.
+EXPORT_CODE = ("export", "runtime", "train/model", "train/integrators", "train/config.py", "train/data/shapes.py",
+               "train/data/shapes_questions.py")
 
 
 def cache_root() -> Path:
@@ -281,15 +315,19 @@ def cache_root() -> Path:
 
 def export_key(case: dict) -> str | None:
     """Content hash of everything an export depends on (None: the case needs no export)."""
+    return None if case["export"] is None else content_key(case, export=case["export"])
+
+
+def content_key(case: dict, **extra) -> str:
+    """Hash of the case's model (preset and overrides, or the dir's files), integrator, the model and
+    export code, and ``extra``: the key of anything cached that is a function of these."""
     import hashlib
     import json
 
-    if case["export"] is None:
-        return None
     from edgevlm import __version__
 
     payload = {"model": _model_fingerprint(case["model"]), "integrator": case["integrator"],
-               "export": case["export"], "edgevlm": __version__, "code": _code_digest()}
+               "edgevlm": __version__, "code": _code_digest(), **extra}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 

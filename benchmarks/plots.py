@@ -132,3 +132,21 @@ def projected_devices(rows: Sequence[dict]) -> bytes:
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle("Projected (roofline x efficiency; not measured) per target device", fontsize=10)
     return _png(fig)
+
+
+def fidelity_vs_size(rows: Sequence[dict], title: str = "Measured: KL divergence vs artifact size") -> bytes:
+    """Mean KL(p_ref || p_target) (log scale) against artifact MB, one line per backend.
+    Rows: series (backend), label (precision), size_mb, kl_mean."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for series in dict.fromkeys(r["series"] for r in rows):
+        pts = sorted((r for r in rows if r["series"] == series), key=lambda r: r["size_mb"])
+        ax.plot([r["size_mb"] for r in pts], [max(r["kl_mean"], 1e-12) for r in pts], "o-", label=series)
+        for r in pts:
+            ax.annotate(r["label"], (r["size_mb"], max(r["kl_mean"], 1e-12)), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("artifact size, MB (LLM + vision)")
+    ax.set_ylabel("mean KL(p_fp32 || p_target), nats")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return _png(fig)

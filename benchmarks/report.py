@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from edgevlm.benchmarks.report_fidelity import fidelity_blocks
 from edgevlm.benchmarks.report_projection import projection_blocks
 from edgevlm.benchmarks.report_render import Block, fmt, med, render_html, render_md, write_plots
 from edgevlm.runtime.errors import EdgeVLMError
@@ -212,7 +213,8 @@ def bandwidth_blocks(ok: list[dict], full: bool) -> list[Block]:
 def build(paths: list[str], studies: list[str] = ()) -> list[Block]:
     """Blocks for the results files, then the integrator studies (study.json files), if any."""
     envs, cases = load_results(paths)
-    ok = [c for c in cases if c["status"] == "ok"]
+    fidelity = [c for c in cases if c["status"] == "ok" and c.get("task") == "fidelity"]
+    ok = [c for c in cases if c["status"] == "ok" and c.get("task", "latency") == "latency"]
     workloads = {json.dumps(c["workload"], sort_keys=True) for c in ok}
     full = len(workloads) > 1
     blocks: list[Block] = [
@@ -224,6 +226,7 @@ def build(paths: list[str], studies: list[str] = ()) -> list[Block]:
     if ok:
         blocks += latency_blocks(ok, full) + throughput_blocks(ok, full) + pareto_blocks(ok)
         blocks += peer_blocks(ok, full) + bandwidth_blocks(ok, full) + projection_blocks(envs, ok)
+    blocks += fidelity_blocks(fidelity)
     for path in studies:
         from edgevlm.benchmarks.study_report import study_blocks
 

@@ -26,11 +26,12 @@ from pathlib import Path
 
 from edgevlm.runtime.errors import EdgeVLMError
 
-CASE_KEYS = ("id", "kind", "backend", "precision", "model", "integrator", "workload", "warmup", "runs", "seed")
+CASE_KEYS = ("id", "task", "kind", "backend", "precision", "model", "integrator", "workload", "warmup", "runs", "seed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--matrix", required=True, help="matrix YAML, or a shipped name: smoke, integrators, quant")
+    p.add_argument("--matrix", required=True,
+                   help="matrix YAML, or a shipped name: smoke, integrators, quant, fidelity_smoke, fidelity")
     p.add_argument("--out", required=True, help="results JSONL (appended; resumable)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="skip cases already ok in --out (default: on)")
@@ -150,6 +151,10 @@ def finish_record(record: dict, case: dict, res: dict, env: dict) -> dict:
 
     prep = case["prepared"]
     res.pop("step_s", None)
+    if case["task"] == "fidelity":  # no timings: nothing to hold against a roofline
+        record.update(res)
+        record.update(shape=prep["shape"], artifact=prep.get("artifact"), artifact_mb=prep.get("artifact_mb", {}))
+        return record
     costs = stage_costs(prep["shape"], case["precision"], prep.get("vision_precision"), prep.get("kv_bits", 16),
                         n_images=case["workload"]["images"], n_text=res.get("n_prompt_tokens", 0),
                         n_new=case["workload"]["new_tokens"], decode_weight_bytes=prep.get("decode_weight_bytes"))

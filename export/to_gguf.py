@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 DEFAULT_QUANTS = ("q4_k_m", "f16")  # the first is the bundle's default_quant
+TOKEN_CHECK_PROMPTS = 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,11 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "alone; its llava graph misplaces CLS, see export/gguf_mmproj.py) or keep "
                         "(for a llama.cpp with that fixed) (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="quantiser threads (0: all cores)")
+    p.add_argument("--token-check", type=int, default=TOKEN_CHECK_PROMPTS, metavar="N",
+                   help="held-out prompts each quant type answers beside PyTorch; KL divergence and same-top-token "
+                        "rate go into the manifest (0: skip) (default: %(default)s)")
 
 
 def export_gguf(model, out, quants=DEFAULT_QUANTS, cls: str = "omit", threads: int = 0,
-                source: str | None = None, progress: bool = True) -> Path:
-    """Write the GGUF bundle for ``model`` (an EdgeVLM) to ``out``; returns its path."""
+                source: str | None = None, progress: bool = True, token_check: int = TOKEN_CHECK_PROMPTS) -> Path:
+    """Write the GGUF bundle for ``model`` (an EdgeVLM) to ``out``; returns its path. ``token_check``:
+    how many held-out prompts each quant type answers beside PyTorch (0: skip)."""
     from edgevlm.export.common import base_manifest, copy_tokenizer, require_exportable
     from edgevlm.export.gguf_llm import write_llm
     from edgevlm.export.gguf_mmproj import projector_type, write_mmproj
@@ -75,6 +80,11 @@ def export_gguf(model, out, quants=DEFAULT_QUANTS, cls: str = "omit", threads: i
             info["source"] = source
         manifest = base_manifest(model, "gguf", files, "edgevlm.export.to_gguf",
                                  libraries=("gguf", "llama_cpp_python"), target_info=info)
+        if token_check:
+            from .token_check import check_tokens
+
+            manifest.target_info["token_check"] = {q: check_tokens(model, w.dir, manifest, token_check, backend="llamacpp",
+                                                   quant=q, n_threads=1) for q in quants}
         return w.commit(manifest)
 
 
@@ -92,12 +102,16 @@ def _progress(names: list[str], enabled: bool):
 def run(args: argparse.Namespace) -> int:
     from edgevlm.export.common import load_for_export
     from edgevlm.export.gguf_quant import check_quant_types
+    from edgevlm.runtime.errors import EdgeVLMError
     from edgevlm.runtime.manifest import read_manifest
 
     check_quant_types(args.quant)  # before the (slow) model load
     model = load_for_export(args.model)
     source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
-    out = export_gguf(model, args.out, args.quant, cls=args.cls, threads=args.threads, source=source)
+    if args.token_check < 0:
+        raise EdgeVLMError(f"--token-check must be >= 0, got {args.token_check}")
+    out = export_gguf(model, args.out, args.quant, cls=args.cls, threads=args.threads, source=source,
+                      token_check=args.token_check)
     m = read_manifest(out, verify=False)
     print(f"wrote {out} ({m.target_info['projector_type']} projector, "
           f"{m.target_info['vision_layers']} ViT layers)")
@@ -106,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {f.path:<22} {f.size / 2**20:8.1f} MiB")
     for q, types in m.target_info["tensor_types"].items():
         print(f"  {q:<8} tensor types: {', '.join(f'{k} x{v}' for k, v in types.items())}")
+        if (tc := m.target_info.get("token_check", {}).get(q)) is not None:
+            print(f"  {q:<8} vs PyTorch: same top token {tc['same_top_token']:.1%}, mean KL {tc['kl_mean']:.2g}")
     return 0
 
 

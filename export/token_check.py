@@ -3,13 +3,16 @@ beside the PyTorch model it came from, teacher-forced on PyTorch's greedy answer
 
 The per-graph tolerances say each graph is close; this says what a user sees: does the bundle pick
 the same next token, and how far apart are the two next-token distributions (KL)? Recorded in the
-manifest (``target_info.token_check``). Where the variant promises logit parity (fp32, ``atol``
+manifest (``target_info.token_check``; per quant type for GGUF), so a user sees what a precision
+costs without running the benchmark suite (whose ``fidelity`` matrices compute the same record). Where the variant promises logit parity (fp32, ``atol``
 given), the export fails when the logits differ by more than ``atol`` or a token differs where
 PyTorch's top-1 lead is clear (``fidelity.Comparison.problems``); quantised variants are reported.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from edgevlm.runtime.errors import EdgeVLMError
 
@@ -28,22 +31,34 @@ def held_out_prompts(n: int) -> list[tuple]:
     return out
 
 
+def held_out_inputs(model, n_prompts: int) -> list[tuple[list[int], np.ndarray]]:
+    """``held_out_prompts`` as the model sees them: (prompt ids, pixel values [1, 3, S, S])."""
+    return [(model.prompt_ids(question, True), model.preprocess(image).numpy())
+            for image, question in held_out_prompts(n_prompts)]
+
+
+def compare_heldout(model, target, n_prompts: int, steps: int = STEPS) -> list:
+    """``fidelity.compare_greedy`` of ``model`` (PyTorch, the reference) and the ``target`` backend
+    on ``n_prompts`` held-out prompts, each answer run to the reference's end of sequence or ``steps``."""
+    from edgevlm.runtime.backends.torch import TorchBackend
+    from edgevlm.runtime.fidelity import compare_greedy
+
+    ref = TorchBackend(model)
+    return [compare_greedy(ref, target, ids, pixels, steps, eos_id=model.cfg.tokens.eos_id)
+            for ids, pixels in held_out_inputs(model, n_prompts)]
+
+
 def check_tokens(model, bundle_dir: Path, manifest, n_prompts: int, atol: float | None = None,
                  backend: str = "ort", steps: int = STEPS, **options) -> dict:
     """Compare the bundle in ``bundle_dir`` (read through ``manifest``, before it is committed)
     with ``model`` on ``n_prompts`` held-out prompts. Returns the manifest record; with ``atol``,
     raises EdgeVLMError where parity breaks."""
     from edgevlm.runtime.backends import BACKENDS, load_backend_modules
-    from edgevlm.runtime.backends.torch import TorchBackend
-    from edgevlm.runtime.fidelity import compare_greedy, summarise
+    from edgevlm.runtime.fidelity import summarise
 
     load_backend_modules()
-    ref = TorchBackend(model)
-    comparisons = []
     with BACKENDS.get(backend)(Path(bundle_dir), manifest, **options) as target:
-        for image, question in held_out_prompts(n_prompts):
-            pixels = model.preprocess(image).numpy()  # [1, 3, S, S]
-            comparisons.append(compare_greedy(ref, target, model.prompt_ids(question, True), pixels, steps))
+        comparisons = compare_heldout(model, target, n_prompts, steps)
     record = {**summarise(comparisons), "steps": steps, "prompts": f"ShapesVQA test draw, seed {PROMPT_SEED}",
               "logit_atol": atol}
     for i, c in enumerate(comparisons if atol is not None else []):

@@ -3,7 +3,10 @@
 The reference backend decodes greedily; the target is fed the reference's tokens, so both see the
 same history at every step and their next-token logits can be compared position by position. The
 metrics are llama.cpp's quantisation-quality ones (``perplexity --kl-divergence``): KL(p_ref || p_target),
-"same top token", max |logit difference|; plus the reference's top-1 margin at each step.
+"same top token", the change in probability of the token that comes next (RMS Δp), max |logit
+difference|; plus the reference's top-1 margin at each step and the cosine of the two backends'
+visual embeddings. The sequence ends at the reference's end-of-sequence token when one is given, so
+"every step has the same top token" is exactly "the target's own greedy answer equals the reference's".
 
 The margin decides whether a token comparison means anything. When two backends' logits differ by
 at most ``atol`` everywhere, their argmax can only differ where the reference's top-1 lead over the
@@ -30,7 +33,12 @@ class Comparison:
     max_abs: np.ndarray  # [S] max |logit_ref - logit_target|
     margin: np.ndarray  # [S] reference top-1 minus top-2 logit
     kl: np.ndarray  # [S] KL(p_ref || p_target) in nats
-    vision_cosine_min: float | None = None  # smallest per-token cosine of the two visual embeddings
+    dp: np.ndarray  # [S] p_target - p_ref of the reference's token at each step
+    vision_cosine: np.ndarray | None = None  # [M] per visual token cosine of the two embeddings
+
+    @property
+    def vision_cosine_min(self) -> float | None:
+        return None if self.vision_cosine is None or not self.vision_cosine.size else float(self.vision_cosine.min())
 
     @property
     def same_top(self) -> np.ndarray:  # [S] bool
@@ -79,6 +87,11 @@ def kl_divergence(ref: np.ndarray, target: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum())
 
 
+def prob_change(ref: np.ndarray, target: np.ndarray, token: int) -> float:
+    """p_target(token) - p_ref(token) of two [V] logit rows (llama.cpp's Δp)."""
+    return float(np.exp(log_softmax(target)[token]) - np.exp(log_softmax(ref)[token]))
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-token cosine similarity of two [..., D] embedding arrays -> [N] (N = all leading dims)."""
     a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
@@ -92,9 +105,10 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare_greedy(ref: Backend, target: Backend, prompt_ids: Sequence[int], pixel_values: np.ndarray | None,
-                   steps: int) -> Comparison:
-    """Each backend encodes the image itself and prefills the prompt; then ``steps - 1`` decode
-    steps follow with the reference's greedy tokens (ties to the lowest id, like ``sampling.greedy``)."""
+                   steps: int, eos_id: int | None = None) -> Comparison:
+    """Each backend encodes the image itself and prefills the prompt; then up to ``steps - 1`` decode
+    steps follow with the reference's greedy tokens (ties to the lowest id, like ``sampling.greedy``),
+    stopping after the step where the reference picks ``eos_id``."""
     from .generate import split_segments
 
     if steps < 1:
@@ -106,25 +120,82 @@ def compare_greedy(ref: Backend, target: Backend, prompt_ids: Sequence[int], pix
     lr, lt = ref.prefill(split_segments(prompt_ids, vis_r)), target.prefill(split_segments(prompt_ids, vis_t))
     for i in range(steps):
         rows.append((np.asarray(lr, np.float32), np.asarray(lt, np.float32)))
-        if i + 1 < steps:
-            tok = int(np.argmax(lr))
-            lr, lt = ref.decode(tok), target.decode(tok)
+        tok = int(np.argmax(lr))
+        if i + 1 == steps or tok == eos_id:
+            break
+        lr, lt = ref.decode(tok), target.decode(tok)
+    tokens = [int(np.argmax(r)) for r, _ in rows]
     return Comparison(
-        tokens=[int(np.argmax(r)) for r, _ in rows], target_tokens=[int(np.argmax(t)) for _, t in rows],
+        tokens=tokens, target_tokens=[int(np.argmax(t)) for _, t in rows],
         max_abs=np.array([float(np.abs(r - t).max()) for r, t in rows]),
         margin=np.array([top_margin(r) for r, _ in rows]),
         kl=np.array([kl_divergence(r, t) for r, t in rows]),
-        vision_cosine_min=None if vis_r is None or not vis_r.size else cosine_min(vis_r, vis_t))
+        dp=np.array([prob_change(r, t, k) for (r, t), k in zip(rows, tokens)]),
+        vision_cosine=None if vis_r is None else cosine(vis_r, vis_t))
 
 
 def summarise(comparisons: Sequence[Comparison]) -> dict:
     """Pooled metrics over several sequences (the manifest's and the benchmark's fidelity record)."""
     kl = np.concatenate([c.kl for c in comparisons])
     same = np.concatenate([c.same_top for c in comparisons])
+    dp = np.concatenate([c.dp for c in comparisons])
+    vis = [c.vision_cosine for c in comparisons if c.vision_cosine is not None and c.vision_cosine.size]
+    vis_all = np.concatenate(vis) if vis else None
     return {"n_sequences": len(comparisons), "n_positions": int(kl.size),
             "kl_mean": float(kl.mean()), "kl_median": float(np.median(kl)), "kl_p99": float(np.quantile(kl, 0.99)),
-            "same_top_token": float(same.mean()),
+            "same_top_token": float(same.mean()), "rms_dp": float(np.sqrt((dp ** 2).mean())),
             "max_abs_logit_diff": float(max(float(c.max_abs.max()) for c in comparisons)),
             "same_greedy_answer": f"{sum(bool(c.same_top.all()) for c in comparisons)}/{len(comparisons)}",
-            "vision_cosine_min": min((c.vision_cosine_min for c in comparisons if c.vision_cosine_min is not None),
-                                     default=None)}
+            "vision_cosine_min": None if vis_all is None else float(vis_all.min()),
+            "vision_cosine_mean": None if vis_all is None else float(vis_all.mean())}
+
+
+class Recorder(Backend):
+    """Wraps a reference backend and keeps what its last sequence returned (visual embeddings and
+    the logits of every step), so a fidelity run can save the reference once and ``Replay`` it."""
+
+    def __init__(self, inner: Backend):
+        self.inner, self.name, self.n_ctx = inner, f"recorded {inner.name}", inner.n_ctx
+        self.vision: np.ndarray | None = None
+        self.logits: list[np.ndarray] = []
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        self.vision = np.asarray(self.inner.encode_image(pixel_values), np.float32)
+        return self.vision
+
+    def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
+        self.logits = []
+        return self._keep(self.inner.prefill(segments))
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._keep(self.inner.decode(token_id))
+
+    def _keep(self, logits: np.ndarray) -> np.ndarray:
+        self.logits.append(np.asarray(logits, np.float32).copy())
+        return self.logits[-1]
+
+
+class Replay(Backend):
+    """A recorded reference sequence played back: the same visual embeddings and, step by step, the
+    same logits. Only valid for the prompt and token sequence it was recorded on (``compare_greedy``
+    feeds it exactly those: the reference's own greedy tokens)."""
+
+    name = "replay"
+
+    def __init__(self, vision: np.ndarray | None, logits: np.ndarray):
+        self.vision, self.logits, self._step = vision, logits, 0
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        if self.vision is None:
+            raise ValueError("this recorded sequence has no image")
+        return self.vision
+
+    def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
+        self._step = 0
+        return self.logits[0]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        self._step += 1
+        if self._step >= len(self.logits):
+            raise ValueError(f"replay ran past its {len(self.logits)} recorded steps")
+        return self.logits[self._step]
