@@ -231,8 +231,8 @@ def open_runtime(case: dict, prepared: dict):
 
 def torch_runtime(model):
     """A ``Runtime`` over the PyTorch model itself (the torch backend, no bundle)."""
-    from edgevlm.export.common import base_manifest
-    from edgevlm.runtime.backends.torch import TorchBackend
+    from edgevlm.train.model.summary import base_manifest
+    from edgevlm.train.model.torch_backend import TorchBackend
     from edgevlm.runtime.engine import Runtime
 
     return Runtime(TorchBackend(model), model.tokenizer, base_manifest(model, "torch", [], "edgevlm.torch"), Path("."))

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        provided_above(getattr(args, "backend", None))
         return int(args._run(args) or 0)
     except EdgeVLMError as e:
         print(f"edgevlm {args.command}: error: {e}", file=sys.stderr)
@@ -69,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def provided_above(backend: str | None) -> None:
+    """Register a backend that a layer above the runtime provides (``--backend torch``: the model layer's)."""
+    from edgevlm.runtime.backends import PROVIDED_ABOVE
+
+    if backend in PROVIDED_ABOVE:
+        importlib.import_module(PROVIDED_ABOVE[backend])
 
 
 def script_main(*command: str) -> None:

@@ -40,7 +40,7 @@ def held_out_inputs(model, n_prompts: int) -> list[tuple[list[int], np.ndarray]]
 def compare_heldout(model, target, n_prompts: int, steps: int = STEPS) -> list:
     """``fidelity.compare_greedy`` of ``model`` (PyTorch, the reference) and the ``target`` backend
     on ``n_prompts`` held-out prompts, each answer run to the reference's end of sequence or ``steps``."""
-    from edgevlm.runtime.backends.torch import TorchBackend
+    from edgevlm.train.model.torch_backend import TorchBackend
     from edgevlm.runtime.fidelity import compare_greedy
 
     ref = TorchBackend(model)
@@ -53,11 +53,10 @@ def check_tokens(model, bundle_dir: Path, manifest, n_prompts: int, atol: float 
     """Compare the bundle in ``bundle_dir`` (read through ``manifest``, before it is committed)
     with ``model`` on ``n_prompts`` held-out prompts. Returns the manifest record; with ``atol``,
     raises EdgeVLMError where parity breaks."""
-    from edgevlm.runtime.backends import BACKENDS, load_backend_modules
+    from edgevlm.runtime.backends import get_backend
     from edgevlm.runtime.fidelity import summarise
 
-    load_backend_modules()
-    with BACKENDS.get(backend)(Path(bundle_dir), manifest, **options) as target:
+    with get_backend(backend)(Path(bundle_dir), manifest, **options) as target:
         comparisons = compare_heldout(model, target, n_prompts, steps)
     record = {**summarise(comparisons), "steps": steps, "prompts": f"ShapesVQA test draw, seed {PROMPT_SEED}",
               "logit_atol": atol}

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import BACKENDS, load_backend_modules
+from .backends import MODEL_DIR_BACKENDS, PROVIDED_ABOVE, get_backend
 from .cache import DEFAULT_IMAGE_CACHE_MB, Caches, ImageCache, PrefixCache
 from .chat import IMAGE_TOKEN, TEMPLATES
 from .generate import GenerationConfig, GenerationResult, Stream, generate, stream
@@ -47,15 +47,11 @@ class Runtime:
         """Open ``bundle`` with the named backend; ``options`` go to the backend (threads, providers...)."""
         root = Path(bundle)
         caching = dict(image_cache_mb=image_cache_mb, prefix_reuse=prefix_reuse)
-        if backend == "torch" and not (root / "manifest.json").is_file():
-            from .backends.torch import open_model_dir  # a model dir or preset: the torch reference
-
-            be, tok, manifest = open_model_dir(root)
+        if not (root / "manifest.json").is_file() and backend in (*MODEL_DIR_BACKENDS, *PROVIDED_ABOVE):
+            be, tok, manifest = get_backend(backend, MODEL_DIR_BACKENDS)(root)  # a model dir or preset
             return cls(be, tok, manifest, root, **caching)
         manifest = read_manifest(root, verify=verify)
-        load_backend_modules()
-        factory = BACKENDS.get(backend)
-        be = factory(root, manifest, **options)
+        be = get_backend(backend)(root, manifest, **options)
         tok = TextTokenizer.from_dir(root, bos_id=manifest.tokens["bos_id"], eos_id=manifest.tokens["eos_id"])
         return cls(be, tok, manifest, root, **caching)
 

@@ -153,7 +153,7 @@ def test_grouped_kv_shapes():
 
 
 def test_generate_matches_full_sequence_greedy(trained, batch):
-    from edgevlm.runtime.backends.torch import TorchBackend
+    from edgevlm.train.model.torch_backend import TorchBackend
     from edgevlm.runtime.generate import split_segments
 
     _, model = trained

@@ -95,7 +95,7 @@ LOGIT_ATOL = 0.02  # f16 GGUF vs fp32 torch, image encoder included (measured: <
 
 def _parity(model, bundle, image, prompt, steps=12, **runtime_kw):
     """(comparison, llama.cpp's own greedy tokens) for one image and prompt, torch as the reference."""
-    from edgevlm.runtime.backends.torch import TorchBackend
+    from edgevlm.train.model.torch_backend import TorchBackend
 
     with _runtime(bundle, **runtime_kw) as rt:
         ids, pixels = rt._inputs(image, prompt)

@@ -139,7 +139,7 @@ class EdgeVLM(nn.Module):
         with self.conditioned(weights, counts):  # per-sample image weights for vlora / gated_prefix
             if segments is None:
                 return self.llm(inputs_embeds=x, attention_mask=mask, labels=y)
-            from edgevlm.train.packing import attention_and_positions
+            from .segments import attention_and_positions
 
             segs = [_expand(ids, s, self.n_visual_tokens, 0) for ids, s in zip(input_ids, segments)]
             mask4d, positions = attention_and_positions(segs, length, x.dtype)
@@ -173,7 +173,7 @@ class EdgeVLM(nn.Module):
         return self.prompt_ids(prompt, image is not None), pixels
 
     def _backend(self):
-        from edgevlm.runtime.backends.torch import TorchBackend
+        from .torch_backend import TorchBackend
 
         return TorchBackend(self)
 

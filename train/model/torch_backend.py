@@ -1,6 +1,9 @@
 """Backend ``torch``: the PyTorch model behind the runtime interface (the fidelity reference).
 
-torch is imported lazily; the rest of ``edgevlm.runtime`` never needs it.
+It belongs to the model layer, not to ``runtime/`` (which never imports torch or anything above
+it): importing this module registers ``torch`` in ``runtime.backends.BACKENDS`` (a bundle: the model
+it was exported from) and ``MODEL_DIR_BACKENDS`` (a model dir or preset). ``edgevlm``'s CLI imports
+it for ``--backend torch``; ``EdgeVLM.as_backend()`` uses it directly.
 
 Integrators that condition the LLM per image (vlora's weight deltas, gated_prefix's prompts) give
 zero visual tokens; ``encode_image`` keeps their per-image weights, and ``prefill`` and every
@@ -12,9 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import BundleError
-from . import BACKENDS
-from .base import Backend, is_visual_segment
+from edgevlm.runtime.backends import BACKENDS, MODEL_DIR_BACKENDS
+from edgevlm.runtime.backends.base import Backend, is_visual_segment
+from edgevlm.runtime.errors import BundleError
 
 
 class TorchBackend(Backend):
@@ -81,8 +84,8 @@ class TorchBackend(Backend):
 
 def open_model_dir(root):
     """(backend, tokenizer, manifest) for an edgevlm model dir or preset: the reference path."""
-    from edgevlm import load_model
-    from edgevlm.export.common import base_manifest
+    from .load import load_model
+    from .summary import base_manifest
 
     model = load_model(str(root))
     return TorchBackend(model), model.tokenizer, base_manifest(model, "torch", [], "edgevlm.torch")
@@ -90,7 +93,7 @@ def open_model_dir(root):
 
 def _open_bundle(root, manifest, device: str | None = None, **_: object) -> TorchBackend:
     """A bundle exported from a model dir records it in target_info['source']; load that."""
-    from edgevlm import load_model
+    from .load import load_model
 
     src = manifest.target_info.get("source") or manifest.exporter.get("source")
     if not src:
@@ -99,3 +102,4 @@ def _open_bundle(root, manifest, device: str | None = None, **_: object) -> Torc
 
 
 BACKENDS.add("torch", _open_bundle)
+MODEL_DIR_BACKENDS.add("torch", open_model_dir)

@@ -1,0 +1,131 @@
+"""The layers import downwards only: runtime <- model <- train, export <- benchmarks.
+
+Every import statement of every module is read (module level and inside functions: the lazy ones
+that would make a loop at run time are the ones that matter), relative imports resolved. The
+runtime imports nothing from above it; the model layer (today ``train/model``, ``train/integrators``
+and ``train/config.py``) imports neither training, export nor benchmarks, save the one import listed
+in ``MODEL_LAYER_PENDING`` with its reason.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PACKAGES = {"runtime": "edgevlm.runtime", "train": "edgevlm.train", "export": "edgevlm.export",
+            "benchmarks": "edgevlm.benchmarks", "edgevlm": "edgevlm"}
+MODEL_LAYER = ("train/model", "train/integrators", "train/config.py")
+# (module file, imported module) -> why it is still there
+MODEL_LAYER_PENDING = {
+    ("train/model/load.py", "edgevlm.train.data.tokenizer"):
+        "a preset's tokenizer is trained on the ShapesVQA corpus (train/data/shapes.py) on first use",
+}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join([PACKAGES[parts[0]], *parts[1:]])
+
+
+def imports(path: Path, source: str | None = None) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in ``path`` (or ``source`` as if it were that
+    file), lazy ones included."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text() if source is None else source, str(path))
+    script = {id(n) for top in tree.body if _is_main_guard(top) for n in ast.walk(top)}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in script:  # `python runtime/cli_run.py` enters through the top-level CLI
+            continue
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            # "from edgevlm import load_model" imports the public API, i.e. the layers above
+            out += [(node.lineno, f"{mod}.{a.name}" if mod == "edgevlm" else mod) for a in node.names]
+    return out
+
+
+def _is_main_guard(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) and "__main__" in ast.unparse(node.test)
+
+
+def files(*roots: str) -> list[Path]:
+    out = []
+    for r in roots:
+        p = REPO / r
+        out += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    return out
+
+
+def offending(paths: list[Path], forbidden: tuple[str, ...], allowed: tuple[str, ...] = (),
+              source: str | None = None) -> list[str]:
+    bad = []
+    for path in paths:
+        rel = str(path.relative_to(REPO))
+        for line, mod in imports(path, source):
+            above = mod == "edgevlm.load_model" or any(mod == f or mod.startswith(f + ".") for f in forbidden)
+            if above and not any(mod == a or mod.startswith(a + ".") for a in allowed) \
+                    and (rel, mod) not in MODEL_LAYER_PENDING:
+                bad.append(f"{rel}:{line} imports {mod}")
+    return bad
+
+
+def test_the_runtime_imports_nothing_above_it():
+    paths = files("runtime")
+    assert len(paths) > 20
+    assert not offending(paths, ("edgevlm.train", "edgevlm.export", "edgevlm.benchmarks", "edgevlm.model",
+                                 "edgevlm.cli", "torch"))
+
+
+def test_the_model_layer_imports_neither_training_nor_export_nor_benchmarks():
+    assert not offending(files(*MODEL_LAYER), ("edgevlm.train", "edgevlm.export", "edgevlm.benchmarks", "edgevlm.cli"),
+                         allowed=("edgevlm.train.model", "edgevlm.train.integrators", "edgevlm.train.config"))
+
+
+def test_the_pending_exception_is_still_real():
+    """Drop an entry from MODEL_LAYER_PENDING once its import is gone."""
+    for (rel, mod), _ in MODEL_LAYER_PENDING.items():
+        assert mod in [m for _, m in imports(REPO / rel)], (rel, mod)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("from edgevlm.export.common import base_manifest\n", "edgevlm.export.common"),
+    ("def f():\n    from ...train.model import load\n", "edgevlm.train.model"),
+    ("def f():\n    from edgevlm import load_model\n", "edgevlm.load_model"),
+    ("import torch\n", "torch"),
+    ("if __name__ == '__main__':\n    import torch\nimport edgevlm.train.loop\n", "edgevlm.train.loop"),
+])
+def test_the_check_sees_module_level_lazy_relative_and_public_api_imports(source, message):
+    probe = REPO / "runtime" / "backends" / "_probe.py"  # read as if it were this file (never written)
+    bad = offending([probe], ("edgevlm.train", "edgevlm.export", "edgevlm.benchmarks", "torch"), source=source)
+    assert len(bad) == 1 and message in bad[0], bad
+
+
+def test_the_torch_backend_registers_from_the_model_layer():
+    """In a fresh process: the runtime alone names the module that provides ``torch``; once the
+    model layer's module is imported, a preset opens through it."""
+    import subprocess
+    import sys
+
+    code = ("from edgevlm.runtime import Runtime\n"
+            "from edgevlm.runtime.errors import EdgeVLMError\n"
+            "try:\n    Runtime.load('tiny', backend='torch')\nexcept EdgeVLMError as e:\n    print(e)\n"
+            "import edgevlm.train.model.torch_backend\n"
+            "print(Runtime.load('tiny', backend='torch').backend.name)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = out.stdout.strip().splitlines()[-2:]
+    assert "edgevlm.train.model.torch_backend" in first and second == "torch"
