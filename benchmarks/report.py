@@ -70,7 +70,8 @@ def environment_blocks(envs: list[dict]) -> list[Block]:
     busy = [e for e in envs if (e.get("load_avg_1m") or 0) > 0.5 * (e.get("cores", {}).get("usable") or 1)]
     if busy:
         blocks.append(("p", f"Note: {len(busy)} run(s) started on a busy machine (1-minute load above half the "
-                            "usable cores); their timings are noisy and only good for checking the machinery."))
+                            "usable cores); their timings are noisy and only good for checking the machinery (fidelity numbers "
+                            "do not depend on load)."))
     return blocks
 
 
@@ -221,7 +222,8 @@ def build(paths: list[str], studies: list[str] = ()) -> list[Block]:
         ("h1", "edgevlm latency report"),
         ("p", f"From {', '.join(paths)}. Sections titled 'Measured' were timed on the host below in fresh "
               "processes (warm-up runs, then timed runs with fixed seeds and a fixed number of new tokens). "
-              "Sections titled 'Projected' are model estimates for hardware we did not run on.")]
+              "Sections titled 'Projected' are model estimates for hardware we did not run on; fidelity sections "
+              "compare outputs, not times.")]
     blocks += environment_blocks(envs) + status_blocks(cases)
     if ok:
         blocks += latency_blocks(ok, full) + throughput_blocks(ok, full) + pareto_blocks(ok)
