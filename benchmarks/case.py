@@ -77,14 +77,14 @@ def model_config(case: dict):
     if case.get("integrator"):
         overrides["integrator"] = case["integrator"]
     if m["source"] == "preset":
-        from edgevlm.train.config import preset_config
+        from edgevlm.model.config import preset_config
 
         return preset_config(m["name"], **overrides)
-    from edgevlm.train.model import checkpoint
+    from edgevlm.model import checkpoint
 
     path = Path(m["path"])
     if checkpoint.is_edgevlm_dir(path):
-        from edgevlm.train.config import override_config
+        from edgevlm.model.config import override_config
 
         return override_config(checkpoint.read_config(path), **overrides)
     from edgevlm import load_model  # an official MobileVLM dir: its config needs the weights' shapes
@@ -231,8 +231,8 @@ def open_runtime(case: dict, prepared: dict):
 
 def torch_runtime(model):
     """A ``Runtime`` over the PyTorch model itself (the torch backend, no bundle)."""
-    from edgevlm.train.model.summary import base_manifest
-    from edgevlm.train.model.torch_backend import TorchBackend
+    from edgevlm.model.summary import base_manifest
+    from edgevlm.model.torch_backend import TorchBackend
     from edgevlm.runtime.engine import Runtime
 
     return Runtime(TorchBackend(model), model.tokenizer, base_manifest(model, "torch", [], "edgevlm.torch"), Path("."))

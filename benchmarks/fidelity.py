@@ -91,7 +91,7 @@ def compare_with_reference(case: dict, target, n_prompts: int, steps: int) -> li
 
     from edgevlm.benchmarks.case import load_torch_model
     from edgevlm.export.token_check import held_out_inputs
-    from edgevlm.train.model.torch_backend import TorchBackend
+    from edgevlm.model.torch_backend import TorchBackend
     from edgevlm.runtime.fidelity import Recorder, Replay, compare_greedy
 
     path = reference_path(case, n_prompts, steps)

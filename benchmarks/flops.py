@@ -52,7 +52,7 @@ def model_shape(model) -> dict[str, Any]:
 
 def preset_shape(preset: str, **overrides: Any) -> dict[str, Any]:
     """The ``shape`` of a preset (with overrides) without building its weights."""
-    from edgevlm.train.config import preset_config
+    from edgevlm.model.config import preset_config
 
     return config_shape(preset_config(preset, **overrides))
 
@@ -85,7 +85,7 @@ def integrator_cost(icfg, vision_dim: int, llm_dim: int, grid: int, n_features: 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from edgevlm.train.integrators import build_integrator, count_parameters
+    from edgevlm.model.integrators import build_integrator, count_parameters
 
     with torch.device("meta"):
         module = build_integrator(icfg, vision_dim, llm_dim, grid, llm=llm)

@@ -179,7 +179,7 @@ def _integrators(spec: dict, model: dict) -> list[str | None]:
     if model["source"] == "dir":
         raise EdgeVLMError(f"{model['path']}: 'integrators' applies to presets (a trained dir has its own)")
     if wanted == "all":
-        from edgevlm.train.integrators import INTEGRATORS
+        from edgevlm.model.integrators import INTEGRATORS
 
         return list(INTEGRATORS.names())
     return [str(w) for w in _as_list(wanted)]
@@ -240,7 +240,7 @@ def skip_reason(case: dict, model: dict) -> str | None:
 
 def _export_refusal(case: dict) -> str | None:
     """The integrator's declared reason why the case's export target cannot hold it (None: it can)."""
-    from edgevlm.train.integrators import EXPORT_TARGETS, INTEGRATORS, export_refusal
+    from edgevlm.model.integrators import EXPORT_TARGETS, INTEGRATORS, export_refusal
 
     name, spec = case["integrator"], case["export"]
     if not name or not spec or name not in INTEGRATORS:
@@ -305,7 +305,7 @@ def image_prompt(question: str, n_images: int) -> str:
 REPO = Path(__file__).resolve().parents[1]
 # Code whose changes change an export or a recorded reference: exporters, the runtime (templates,
 # preprocessing, graph names, manifest), model definition and init, the held-out prompts.
-EXPORT_CODE = ("export", "runtime", "train/model", "train/integrators", "train/config.py", "train/data/shapes.py",
+EXPORT_CODE = ("export", "runtime", "model", "train/data/shapes.py",
                "train/data/shapes_questions.py")
 
 

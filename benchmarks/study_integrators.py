@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgevlm.train.integrators import INTEGRATORS
+    from edgevlm.model.integrators import INTEGRATORS
 
     names = INTEGRATORS.names() if args.integrators == "all" else [n.strip() for n in args.integrators.split(",")]
     for n in names:
@@ -166,8 +166,8 @@ def _model_facts(model_dir: Path) -> dict:
     import torch
 
     from edgevlm import load_model
-    from edgevlm.train.config import preset_config
-    from edgevlm.train.integrators import build_integrator, count_parameters
+    from edgevlm.model.config import preset_config
+    from edgevlm.model.integrators import build_integrator, count_parameters
 
     m = load_model(model_dir)
     big = preset_config("mobilevlm-1.7b")

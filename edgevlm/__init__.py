@@ -1,7 +1,8 @@
 """edgevlm: train MobileVLM-style vision-language models and run them on Jetson boards and phones.
 
-Subpackages map to the checkout's top-level folders: ``edgevlm.train`` (train/), ``edgevlm.export``
-(export/), ``edgevlm.runtime`` (runtime/, torch-free), ``edgevlm.benchmarks`` (benchmarks/).
+Subpackages map to the checkout's top-level folders, lowest layer first: ``edgevlm.runtime``
+(runtime/, torch-free), ``edgevlm.model`` (model/), ``edgevlm.train`` (train/), ``edgevlm.export``
+(export/), ``edgevlm.benchmarks`` (benchmarks/).
 Importing ``edgevlm`` itself stays light: torch is only imported when ``load_model`` is used.
 """
 from edgevlm.runtime.errors import EdgeVLMError
@@ -12,6 +13,6 @@ __all__ = ["load_model", "EdgeVLMError", "__version__"]
 
 def load_model(name_or_path, dtype=None, **overrides):
     """An edgevlm checkpoint dir, an official MobileVLM dir, or a preset name (random weights)."""
-    from edgevlm.train.model.load import load_model as _load
+    from edgevlm.model.load import load_model as _load
 
     return _load(name_or_path, dtype=dtype, **overrides)

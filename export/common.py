@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from edgevlm.runtime.errors import EdgeVLMError
 
 from edgevlm.runtime.manifest import BundleWriter, FileEntry
-from edgevlm.train.model.summary import base_manifest, library_versions, model_summary  # noqa: F401 (exporters' API)
+from edgevlm.model.summary import base_manifest, library_versions, model_summary  # noqa: F401 (exporters' API)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -29,7 +29,7 @@ def load_for_export(model: str, cli_overrides: Sequence[str] = (), **overrides: 
 
 def require_exportable(model, target: str) -> None:
     """EdgeVLMError with the integrator's reason if ``model`` cannot be exported to ``target``."""
-    from edgevlm.train.integrators import export_refusal
+    from edgevlm.model.integrators import export_refusal
 
     name = model.cfg.integrator.name
     reason = export_refusal(name, target)

@@ -56,7 +56,7 @@ VISION_ACTS = {"quick_gelu": False, "gelu_pytorch_tanh": True}  # hidden_act -> 
 
 def gguf_projectors() -> dict[str, str]:
     """Integrator name -> llama.cpp projector type, for every integrator that has one."""
-    from edgevlm.train.integrators import INTEGRATORS
+    from edgevlm.model.integrators import INTEGRATORS
 
     out = {}
     for name in INTEGRATORS.names():

@@ -5,7 +5,7 @@
 
 Each cell is either supported (and parity- or spec-tested by the test named in the legend) or the
 reason the exporter refuses it. Integrators declare GGUF support with ``gguf_projector`` and
-refusals with ``export_refusals`` (``edgevlm.train.integrators.export_refusal``); the exporters
+refusals with ``export_refusals`` (``edgevlm.model.integrators.export_refusal``); the exporters
 call ``export.common.require_exportable`` so the matrix and the tools cannot disagree. The export
 tests parametrise over the registry: every "yes" cell is converted and checked, every "no" cell
 must be refused with its reason.
@@ -22,7 +22,7 @@ LEGEND = {
 
 def support(name: str) -> dict[str, str]:
     """target -> 'yes (projector type)' or 'no: reason' for integrator ``name``."""
-    from edgevlm.train.integrators import EXPORT_TARGETS, INTEGRATORS, export_refusal
+    from edgevlm.model.integrators import EXPORT_TARGETS, INTEGRATORS, export_refusal
 
     out = {}
     for t in EXPORT_TARGETS:
@@ -35,7 +35,7 @@ def support(name: str) -> dict[str, str]:
 
 
 def markdown() -> str:
-    from edgevlm.train.integrators import EXPORT_TARGETS as TARGETS, INTEGRATORS
+    from edgevlm.model.integrators import EXPORT_TARGETS as TARGETS, INTEGRATORS
 
     rows = ["| integrator | " + " | ".join(TARGETS) + " |", "|---" * (len(TARGETS) + 1) + "|"]
     for name in INTEGRATORS.names():

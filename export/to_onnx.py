@@ -278,7 +278,7 @@ def _decoder_info(model, plan: dict, dtype: str, source: str | None, attn: str) 
                         "op": "com.microsoft.MatMulNBits"}
     if source:
         info["source"] = source
-    from edgevlm.train.integrators import export_refusal
+    from edgevlm.model.integrators import export_refusal
 
     # to_trt.py runs on boards without torch: it reads the integrator's TensorRT refusal from here
     info["tensorrt_refusal"] = export_refusal(model.cfg.integrator.name, "tensorrt")

@@ -40,7 +40,7 @@ def held_out_inputs(model, n_prompts: int) -> list[tuple[list[int], np.ndarray]]
 def compare_heldout(model, target, n_prompts: int, steps: int = STEPS) -> list:
     """``fidelity.compare_greedy`` of ``model`` (PyTorch, the reference) and the ``target`` backend
     on ``n_prompts`` held-out prompts, each answer run to the reference's end of sequence or ``steps``."""
-    from edgevlm.train.model.torch_backend import TorchBackend
+    from edgevlm.model.torch_backend import TorchBackend
     from edgevlm.runtime.fidelity import compare_greedy
 
     ref = TorchBackend(model)

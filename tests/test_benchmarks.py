@@ -43,7 +43,7 @@ def test_shipped_matrices_expand_to_unique_ids(name):
 
 
 def test_integrators_matrix_covers_every_registered_integrator():
-    from edgevlm.train.integrators import INTEGRATORS
+    from edgevlm.model.integrators import INTEGRATORS
 
     cases = mx.expand(mx.load_matrix("integrators"))
     assert {c["integrator"] for c in cases} == set(INTEGRATORS.names())
@@ -111,8 +111,8 @@ def test_analytic_parameter_counts_match_the_model(tiny_model, small_shape):
 
 def test_integrator_costs_cover_the_registry():
     from edgevlm.benchmarks.flops import preset_shape
-    from edgevlm.train.integrators import INTEGRATORS
-    from edgevlm.train.integrators.base import placement
+    from edgevlm.model.integrators import INTEGRATORS
+    from edgevlm.model.integrators.base import placement
 
     for name in INTEGRATORS.names():
         shape = preset_shape("tiny", integrator=name)
@@ -232,7 +232,7 @@ def test_failures_and_timeouts_are_recorded_and_the_run_goes_on(tmp_path):
 
 def test_model_dir_case_reports_held_out_accuracy(tiny_model, shapes_dir, tmp_path):
     from edgevlm.benchmarks.report import write_report
-    from edgevlm.train.model.checkpoint import save_model
+    from edgevlm.model.checkpoint import save_model
 
     save_model(tiny_model, tmp_path / "model")
     m = {"name": "eval", "defaults": {"new_tokens": 2, "prompt_tokens": 8, "runs": 1, "warmup": 0, "threads": 1},

@@ -24,7 +24,7 @@ from edgevlm.export.to_coreml import (  # noqa: E402
     EMBED_FILE, NO_PREDICT_REASON, PACKAGES, WEIGHTS, can_predict, convert_fp16, export_coreml,
     tolerances)
 from edgevlm.runtime.errors import BundleError, EdgeVLMError  # noqa: E402
-from edgevlm.train.integrators import INTEGRATORS  # noqa: E402
+from edgevlm.model.integrators import INTEGRATORS  # noqa: E402
 
 MAX_CONTEXT = 160  # >= the tiny preset's 144 image tokens + 2
 
@@ -222,7 +222,7 @@ def test_every_integrator_converts(model, integrator, tmp_path):
 
     from edgevlm import load_model
     from edgevlm.export.coreml_vision import convert_vision
-    from edgevlm.train.integrators import export_refusal
+    from edgevlm.model.integrators import export_refusal
 
     m = model if model.cfg.integrator.name == integrator else load_model("tiny", integrator=integrator, **SMALL)
     reason = export_refusal(integrator, "coreml")

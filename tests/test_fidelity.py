@@ -28,7 +28,7 @@ PROMPTS, STEPS = 8, 6
 def _summary(model, target) -> dict:
     """Pooled metrics of ``target`` (a backend, or a torch model) against ``model`` on the held-out set."""
     from edgevlm.export.token_check import compare_heldout
-    from edgevlm.train.model.torch_backend import TorchBackend
+    from edgevlm.model.torch_backend import TorchBackend
     from edgevlm.runtime.fidelity import summarise
 
     target = TorchBackend(target) if isinstance(target, torch.nn.Module) else target
@@ -156,7 +156,7 @@ def test_a_replayed_reference_gives_the_live_comparison(tiny_model):
     import numpy as np
 
     from edgevlm.export.token_check import held_out_inputs
-    from edgevlm.train.model.torch_backend import TorchBackend
+    from edgevlm.model.torch_backend import TorchBackend
     from edgevlm.runtime.fidelity import Recorder, Replay, compare_greedy
 
     target, rec = TorchBackend(_perturbed_llm(tiny_model)), Recorder(TorchBackend(tiny_model))

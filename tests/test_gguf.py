@@ -257,7 +257,7 @@ def test_integrators_llama_cpp_cannot_run_are_refused_with_the_capable_list():
     from types import SimpleNamespace
 
     from edgevlm.export.gguf_mmproj import gguf_projectors, projector_type
-    from edgevlm.train.config import preset_config
+    from edgevlm.model.config import preset_config
 
     assert {"linear": "mlp", "mlp2x_gelu": "mlp", "ldp": "ldp", "ldpv2": "ldpv2"}.items() <= gguf_projectors().items()
     with pytest.raises(EdgeVLMError, match=r"'c_abstractor' cannot run in llama.cpp.*ldpv2"):
@@ -277,7 +277,7 @@ def test_refused_export_writes_nothing(tmp_path):
     from types import SimpleNamespace
 
     from edgevlm.export.to_gguf import export_gguf
-    from edgevlm.train.config import preset_config
+    from edgevlm.model.config import preset_config
 
     refused = SimpleNamespace(cfg=preset_config("tiny", integrator="c_abstractor"))
     with pytest.raises(EdgeVLMError, match="'c_abstractor' cannot be exported to gguf: llama.cpp has no C-Abstractor projector"):

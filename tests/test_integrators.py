@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from edgevlm.runtime.errors import EdgeVLMError
-from edgevlm.train.config import IntegratorConfig
-from edgevlm.train.integrators import INTEGRATORS, build_integrator, count_parameters
+from edgevlm.model.config import IntegratorConfig
+from edgevlm.model.integrators import INTEGRATORS, build_integrator, count_parameters
 
 # Reference parameter counts at MobileVLM-1.7B widths (d_v 1024, d_t 2048, 24x24 grid).
 REFERENCE_PARAMS = {"linear": 2_099_200, "mlp2x_gelu": 6_295_552, "ldp": 18_936_832, "ldpv2": 6_316_032}
@@ -81,7 +81,7 @@ class _RefusingProjector(torch.nn.Linear):
 def test_export_refusals_reach_matrix_and_exporters(monkeypatch, tmp_path):
     from edgevlm import load_model
     from edgevlm.export import support_matrix
-    from edgevlm.train.integrators import export_refusal
+    from edgevlm.model.integrators import export_refusal
     from conftest import SMALL
 
     monkeypatch.setitem(INTEGRATORS._items, "refusing_test", _RefusingProjector)  # this test only
@@ -179,7 +179,7 @@ def test_parameter_counts_match_architecture(name, kwargs):
 
 @pytest.mark.parametrize("side", [12, 16, 8, 5, 24])
 def test_c_abstractor_pool_equals_adaptive_avg_pool(side):
-    from edgevlm.train.integrators.abstractor import FixedAdaptiveAvgPool2d
+    from edgevlm.model.integrators.abstractor import FixedAdaptiveAvgPool2d
 
     ref = torch.nn.AdaptiveAvgPool2d((side, side))
     pool = FixedAdaptiveAvgPool2d(24, side)
@@ -229,7 +229,7 @@ def test_bad_integrator_kwargs_are_user_errors(name, kwargs, needle):
 
 
 def test_sincos_table_layout():
-    from edgevlm.train.integrators.blocks import sincos_2d
+    from edgevlm.model.integrators.blocks import sincos_2d
 
     t = sincos_2d(8, 3)  # [9, 8]: token 5 is row 1, column 2
     w = torch.tensor([1.0, 0.01])  # 10000^(-i/2), i < 2
@@ -258,7 +258,7 @@ def test_qformer_cross_attention_layers():
 
 
 def test_pixel_shuffle_groups_blocks_in_row_then_column_order():
-    from edgevlm.train.integrators.pixel_shuffle import space_to_depth
+    from edgevlm.model.integrators.pixel_shuffle import space_to_depth
 
     g, s, c = 6, 2, 3
     x = torch.arange(g * g * c, dtype=torch.float32).reshape(1, g * g, c)

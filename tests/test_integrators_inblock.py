@@ -87,8 +87,8 @@ def test_zero_init_is_exactly_the_plain_llm(name, batch):
 
 
 def test_placement_and_touched_modules():
-    from edgevlm.train.integrators import INTEGRATORS
-    from edgevlm.train.integrators.base import placement
+    from edgevlm.model.integrators import INTEGRATORS
+    from edgevlm.model.integrators.base import placement
 
     assert placement(INTEGRATORS.get("ldpv2")) == "tokens"
     assert {n: placement(INTEGRATORS.get(n)) for n in NAMES} == {
@@ -153,7 +153,7 @@ def test_grouped_kv_shapes():
 
 
 def test_generate_matches_full_sequence_greedy(trained, batch):
-    from edgevlm.train.model.torch_backend import TorchBackend
+    from edgevlm.model.torch_backend import TorchBackend
     from edgevlm.runtime.generate import split_segments
 
     _, model = trained
@@ -177,7 +177,7 @@ def test_generate_matches_full_sequence_greedy(trained, batch):
 
 
 def test_save_load_round_trip(trained, batch, tmp_path):
-    from edgevlm.train.model.checkpoint import save_model
+    from edgevlm.model.checkpoint import save_model
 
     _, model = trained
     ids = model.prompt_ids(QUESTION, with_image=True)
@@ -209,7 +209,7 @@ def test_hooks_survive_lora_wrap_merge_and_deepcopy(trained, batch):
 
 def test_fresh_in_llm_integrator_on_a_trained_token_model(tiny_model, tmp_path):
     """A new vlora between a trained tower and LLM starts exactly as that LLM (zero deltas)."""
-    from edgevlm.train.model.checkpoint import save_model
+    from edgevlm.model.checkpoint import save_model
 
     src = save_model(tiny_model, tmp_path / "ldpv2")
     model = load_model(src, fresh=["integrator"], integrator="vlora", integrator_kwargs=KWARGS["vlora"])
@@ -248,7 +248,7 @@ def test_every_export_target_is_refused_with_its_reason(name, tmp_path):
     from edgevlm.export.to_coreml import export_coreml
     from edgevlm.export.to_gguf import export_gguf
     from edgevlm.export.to_onnx import export_onnx
-    from edgevlm.train.integrators import EXPORT_TARGETS, export_refusal
+    from edgevlm.model.integrators import EXPORT_TARGETS, export_refusal
 
     model = build(name)
     for target in EXPORT_TARGETS:
@@ -277,8 +277,8 @@ def test_listing_shows_placement_and_zero_tokens(capsys):
 def test_vlora_cost_accounting_matches_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from edgevlm.train.config import IntegratorConfig, preset_config
-    from edgevlm.train.integrators import build_integrator
+    from edgevlm.model.config import IntegratorConfig, preset_config
+    from edgevlm.model.integrators import build_integrator
 
     cfg = preset_config("mobilevlm-1.7b")
     with torch.device("meta"):

@@ -95,7 +95,7 @@ LOGIT_ATOL = 0.02  # f16 GGUF vs fp32 torch, image encoder included (measured: <
 
 def _parity(model, bundle, image, prompt, steps=12, **runtime_kw):
     """(comparison, llama.cpp's own greedy tokens) for one image and prompt, torch as the reference."""
-    from edgevlm.train.model.torch_backend import TorchBackend
+    from edgevlm.model.torch_backend import TorchBackend
 
     with _runtime(bundle, **runtime_kw) as rt:
         ids, pixels = rt._inputs(image, prompt)
@@ -160,7 +160,7 @@ def test_cls_keep_mode_meets_llama_cpps_cls_order(bundle, tiny_model, tmp_path):
 
 
 def _gguf_refused():
-    from edgevlm.train.integrators import INTEGRATORS, export_refusal
+    from edgevlm.model.integrators import INTEGRATORS, export_refusal
 
     return [n for n in INTEGRATORS.names() if export_refusal(n, "gguf")]
 
@@ -170,7 +170,7 @@ def test_integrators_without_a_llama_cpp_graph_are_refused_with_their_reason(nam
     import re
 
     from edgevlm import load_model
-    from edgevlm.train.integrators import export_refusal
+    from edgevlm.model.integrators import export_refusal
 
     model = load_model("tiny", integrator=name, **SMALL)
     with pytest.raises(EdgeVLMError, match=re.escape(f"cannot be exported to gguf: {export_refusal(name, 'gguf')}")):

@@ -11,7 +11,7 @@ from PIL import Image
 from edgevlm import load_model
 from edgevlm.runtime.errors import EdgeVLMError, ImageError
 from edgevlm.runtime.preprocess import preprocess_image
-from edgevlm.train.model.checkpoint import save_model
+from edgevlm.model.checkpoint import save_model
 
 from conftest import SMALL
 

@@ -152,7 +152,7 @@ def test_v2_tower_without_a_stated_config_is_refused_unless_clip_l(tmp_path):
 
 
 def test_weight_files_are_what_hugging_face_reads(tmp_path):
-    from edgevlm.train.model.weights import read_weights, weight_files
+    from edgevlm.model.weights import read_weights, weight_files
 
     save_file({"a": torch.ones(2)}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(EdgeVLMError, match="adapter_model.safetensors is not model weights"):

@@ -20,7 +20,7 @@ from edgevlm.export.to_onnx import export_fp32_graphs, export_onnx  # noqa: E402
 from edgevlm.runtime.graph_io import INPUT_IDS, PIXEL_VALUES  # noqa: E402
 from edgevlm.runtime.manifest import read_manifest  # noqa: E402
 from edgevlm.runtime.errors import EdgeVLMError  # noqa: E402
-from edgevlm.train.integrators import INTEGRATORS, export_refusal  # noqa: E402
+from edgevlm.model.integrators import INTEGRATORS, export_refusal  # noqa: E402
 
 from conftest import SMALL  # noqa: E402
 

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from edgevlm import load_model  # noqa: E402
 from edgevlm.export.to_onnx import export_fp32_graphs, export_onnx  # noqa: E402
 from edgevlm.runtime import Runtime  # noqa: E402
-from edgevlm.train.model.torch_backend import TorchBackend  # noqa: E402
+from edgevlm.model.torch_backend import TorchBackend  # noqa: E402
 from edgevlm.runtime.errors import BundleError, ContextLengthError, EdgeVLMError, ImageError  # noqa: E402
 from edgevlm.runtime.generate import split_segments  # noqa: E402
 

@@ -201,7 +201,7 @@ def test_measured_numbers_agree_with_their_pages():
 def test_source_paths_named_in_docs_exist():
     """Files and folders of the repo that README.md and docs/ name (the architecture section's "where
     to add" included) exist, so a moved file shows here."""
-    pattern = r"`((?:runtime|train|export|benchmarks|edgevlm|tests)/[\w./-]*)(?![\w<*{])"
+    pattern = r"`((?:runtime|model|train|export|benchmarks|edgevlm|tests)/[\w./-]*)(?![\w<*{])"
     for page, text in pages().items():
         for path in re.findall(pattern, text):
             assert (REPO / path).exists(), f"{page} names {path}, which does not exist"

@@ -29,7 +29,7 @@ from edgevlm.runtime.graph_io import (  # noqa: E402
     ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, PIXEL_VALUES, POSITION_IDS, is_past, past_key, past_names, present_names,
 )
 from edgevlm.runtime.manifest import read_manifest  # noqa: E402
-from edgevlm.train.integrators import INTEGRATORS  # noqa: E402
+from edgevlm.model.integrators import INTEGRATORS  # noqa: E402
 
 from conftest import REPO, SMALL  # noqa: E402
 
@@ -130,7 +130,7 @@ def test_subgraphs_are_checked():
 def test_every_integrators_vision_graph_parses_in_tensorrt(integrator, exporter, tmp_path):
     from edgevlm import load_model
     from edgevlm.export import onnx_graphs
-    from edgevlm.train.integrators import export_refusal
+    from edgevlm.model.integrators import export_refusal
 
     reason = export_refusal(integrator, "tensorrt")
     if reason:  # no ONNX bundle to build from, or the bundle records the refusal (test below)

@@ -15,10 +15,10 @@ def integrator_rows(preset: str) -> list[dict]:
     tokens out and parameter count."""
     import torch
 
-    from edgevlm.train.config import preset_config
-    from edgevlm.train.integrators import INTEGRATORS, build_integrator, count_parameters
-    from edgevlm.train.config import IntegratorConfig
-    from edgevlm.train.integrators.base import placement
+    from edgevlm.model.config import preset_config
+    from edgevlm.model.integrators import INTEGRATORS, build_integrator, count_parameters
+    from edgevlm.model.config import IntegratorConfig
+    from edgevlm.model.integrators.base import placement
 
     cfg = preset_config(preset)
     rows = []
@@ -33,7 +33,7 @@ def integrator_rows(preset: str) -> list[dict]:
 
 
 def preset_rows() -> list[dict]:
-    from edgevlm.train.config import PRESETS, preset_config
+    from edgevlm.model.config import PRESETS, preset_config
 
     rows = []
     for name in sorted(PRESETS):

@@ -17,8 +17,8 @@ from edgevlm.train.batches import VQADataset, collate
 from edgevlm.train.data.llava import load_llava_records
 from edgevlm.train.engines import make_engine
 from edgevlm.train.lora import group_lr, merge_lora, set_trainable
-from edgevlm.train.model.checkpoint import save_model
-from edgevlm.train.model.load import load_model
+from edgevlm.model.checkpoint import save_model
+from edgevlm.model.load import load_model
 from edgevlm.train.plan import BatchPlan, PlanSampler, lr_factor
 from edgevlm.train.recipe import StageConfig, TrainConfig
 from edgevlm.train.state import latest_checkpoint, load_checkpoint, save_checkpoint

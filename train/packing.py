@@ -12,7 +12,7 @@ appear once) but removes the shortcut:
 Every segment k >= 1 is exactly the token sequence of the single-turn prompt the runtime builds
 for question k (its positions restart after the prefix), and attends only to the prefix and to
 itself. ``segment_ids`` marks the segments; the model's ``attention_and_positions``
-(``train/model/segments.py``) turns them into the 4-D mask and position ids the LLM takes.
+(``model/segments.py``) turns them into the 4-D mask and position ids the LLM takes.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from edgevlm.runtime.chat import TEMPLATES
 from edgevlm.runtime.configio import apply_overrides, load_yaml
 from edgevlm.runtime.errors import EdgeVLMError
 
-from edgevlm.train.config import MODULES
+from edgevlm.model.config import MODULES
 
 
 @dataclass

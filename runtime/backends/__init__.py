@@ -7,7 +7,7 @@ factory that opens a model dir or preset instead: ``(backend, tokenizer, manifes
 
 Higher layers register their own backends here; this package never imports them. The ``torch``
 backend (the PyTorch model, the fidelity reference) lives in the model layer,
-``edgevlm.train.model.torch_backend``, and registers itself when imported (the ``edgevlm`` CLI does
+``edgevlm.model.torch_backend``, and registers itself when imported (the ``edgevlm`` CLI does
 that for ``--backend torch``).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ __all__ = ["BACKENDS", "MODEL_DIR_BACKENDS", "Backend"]
 # This package's modules that register a backend when imported (their libraries load lazily).
 BACKEND_MODULES = ("ort", "llamacpp", "trt")
 # Backends a higher layer provides, and the module that registers each (named in errors, never imported).
-PROVIDED_ABOVE = {"torch": "edgevlm.train.model.torch_backend"}
+PROVIDED_ABOVE = {"torch": "edgevlm.model.torch_backend"}
 
 
 def get_backend(name: str, registry: Registry = BACKENDS):

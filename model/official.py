@@ -14,8 +14,8 @@ import torch
 
 from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.preprocess_config import MOBILEVLM_PAD, PreprocessConfig
-from edgevlm.train.config import IntegratorConfig, LLMConfig, TokenConfig, VisionConfig, VLMConfig
-from edgevlm.train.model.weights import read_weights
+from edgevlm.model.config import IntegratorConfig, LLMConfig, TokenConfig, VisionConfig, VLMConfig
+from edgevlm.model.weights import read_weights
 
 PROJECTOR_TYPES = {"ldpnet": "ldp", "ldpnetv2": "ldpv2", "mlp2x_gelu": "mlp2x_gelu", "linear": "linear"}
 VISION_PREFIX = "model.vision_tower.vision_tower."

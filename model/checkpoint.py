@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 from edgevlm.runtime.errors import EdgeVLMError
-from edgevlm.train.config import VLMConfig
-from edgevlm.train.model.weights import load_state_strict, read_weights, write_weights
+from edgevlm.model.config import VLMConfig
+from edgevlm.model.weights import load_state_strict, read_weights, write_weights
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from edgevlm.runtime.errors import EdgeVLMError
-from edgevlm.train.config import LLMConfig
+from edgevlm.model.config import LLMConfig
 
 from . import INTEGRATORS
 from .base import check_grid

@@ -11,10 +11,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgevlm.runtime.chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES
 from edgevlm.runtime.preprocess import load_image, preprocess_image
-from edgevlm.train.config import LLMConfig, VLMConfig
-from edgevlm.train.integrators import build_integrator, count_parameters
-from edgevlm.train.integrators.base import placement
-from edgevlm.train.model.vision import VisionTower
+from edgevlm.model.config import LLMConfig, VLMConfig
+from edgevlm.model.integrators import build_integrator, count_parameters
+from edgevlm.model.integrators.base import placement
+from edgevlm.model.vision import VisionTower
 
 if TYPE_CHECKING:
     from edgevlm.runtime.generate import GenerationResult
@@ -45,7 +45,7 @@ class EdgeVLM(nn.Module):
                                            cfg.vision.grid, llm=cfg.llm)
         self.llm = LlamaForCausalLM(llama_config(cfg.llm, cfg.tokens))
         # the one placement branch: integrators acting inside the LLM hook into it (their parameters
-        # stay under integrator.*, the LLM's keys are unchanged; see train/integrators/hooks.py)
+        # stay under integrator.*, the LLM's keys are unchanged; see model/integrators/hooks.py)
         self.in_llm = placement(self.integrator) != "tokens"
         if self.in_llm:
             self.integrator.attach(self.llm)

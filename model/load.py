@@ -12,10 +12,10 @@ import torch
 
 from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.tokenizer import TextTokenizer
-from edgevlm.train.config import MODULES, PRESETS, VLMConfig, override_config, preset_config
-from edgevlm.train.model import checkpoint, official
-from edgevlm.train.model.vlm import EdgeVLM
-from edgevlm.train.model.weights import load_state_strict, read_weights
+from edgevlm.model.config import MODULES, PRESETS, VLMConfig, override_config, preset_config
+from edgevlm.model import checkpoint, official
+from edgevlm.model.vlm import EdgeVLM
+from edgevlm.model.weights import load_state_strict, read_weights
 
 
 def cache_dir() -> Path:

@@ -8,7 +8,7 @@ from torch import nn
 from edgevlm.runtime.errors import EdgeVLMError
 
 if TYPE_CHECKING:
-    from edgevlm.train.config import IntegratorConfig, LLMConfig
+    from edgevlm.model.config import IntegratorConfig, LLMConfig
 
 # Where an integrator puts the image (class attribute ``placement``; absent means "tokens"):
 #   tokens    visual tokens spliced into the LLM's input sequence (forward -> [B, M, D], M > 0)

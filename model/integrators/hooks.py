@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from edgevlm.runtime.errors import EdgeVLMError
-from edgevlm.train.config import LLMConfig
+from edgevlm.model.config import LLMConfig
 
 
 def default_llm_config(llm_dim: int) -> LLMConfig:

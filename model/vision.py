@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from edgevlm.train.config import VisionConfig
+from edgevlm.model.config import VisionConfig
 
 
 def clip_config(cfg: VisionConfig) -> CLIPVisionConfig:
