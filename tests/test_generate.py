@@ -1,13 +1,10 @@
 """runtime.sampling, runtime.tokenizer and the shared generation loop (runtime.generate), driven by
-numpy test doubles of the Backend interface. Real backends get their own tests."""
+numpy test doubles of the Backend interface (streaming and stop strings: test_streaming.py; the
+loop without torch: test_runtime_no_torch.py). Real backends get their own tests."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -16,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from edgevlm.runtime.backends import BACKENDS, Backend
 from edgevlm.runtime.chat import IMAGE_TOKEN_INDEX, TEMPLATES
 from edgevlm.runtime.errors import ContextLengthError, EdgeVLMError
-from edgevlm.runtime.generate import GenerationConfig, generate, held_back_length, stream
+from edgevlm.runtime.generate import GenerationConfig, generate, stream
 from edgevlm.runtime.tokenizer import TextTokenizer
 
 CORPUS = [
@@ -275,51 +272,6 @@ def test_eos_ends_generation_and_ignore_eos_does_not(tok):
     assert res.finish_reason == "length" and res.timings.n_generated == 6
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_stop_strings(tok, streaming):
-    be = scripted(tok, "a red circle\nUSER: how many shapes are there?")
-    cfg = GenerationConfig(max_new_tokens=40, stop=("USER:", "ASSISTANT:"))
-    if streaming:
-        s = stream(be, tok, [5], None, cfg)
-        pieces = list(s)
-        res = s.result
-        assert "".join(pieces) == res.text
-        assert not any("U" in p for p in pieces)  # the stop string's start was held back
-    else:
-        res = generate(be, tok, [5], None, cfg)
-    assert res.finish_reason == "stop" and res.text == "a red circle\n"
-    assert tok.decode(res.token_ids).startswith("a red circle\nUSER:")
-
-
-def test_held_back_text_is_released_when_no_stop_follows(tok):
-    text = "a red circle\nUSE no"
-    s = stream(
-        scripted(tok, text), tok, [5], None, GenerationConfig(max_new_tokens=40, stop="\nUSER")
-    )
-    pieces = list(s)
-    assert "".join(pieces) == s.result.text == text and s.result.finish_reason == "eos"
-    assert held_back_length("circle\nUS", ["\nUSER"]) == 3
-    assert held_back_length("circle", ["\nUSER", "le!"]) == 2
-
-
-@pytest.mark.parametrize("text", ["there are two shapes 🙂 é", "yes", "no🙂"])
-def test_stream_concatenation_equals_text(tok, text):
-    s = stream(scripted(tok, text), tok, [5], None, GenerationConfig(max_new_tokens=40))
-    assert s.result is None
-    pieces = list(s)
-    assert "".join(pieces) == s.result.text == text
-    assert all(p and "\ufffd" not in p for p in pieces)
-    # and with a real-looking model, cut by length
-    s = stream(
-        FakeBackend(tok.vocab_size),
-        tok,
-        vqa_prompt(tok),
-        image(),
-        GenerationConfig(max_new_tokens=9),
-    )
-    assert "".join(s) == s.result.text == tok.decode(s.result.token_ids)
-
-
 def test_context_guard_and_clamp(tok):
     prompt = vqa_prompt(tok)  # 4 visual tokens per image in FakeBackend
     n_in = len(prompt) - 1 + 4
@@ -379,78 +331,3 @@ def test_backend_registry_exists():
     with pytest.raises(EdgeVLMError, match="unknown backend"):
         BACKENDS.get("no-such-backend")
 
-
-NO_TORCH_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "transformers", "torchvision"):
-                raise ImportError("blocked: " + name)
-    sys.meta_path.insert(0, Block())
-    import numpy as np
-    from PIL import Image
-    import edgevlm.runtime.generate, edgevlm.runtime.preprocess, edgevlm.runtime.sampling
-    import edgevlm.runtime.tokenizer, edgevlm.runtime.backends, edgevlm.runtime.backends.base
-    from edgevlm.runtime.preprocess import preprocess_image
-    from edgevlm.runtime.preprocess_config import PreprocessConfig
-    from edgevlm.runtime.generate import generate, GenerationConfig
-    sys.path.insert(0, sys.argv[1])
-    import test_generate as tg
-    px = preprocess_image(Image.new("RGBA", (30, 20), (1, 2, 3, 4)), PreprocessConfig(image_size=8))
-    tok = tg.TextTokenizer.from_tokenizer(tg.build_tokenizer(), 1, 2)
-    cfg = GenerationConfig(max_new_tokens=5)
-    res = generate(tg.FakeBackend(tok.vocab_size), tok, tg.vqa_prompt(tok), px, cfg)
-    assert res.timings.n_generated == 5, res
-    bad = [m for m in ("torch", "transformers") if m in sys.modules]
-    assert not bad, bad
-    print("OK")
-    """
-)
-
-
-def test_runtime_imports_and_runs_without_torch_or_transformers():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    out = subprocess.run(
-        [sys.executable, "-c", NO_TORCH_SCRIPT, os.path.dirname(os.path.abspath(__file__))],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr
-
-
-def test_streaming_invariants_over_random_runs(tok):
-    """Sampled runs with stop strings: pieces join to the text, which is a stop-free prefix of
-    the decoded ids."""
-    prompt, stops = vqa_prompt(tok), ("ir", "e ", "\n")
-    for seed in range(25):
-        cfg = GenerationConfig(
-            max_new_tokens=20, do_sample=True, temperature=3.0, seed=seed, stop=stops
-        )
-        s = stream(FakeBackend(tok.vocab_size, seed=seed % 3), tok, prompt, image(), cfg)
-        pieces = list(s)
-        res = s.result
-        assert "".join(pieces) == res.text and not any(x in res.text for x in stops)
-        assert tok.decode(res.token_ids).startswith(res.text)
-        assert (res.finish_reason == "stop") == any(x in tok.decode(res.token_ids) for x in stops)
-
-
-def test_invalid_byte_run_is_held_until_final(tok):
-    """ByteFallback turns a whole invalid byte run into U+FFFD, including an ASCII byte that
-    looked complete on its own; the stream must not have emitted it."""
-    raw = tok.tokenizer
-    ids = [raw.token_to_id(t) for t in ("<0x46>", "<0xC3>", "<0x28>")] + tok.encode("red")
-    d = tok.detokenizer()
-    pieces = [d.add(i) for i in ids]
-    assert "".join(pieces) + d.flush() == tok.decode(ids)
-    assert pieces[0] == "" and tok.decode(ids[:1]) == "F"
-
-
-def test_stop_string_in_held_back_tail_at_the_end(tok):
-    # "\n" is a byte-fallback token, held back until final; EOS comes next
-    res = generate(scripted(tok, "yes\n"), tok, [5], None, GenerationConfig(stop="\n"))
-    assert res.finish_reason == "stop" and res.text == "yes"
-    s = stream(scripted(tok, "yes\n"), tok, [5], None, GenerationConfig(stop="\n"))
-    assert "".join(s) == "yes" and s.result.finish_reason == "stop"
