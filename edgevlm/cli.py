@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "serve": "edgevlm.runtime.serve.cli",
     "bench": "edgevlm.benchmarks.cli",
 }
+# --backend NAME -> the module of a layer above the runtime that registers it (the runtime never names them)
+LAYER_BACKENDS: dict[str, str] = {"torch": "edgevlm.model.torch_backend"}
 
 
 def _summary(module_name: str) -> str:
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        provided_above(getattr(args, "backend", None))
+        if (module := LAYER_BACKENDS.get(getattr(args, "backend", None))) is not None:
+            importlib.import_module(module)  # registers the backend with the runtime
         return int(args._run(args) or 0)
     except EdgeVLMError as e:
         print(f"edgevlm {args.command}: error: {e}", file=sys.stderr)
@@ -70,14 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def provided_above(backend: str | None) -> None:
-    """Register a backend that a layer above the runtime provides (``--backend torch``: the model layer's)."""
-    from edgevlm.runtime.backends import PROVIDED_ABOVE
-
-    if backend in PROVIDED_ABOVE:
-        importlib.import_module(PROVIDED_ABOVE[backend])
 
 
 def script_main(*command: str) -> None:

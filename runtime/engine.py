@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import MODEL_DIR_BACKENDS, PROVIDED_ABOVE, get_backend
+from .backends import MODEL_DIR_BACKENDS, get_backend
 from .cache import DEFAULT_IMAGE_CACHE_MB, Caches, ImageCache, PrefixCache
 from .chat import IMAGE_TOKEN, TEMPLATES
 from .generate import GenerationConfig, GenerationResult, Stream, generate, stream
@@ -47,11 +47,12 @@ class Runtime:
         """Open ``bundle`` with the named backend; ``options`` go to the backend (threads, providers...)."""
         root = Path(bundle)
         caching = dict(image_cache_mb=image_cache_mb, prefix_reuse=prefix_reuse)
-        if not (root / "manifest.json").is_file() and backend in (*MODEL_DIR_BACKENDS, *PROVIDED_ABOVE):
-            be, tok, manifest = get_backend(backend, MODEL_DIR_BACKENDS)(root)  # a model dir or preset
+        factory = get_backend(backend)  # an unknown backend is refused before any file is read
+        if not (root / "manifest.json").is_file() and backend in MODEL_DIR_BACKENDS:
+            be, tok, manifest = MODEL_DIR_BACKENDS.get(backend)(root)  # a model dir or preset
             return cls(be, tok, manifest, root, **caching)
         manifest = read_manifest(root, verify=verify)
-        be = get_backend(backend)(root, manifest, **options)
+        be = factory(root, manifest, **options)
         tok = TextTokenizer.from_dir(root, bos_id=manifest.tokens["bos_id"], eos_id=manifest.tokens["eos_id"])
         return cls(be, tok, manifest, root, **caching)
 

@@ -11,8 +11,9 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names to objects. Duplicate names and unknown names raise clear errors."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, hint: str = ""):
         self.kind = kind
+        self.hint = hint  # appended to the unknown-name error
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -34,7 +35,8 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             valid = ", ".join(sorted(self._items)) or "(none)"
-            raise EdgeVLMError(f"unknown {self.kind} {name!r}; valid: {valid}") from None
+            raise EdgeVLMError(f"unknown {self.kind} {name!r}; valid: {valid}" + (f"; {self.hint}" if self.hint
+                                                                                   else "")) from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

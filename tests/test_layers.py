@@ -126,4 +126,4 @@ def test_the_torch_backend_registers_from_the_model_layer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     first, second = out.stdout.strip().splitlines()[-2:]
-    assert "edgevlm.model.torch_backend" in first and second == "torch"
+    assert "model layer's torch_backend" in first and second == "torch"
