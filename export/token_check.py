@@ -33,8 +33,7 @@ def held_out_prompts(n: int) -> list[tuple]:
 
 def held_out_inputs(model, n_prompts: int) -> list[tuple[list[int], np.ndarray]]:
     """``held_out_prompts`` as the model sees them: (prompt ids, pixel values [1, 3, S, S])."""
-    return [(model.prompt_ids(question, True), model.preprocess(image).numpy())
-            for image, question in held_out_prompts(n_prompts)]
+    return [model.processor(image, question) for image, question in held_out_prompts(n_prompts)]
 
 
 def compare_heldout(model, target, n_prompts: int, steps: int = STEPS) -> list:

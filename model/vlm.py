@@ -4,13 +4,11 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from edgevlm.runtime.chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES
-from edgevlm.runtime.preprocess import load_image, preprocess_image
+from edgevlm.runtime.processor import Processor, count_images, expand_at_images, image_pixels, split_at_images
 from edgevlm.model.config import LLMConfig, VLMConfig
 from edgevlm.model.integrators import build_integrator, count_parameters
 from edgevlm.model.integrators.base import placement
@@ -63,10 +61,20 @@ class EdgeVLM(nn.Module):
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device
 
-    # ---- images -----------------------------------------------------------------------------
+    # ---- inputs: the runtime's processor ----------------------------------------------------
+    @property
+    def processor(self) -> Processor:
+        """Tokenizer + this model's chat template + preprocessing (``runtime/processor.py``)."""
+        return Processor.create(self._require_tokenizer(), self.cfg.chat_template, self.cfg.preprocess)
+
     def preprocess(self, image) -> torch.Tensor:
         """PIL image / path / bytes -> pixel_values [1, 3, S, S] (the runtime's numpy code)."""
-        return torch.from_numpy(preprocess_image(load_image(image), self.cfg.preprocess))
+        return torch.from_numpy(image_pixels(image, self.cfg.preprocess))
+
+    def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
+        return self.processor.prompt_ids(prompt, with_image)
+
+    # ---- images -----------------------------------------------------------------------------
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> visual tokens [B, M, D_llm] in the LLM's embedding space (M may be 0)."""
@@ -95,15 +103,15 @@ class EdgeVLM(nn.Module):
     def embed_with_images(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """[T] ids containing IMAGE_TOKEN_INDEX once per image -> inputs_embeds [T', D]."""
         emb = self.llm.get_input_embeddings()
-        pos = (input_ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        parts = split_at_images(input_ids.tolist())
+        n_pos = sum(1 for p in parts if isinstance(p, int))
         n_img = 0 if image_embeds is None else image_embeds.shape[0]
-        if len(pos) != n_img:
-            raise ValueError(f"{len(pos)} image placeholders but {n_img} images")
-        pieces, start = [], 0
-        for i, p in enumerate(pos):
-            pieces += [emb(input_ids[start:p]), image_embeds[i].to(emb.weight.dtype)]
-            start = p + 1
-        pieces.append(emb(input_ids[start:]))
+        if n_pos != n_img:
+            raise ValueError(f"{n_pos} image placeholders but {n_img} images")
+        if not parts:
+            return emb(input_ids)  # [0, D]
+        pieces = [image_embeds[p].to(emb.weight.dtype) if isinstance(p, int)
+                  else emb(torch.tensor(p, device=input_ids.device)) for p in parts]
         return torch.cat(pieces, dim=0)
 
     def forward(self, pixel_values: torch.Tensor | None, input_ids: list[torch.Tensor],
@@ -119,7 +127,7 @@ class EdgeVLM(nn.Module):
         images, weights = (None, None) if pixel_values is None else self.encode(pixel_values)  # [K, M, D]
         embeds, targets, used = [], [], 0
         for i, ids in enumerate(input_ids):
-            n = int((ids == IMAGE_TOKEN_INDEX).sum())
+            n = count_images(ids.tolist())
             img = images[used : used + n] if n else None
             used += n
             embeds.append(self.embed_with_images(ids, img))  # [T_i', D]
@@ -135,7 +143,7 @@ class EdgeVLM(nn.Module):
             if labels is not None:
                 y[i, : e.shape[0]] = targets[i]
         y = y if labels is not None else None
-        counts = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in input_ids]
+        counts = [count_images(ids.tolist()) for ids in input_ids]
         with self.conditioned(weights, counts):  # per-sample image weights for vlora / gated_prefix
             if segments is None:
                 return self.llm(inputs_embeds=x, attention_mask=mask, labels=y)
@@ -146,31 +154,21 @@ class EdgeVLM(nn.Module):
             return self.llm(inputs_embeds=x, attention_mask=mask4d, position_ids=positions, labels=y)
 
     # ---- generation (the runtime's one loop, torch backend) ---------------------------------
-    def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
-        if with_image and IMAGE_TOKEN not in prompt:
-            prompt = f"{IMAGE_TOKEN}\n{prompt}"
-        tok = self._require_tokenizer()
-        return tok.encode_chat(TEMPLATES[self.cfg.chat_template], [(prompt, None)])
-
     def generate(self, image=None, prompt: str = "", max_new_tokens: int = 32, **gen) -> "GenerationResult":
         """Answer ``prompt`` about ``image`` (PIL / path / bytes / None). ``gen``: GenerationConfig
         fields (do_sample, temperature, top_k, top_p, repetition_penalty, seed, stop)."""
         from edgevlm.runtime.generate import GenerationConfig, generate
 
-        ids, pixels = self._inputs(image, prompt)
+        ids, pixels = self.processor(image, prompt)
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, **gen)
         return generate(self._backend(), self._require_tokenizer(), ids, pixels, cfg)
 
     def stream(self, image=None, prompt: str = "", max_new_tokens: int = 32, **gen) -> Iterator[str]:
         from edgevlm.runtime.generate import GenerationConfig, stream
 
-        ids, pixels = self._inputs(image, prompt)
+        ids, pixels = self.processor(image, prompt)
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, **gen)
         return stream(self._backend(), self._require_tokenizer(), ids, pixels, cfg)
-
-    def _inputs(self, image, prompt: str) -> tuple[list[int], np.ndarray | None]:
-        pixels = None if image is None else self.preprocess(image).numpy()
-        return self.prompt_ids(prompt, image is not None), pixels
 
     def _backend(self):
         from .torch_backend import TorchBackend
@@ -184,11 +182,8 @@ class EdgeVLM(nn.Module):
 
 
 def _expand(ids: torch.Tensor, values: torch.Tensor, n_visual: int, fill: int) -> torch.Tensor:
-    """A per-id vector (labels, segment ids) for the spliced sequence: each image placeholder
-    becomes ``n_visual`` copies of ``fill`` (visual positions are never targets)."""
-    out = []
-    for t, v in zip(ids.tolist(), values.tolist()):
-        out += [fill] * n_visual if t == IMAGE_TOKEN_INDEX else [v]
+    """Per-id ``values`` (labels, segment ids) for the spliced sequence (visual positions: ``fill``)."""
+    out = expand_at_images(ids.tolist(), values.tolist(), n_visual, fill)
     return torch.tensor(out, dtype=torch.long, device=values.device)
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import numpy as np
 
+from .processor import split_at_images
+
 if TYPE_CHECKING:
     from .backends.base import Backend
 
@@ -78,18 +80,15 @@ class ImageCache:
         return np.stack(found)  # [B, M, D]
 
 
-def position_keys(prompt_ids: Sequence[int], image_keys: Sequence[str], n_per_image: int,
-                  marker: int) -> list[Hashable]:
-    """One key per prompt position: token ids as they are, each ``marker`` expanded to its image's
-    ``n_per_image`` visual positions ``(image hash, i)``."""
+def position_keys(prompt_ids: Sequence[int], image_keys: Sequence[str], n_per_image: int) -> list[Hashable]:
+    """One key per prompt position: token ids as they are, each image marker expanded to its
+    image's ``n_per_image`` visual positions ``(image hash, i)``."""
     keys: list[Hashable] = []
-    images = iter(image_keys)
-    for t in prompt_ids:
-        if t == marker:
-            h = next(images)
-            keys.extend((h, i) for i in range(n_per_image))
+    for part in split_at_images(prompt_ids):
+        if isinstance(part, int):
+            keys.extend((image_keys[part], i) for i in range(n_per_image))
         else:
-            keys.append(int(t))
+            keys.extend(part)
     return keys
 
 

@@ -1,4 +1,5 @@
-"""``Runtime``: a loaded bundle + backend + tokenizer + preprocessing, driving the one generation loop.
+"""``Runtime``: a loaded bundle + backend + processor (tokenizer, template, preprocessing), driving
+the one generation loop.
 
     from edgevlm.runtime import Runtime
     rt = Runtime.load("bundles/tiny-onnx", backend="ort")
@@ -14,7 +15,6 @@ computed in an earlier call can differ from a fresh prefill in the last float bi
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,10 @@ import numpy as np
 
 from .backends import MODEL_DIR_BACKENDS, get_backend
 from .cache import DEFAULT_IMAGE_CACHE_MB, Caches, ImageCache, PrefixCache
-from .chat import IMAGE_TOKEN, TEMPLATES
 from .generate import GenerationConfig, GenerationResult, Stream, generate, stream
 from .manifest import Manifest, read_manifest
-from .preprocess import DEFAULT_MAX_PIXELS, load_image, preprocess_image
+from .preprocess import DEFAULT_MAX_PIXELS
+from .processor import Processor
 from .tokenizer import TextTokenizer
 
 
@@ -36,6 +36,7 @@ class Runtime:
         self.backend = backend
         self.tokenizer = tokenizer
         self.manifest = manifest
+        self.processor = Processor.create(tokenizer, manifest.chat_template, manifest.preprocess)
         self.root = root
         self.caches = Caches(images=ImageCache(int(image_cache_mb * (1 << 20))) if image_cache_mb > 0 else None,
                              prefix=PrefixCache() if prefix_reuse else None)
@@ -57,32 +58,23 @@ class Runtime:
         return cls(be, tok, manifest, root, **caching)
 
     def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
-        if with_image and IMAGE_TOKEN not in prompt:
-            prompt = f"{IMAGE_TOKEN}\n{prompt}"
-        return self.tokenizer.encode_chat(TEMPLATES[self.manifest.chat_template], [(prompt, None)])
+        return self.processor.prompt_ids(prompt, with_image)
 
     def chat_ids(self, turns, system: str | None = None) -> list[int]:
         """Prompt ids of a conversation [(question, answer-or-None)] (``<image>`` marks an image);
         ``system`` replaces the template's system prompt."""
-        template = TEMPLATES[self.manifest.chat_template]
-        if system is not None:
-            template = dataclasses.replace(template, system=system)
-        return self.tokenizer.encode_chat(template, turns)
+        return self.processor.chat_ids(turns, system)
 
     def pixel_values(self, image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        return preprocess_image(load_image(image, max_pixels), self.manifest.preprocess)  # [1, 3, S, S]
-
-    def _inputs(self, image, prompt: str):
-        pixels = None if image is None else self.pixel_values(image)
-        return self.prompt_ids(prompt, image is not None), pixels
+        return self.processor.pixel_values(image, max_pixels)  # [1, 3, S, S]
 
     def generate(self, image=None, prompt: str = "", max_new_tokens: int = 32, **gen: Any) -> GenerationResult:
-        ids, pixels = self._inputs(image, prompt)
+        ids, pixels = self.processor(image, prompt)
         config = GenerationConfig(max_new_tokens=max_new_tokens, **gen)
         return generate(self.backend, self.tokenizer, ids, pixels, config, self.caches)
 
     def stream(self, image=None, prompt: str = "", max_new_tokens: int = 32, **gen: Any) -> Stream:
-        ids, pixels = self._inputs(image, prompt)
+        ids, pixels = self.processor(image, prompt)
         config = GenerationConfig(max_new_tokens=max_new_tokens, **gen)
         return stream(self.backend, self.tokenizer, ids, pixels, config, self.caches)
 

@@ -31,6 +31,7 @@ from .backends.base import Backend
 from .cache import CacheReport, Caches, ImageCache, PrefixCache, image_key, position_keys, prefill
 from .chat import IMAGE_TOKEN_INDEX
 from .errors import ContextLengthError, EdgeVLMError
+from .processor import count_images, split_at_images
 from .sampling import Sampler, SamplingConfig
 from .tokenizer import IncrementalDetokenizer, TextTokenizer
 
@@ -155,7 +156,7 @@ def stream(
 def _check_inputs(prompt_ids: list[int], pixel_values: np.ndarray | None, config: GenerationConfig) -> int:
     """Validate config, ids and image count; return the number of images."""
     config.validate()
-    n_markers = sum(1 for t in prompt_ids if t == IMAGE_TOKEN_INDEX)
+    n_markers = count_images(prompt_ids)
     if any(t < 0 and t != IMAGE_TOKEN_INDEX for t in prompt_ids):
         raise EdgeVLMError("prompt_ids contain negative ids other than the image marker (-200)")
     n_images = 0
@@ -188,22 +189,8 @@ def fit_max_new_tokens(n_visual: int, n_text: int, max_new_tokens: int, n_ctx: i
 
 def split_segments(prompt_ids: Sequence[int], visual: np.ndarray | None) -> list[np.ndarray]:
     """Token-id segments (int64 [T]) and visual segments (float32 [M, D]) in prompt order."""
-    segments: list[np.ndarray] = []
-    run: list[int] = []
-    image = 0
-    for t in prompt_ids:
-        if t != IMAGE_TOKEN_INDEX:
-            run.append(t)
-            continue
-        if run:
-            segments.append(np.asarray(run, dtype=np.int64))
-            run = []
-        assert visual is not None
-        segments.append(np.ascontiguousarray(visual[image], dtype=np.float32))  # [M, D]
-        image += 1
-    if run:
-        segments.append(np.asarray(run, dtype=np.int64))
-    return segments
+    return [np.ascontiguousarray(visual[p], dtype=np.float32) if isinstance(p, int)  # [M, D]
+            else np.asarray(p, dtype=np.int64) for p in split_at_images(prompt_ids)]
 
 
 def _run_encoder(backend: Backend, pixel_values: np.ndarray, timings: Timings) -> np.ndarray:
@@ -254,7 +241,7 @@ def _prepare(
     keys = None
     if caches.prefix is not None and backend.supports_prefix:
         per_image = 0 if visual is None else int(visual.shape[1])
-        keys = position_keys(prompt_ids, image_keys, per_image, IMAGE_TOKEN_INDEX)
+        keys = position_keys(prompt_ids, image_keys, per_image)
     return split_segments(prompt_ids, visual), max_new, keys
 
 

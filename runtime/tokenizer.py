@@ -15,7 +15,6 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer
 
-from .chat import ChatTemplate, encode_turns
 from .errors import BundleError, EdgeVLMError
 
 _SPECIAL_NAMES = ("bos", "eos", "unk", "pad")
@@ -121,13 +120,6 @@ class TextTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def encode_chat(
-        self, template: ChatTemplate, turns: Sequence[tuple[str, str | None]]
-    ) -> list[int]:
-        """Prompt ids (BOS first, ``<image>`` as IMAGE_TOKEN_INDEX) for a conversation."""
-        ids, _ = encode_turns(self.encode, template, turns, self.bos_id, self.eos_id)
-        return ids
 
     @property
     def byte_token_ids(self) -> frozenset[int]:

@@ -323,7 +323,7 @@ def test_training_and_runtime_decode_identically(tmp_path, tiny_model):
     16-bit PNG (both upright and scaled, not as stored)."""
     import numpy as np
 
-    from edgevlm.runtime.engine import Runtime
+    from edgevlm.runtime.processor import Processor
     from edgevlm.train.batches import VQADataset
 
     _exif_rotated_jpeg(tmp_path / "rot.jpg")
@@ -334,10 +334,10 @@ def test_training_and_runtime_decode_identically(tmp_path, tiny_model):
         want = (np.asarray(im).astype(np.int64) >> 8).astype(np.uint8)  # [H, W], not clipped at 255
     assert np.array_equal(np.asarray(load_record_image(ds[1]))[..., 0], want)
     cfg = tiny_model.cfg.preprocess
-    train = VQADataset(ds, tiny_model.tokenizer, "vicuna_v1", cfg, 1000, tiny_model.n_visual_tokens)
-    rt = type("Bundle", (), {"manifest": type("Manifest", (), {"preprocess": cfg})})()
+    processor = Processor.create(tiny_model.tokenizer, "vicuna_v1", cfg)  # what Runtime.pixel_values uses
+    train = VQADataset(ds, processor, 1000, tiny_model.n_visual_tokens)
     for i, rec in enumerate(ds):
-        device = Runtime.pixel_values(rt, rec.image_path)  # [1, 3, S, S] float32
+        device = processor.pixel_values(rec.image_path)  # [1, 3, S, S] float32, from the file
         assert np.array_equal(train[i].pixel_values.numpy(), device[0]), rec.id
 
 

@@ -11,9 +11,11 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from edgevlm.runtime.backends import BACKENDS, Backend
-from edgevlm.runtime.chat import IMAGE_TOKEN_INDEX, TEMPLATES
+from edgevlm.runtime.chat import IMAGE_TOKEN_INDEX
 from edgevlm.runtime.errors import ContextLengthError, EdgeVLMError
 from edgevlm.runtime.generate import GenerationConfig, generate, stream
+from edgevlm.runtime.preprocess_config import PreprocessConfig
+from edgevlm.runtime.processor import Processor
 from edgevlm.runtime.tokenizer import TextTokenizer
 
 CORPUS = [
@@ -188,8 +190,12 @@ def test_from_dir_reads_special_tokens(tmp_path):
         TextTokenizer.from_dir(tmp_path / "missing")
 
 
-def test_encode_chat_has_bos_and_image_marker(tok):
-    ids = tok.encode_chat(TEMPLATES["vicuna_v1"], [("<image>\nwhat shape is this?", None)])
+def _ids(tok, turns, template="vicuna_v1"):
+    return Processor.create(tok, template, PreprocessConfig()).chat_ids(turns)
+
+
+def test_chat_ids_have_bos_and_image_marker(tok):
+    ids = _ids(tok, [("<image>\nwhat shape is this?", None)])
     assert ids[0] == tok.bos_id and ids.count(IMAGE_TOKEN_INDEX) == 1
     assert tok.eos_id not in ids
 
@@ -209,7 +215,7 @@ def test_incremental_detokenizer_is_prefix_consistent(tok, text):
 
 
 def vqa_prompt(tok, n_images=1):
-    return tok.encode_chat(TEMPLATES["vicuna_v1"], [("<image>" * n_images + "\nwhat shape?", None)])
+    return _ids(tok, [("<image>" * n_images + "\nwhat shape?", None)])
 
 
 def test_greedy_generation_is_deterministic_and_uses_the_cache(tok):

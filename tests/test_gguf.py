@@ -203,6 +203,7 @@ def test_runtime_prompt_ids_are_llama_cpps_tokens_of_the_builtin_rendering(bundl
 
     from edgevlm.runtime.chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES
     from edgevlm.runtime.manifest import read_manifest
+    from edgevlm.runtime.processor import Processor
     from edgevlm.runtime.tokenizer import TextTokenizer
 
     m = read_manifest(bundle, verify=False)
@@ -218,7 +219,7 @@ def test_runtime_prompt_ids_are_llama_cpps_tokens_of_the_builtin_rendering(bundl
         want = [m.tokens["bos_id"]]
         for i, piece in enumerate(pieces):
             want += ([IMAGE_TOKEN_INDEX] if i else []) + llm.tokenize(piece.encode(), add_bos=False, special=True)
-        assert tok.encode_chat(t, turns) == want, text
+        assert Processor.create(tok, t, m.preprocess).chat_ids(turns) == want, text
 
 
 # --- quantisation ---------------------------------------------------------------------------------

@@ -37,12 +37,13 @@ def logits(model, pixels, ids):
 
 @pytest.fixture(scope="module")
 def batch(shapes_dir):
+    from edgevlm.runtime.processor import Processor
     from edgevlm.train.batches import VQADataset, collate
     from edgevlm.train.data.llava import load_llava_records
 
     records = load_llava_records(str(shapes_dir / "train.json")).records[:4]
     model = build("gated_prefix")  # tokenizer and preprocessing are the same for every integrator
-    ds = VQADataset(records, model.tokenizer, "vicuna_v1", model.cfg.preprocess, 256, 0)
+    ds = VQADataset(records, Processor.create(model.tokenizer, "vicuna_v1", model.cfg.preprocess), 256, 0)
     return collate([ds[i] for i in range(len(ds))]), records
 
 

@@ -98,7 +98,7 @@ def _parity(model, bundle, image, prompt, steps=12, **runtime_kw):
     from edgevlm.model.torch_backend import TorchBackend
 
     with _runtime(bundle, **runtime_kw) as rt:
-        ids, pixels = rt._inputs(image, prompt)
+        ids, pixels = rt.processor(image, prompt)
         cmp = assert_parity(TorchBackend(model), rt.backend, ids, pixels, steps, LOGIT_ATOL)
         got = rt.generate(image, prompt, max_new_tokens=steps, ignore_eos=True).token_ids
     return cmp, got

@@ -63,7 +63,7 @@ def rt(bundle):
 
 def _parity(rt, model, image, prompt: str, steps: int):
     """Teacher-forced parity of the runtime's backend with torch, then the runtime's own greedy run."""
-    ids, pixels = rt._inputs(image, prompt)
+    ids, pixels = rt.processor(image, prompt)
     cmp = assert_parity(TorchBackend(model), rt.backend, ids, pixels, steps, FP32_ATOL)
     got = rt.generate(image, prompt, max_new_tokens=steps, ignore_eos=True)
     assert_clear_tokens(got.token_ids, cmp, FP32_ATOL)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from conftest import SMALL
-from edgevlm.runtime.chat import TEMPLATES, encode_turns
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.processor import image_question
 from edgevlm.train.batches import VQADataset, collate
 from edgevlm.train.data.llava import load_llava_records
-from edgevlm.train.packing import pack_independent, single_turn
+from edgevlm.train.packing import pack_independent
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +25,14 @@ def records(shapes_dir):
     return recs[:2]
 
 
-def _template(model):
-    return TEMPLATES[model.cfg.chat_template]  # the default for new models; packing is template-agnostic
-
-
 def _single(model, question, answer):
-    tok = model.tokenizer
-    return encode_turns(tok.encode, _template(model), [(single_turn(question), answer)], tok.bos_id, tok.eos_id)
+    # model.processor: the default template for new models; packing is template-agnostic
+    return model.processor.training_ids([(image_question(question), answer)])
 
 
 def test_every_segment_is_the_runtime_single_turn_prompt(model, records):
-    tok = model.tokenizer
     rec = records[0]
-    ids, target, segs = pack_independent(tok.encode, _template(model), rec.turns, tok.bos_id, tok.eos_id,
-                                         model.n_visual_tokens, 10_000)
+    ids, target, segs = pack_independent(model.processor, rec.turns, model.n_visual_tokens, 10_000)
     prefix = [t for t, s in zip(ids, segs) if s == 0]
     assert max(segs) == len(rec.turns)
     for k, (q, a) in enumerate(rec.turns, start=1):
@@ -51,8 +45,7 @@ def test_every_segment_is_the_runtime_single_turn_prompt(model, records):
 
 
 def test_packed_loss_equals_separate_single_turn_losses(model, records):
-    ds = VQADataset(records, model.tokenizer, model.cfg.chat_template, model.cfg.preprocess, 1000,
-                    model.n_visual_tokens, qa_mode="independent")
+    ds = VQADataset(records, model.processor, 1000, model.n_visual_tokens, qa_mode="independent")
     batch = collate([ds[0], ds[1]])
     with torch.no_grad():
         packed = model(batch["pixel_values"], batch["input_ids"], batch["labels"], batch["segments"]).loss
@@ -69,8 +62,7 @@ def test_packed_loss_equals_separate_single_turn_losses(model, records):
 
 def test_segments_do_not_see_each_other(model, records):
     """Changing question 1's tokens leaves the logits of question 2 unchanged."""
-    ds = VQADataset(records[:1], model.tokenizer, model.cfg.chat_template, model.cfg.preprocess, 1000,
-                    model.n_visual_tokens, qa_mode="independent")
+    ds = VQADataset(records[:1], model.processor, 1000, model.n_visual_tokens, qa_mode="independent")
     s = ds[0]
     other = s.input_ids.clone()
     seg1 = (s.segments == 1).nonzero().flatten()
@@ -86,22 +78,17 @@ def test_segments_do_not_see_each_other(model, records):
 
 
 def test_long_records_drop_whole_questions(model, records):
-    tok = model.tokenizer
     rec = records[0]
-    full = pack_independent(tok.encode, _template(model), rec.turns, tok.bos_id, tok.eos_id,
-                            model.n_visual_tokens, 10_000)
+    full = pack_independent(model.processor, rec.turns, model.n_visual_tokens, 10_000)
     cut = len(full[0]) + model.n_visual_tokens - 1 - 3  # three positions short of the full pack
-    ids, target, segs = pack_independent(tok.encode, _template(model), rec.turns, tok.bos_id, tok.eos_id,
-                                         model.n_visual_tokens, cut)
+    ids, target, segs = pack_independent(model.processor, rec.turns, model.n_visual_tokens, cut)
     assert max(segs) == len(rec.turns) - 1
     assert ids == full[0][: len(ids)]
     assert len(ids) + model.n_visual_tokens - 1 <= cut
 
 
 def test_single_turn_records_are_not_packed(model, records):
-    tok = model.tokenizer
-    assert pack_independent(tok.encode, _template(model), records[0].turns[:1], tok.bos_id, tok.eos_id,
-                            model.n_visual_tokens, 1000) is None
+    assert pack_independent(model.processor, records[0].turns[:1], model.n_visual_tokens, 1000) is None
 
 
 def test_recipe_rejects_unknown_qa_mode(tmp_path):

@@ -5,11 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from edgevlm.runtime.chat import IMAGE_TOKEN_INDEX, TEMPLATES, encode_turns
 from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.preprocess import preprocess_image
-from edgevlm.runtime.preprocess_config import PreprocessConfig
-from edgevlm.runtime.tokenizer import TextTokenizer
+from edgevlm.runtime.processor import Processor, count_images
 from edgevlm.train.data.llava import load_record_image
 from edgevlm.train.packing import QA_MODES, pack_independent
 
@@ -24,13 +22,13 @@ class Sample:
 
 
 class VQADataset(torch.utils.data.Dataset):
-    """Tokenises on access with the runtime's chat encoder, so training ids equal inference ids.
+    """Tokenises on access with the runtime's processor, so training ids equal inference ids.
 
     ``qa_mode``: ``conversation`` trains multi-turn records as conversations; ``independent``
     packs their turns as separate single-turn questions sharing one image (train/packing.py)."""
 
-    def __init__(self, records, tokenizer: TextTokenizer, template: str, preprocess: PreprocessConfig,
-                 max_length: int, n_visual_tokens: int, qa_mode: str = "conversation"):
+    def __init__(self, records, processor: Processor, max_length: int, n_visual_tokens: int,
+                 qa_mode: str = "conversation"):
         if qa_mode not in QA_MODES:
             raise ValueError(f"qa_mode must be one of {QA_MODES}, got {qa_mode!r}")
         if n_visual_tokens + 16 > max_length:
@@ -38,9 +36,7 @@ class VQADataset(torch.utils.data.Dataset):
                                f"{n_visual_tokens} visual tokens; raise the stage's max_length")
         self.qa_mode = qa_mode
         self.records = list(records)
-        self.tok = tokenizer
-        self.template = TEMPLATES[template]
-        self.preprocess = preprocess
+        self.processor = processor
         self.max_length = max_length
         self.n_visual = n_visual_tokens
 
@@ -51,21 +47,19 @@ class VQADataset(torch.utils.data.Dataset):
         rec = self.records[i]
         packed, segments = None, None
         if self.qa_mode == "independent" and rec.image_path is not None:
-            packed = pack_independent(self.tok.encode, self.template, rec.turns, self.tok.bos_id,
-                                      self.tok.eos_id, self.n_visual, self.max_length)
+            packed = pack_independent(self.processor, rec.turns, self.n_visual, self.max_length)
         if packed is not None:
             ids, target, segs = packed
             segments = torch.tensor(segs)
         else:
-            ids, target = encode_turns(self.tok.encode, self.template, rec.turns, self.tok.bos_id,
-                                       self.tok.eos_id)
+            ids, target = self.processor.training_ids(rec.turns)
             # the image expands to n_visual positions: truncate so the spliced length fits max_length
-            budget = self.max_length - (self.n_visual - 1) * ids.count(IMAGE_TOKEN_INDEX)
+            budget = self.max_length - (self.n_visual - 1) * count_images(ids)
             ids, target = ids[:budget], target[:budget]
         labels = [t if m else -100 for t, m in zip(ids, target)]
         pixels = None
         if rec.image_path is not None:
-            pixels = torch.from_numpy(preprocess_image(load_record_image(rec), self.preprocess))[0]
+            pixels = torch.from_numpy(preprocess_image(load_record_image(rec), self.processor.preprocess))[0]
         return Sample(rec.id, torch.tensor(ids), torch.tensor(labels), pixels, segments)
 
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from edgevlm.train import distributed
 from edgevlm.runtime.memory import peak_rss_mb, reset_peak_rss
+from edgevlm.runtime.processor import Processor
 from edgevlm.train.batches import VQADataset, collate
 from edgevlm.train.data.llava import load_llava_records
 from edgevlm.train.engines import make_engine
@@ -59,8 +60,8 @@ def train_stage(model, stage: StageConfig, cfg: TrainConfig, info, stage_dir: Pa
     template = stage.template or model.cfg.chat_template
     if template != "plain":
         model.cfg.chat_template = template  # saved with the model: the runtime prompts as trained
-    ds = VQADataset(records, model.tokenizer, template, model.cfg.preprocess, stage.max_length,
-                    model.n_visual_tokens, stage.qa_mode)
+    processor = Processor.create(model.tokenizer, template, model.cfg.preprocess)
+    ds = VQADataset(records, processor, stage.max_length, model.n_visual_tokens, stage.qa_mode)
     model.train()
     groups = set_trainable(model, stage)
     model.to(info.device)

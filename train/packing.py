@@ -16,34 +16,28 @@ itself. ``segment_ids`` marks the segments; the model's ``attention_and_position
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
-from edgevlm.runtime.chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, ChatTemplate, encode_turns
+from edgevlm.runtime.processor import Processor, count_images, image_question, spliced_length
 
 QA_MODES = ("conversation", "independent")
 
 
-def single_turn(question: str) -> str:
-    """The question as the runtime asks it: with the image (the template puts it first)."""
-    text = question.replace(IMAGE_TOKEN, "").strip()
-    return f"{IMAGE_TOKEN}\n{text}"
-
-
-def pack_independent(encode: Callable[[str], list[int]], template: ChatTemplate,
-                     turns: Sequence[tuple[str, str]], bos_id: int | None, eos_id: int,
-                     n_visual: int, max_length: int) -> tuple[list[int], list[bool], list[int]] | None:
+def pack_independent(processor: Processor, turns: Sequence[tuple[str, str]], n_visual: int,
+                     max_length: int) -> tuple[list[int], list[bool], list[int]] | None:
     """(ids, is_target, segment_ids) for the packed record, or None if it cannot be packed (one
-    turn, or no shared prefix ending at the image). Whole trailing segments that would not fit in
-    ``max_length`` spliced positions are dropped."""
+    turn, or no shared prefix ending at the image). Each question is asked as the runtime asks
+    it (``image_question``). Whole trailing segments that would not fit in ``max_length``
+    spliced positions are dropped."""
     if len(turns) < 2:
         return None
-    encoded = [encode_turns(encode, template, [(single_turn(q), a)], bos_id, eos_id) for q, a in turns]
+    encoded = [processor.training_ids([(image_question(q), a)]) for q, a in turns]
     n = _common_prefix(ids for ids, _ in encoded)
     prefix = encoded[0][0][:n]
-    if IMAGE_TOKEN_INDEX not in prefix or any(encoded[0][1][:n]):
+    if count_images(prefix) != 1 or any(encoded[0][1][:n]):
         return None
     ids, target, segs = list(prefix), [False] * n, [0] * n
-    used = n + n_visual - 1  # spliced length so far
+    used = spliced_length(prefix, n_visual)
     for k, (e_ids, e_target) in enumerate(encoded, start=1):
         tail = e_ids[n:]
         if used + len(tail) > max_length:

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..chat import IMAGE_TOKEN
 from ..errors import EdgeVLMError
+from ..processor import image_question
 from ..generate import GenerationConfig, fit_max_new_tokens
 from .errors import ModelNotFound, RequestError
 from .images import image_bytes
@@ -99,7 +100,7 @@ def conversation(messages) -> Conversation:
             raise RequestError(f"messages[{i}]: user and assistant messages must alternate, "
                                "starting with user", "messages")
         elif m["role"] == "user":
-            question = "".join(f"{IMAGE_TOKEN}\n" for _ in urls) + text
+            question = image_question(text, len(urls))  # text holds no <image> (checked)
             images = images + urls
         else:
             if urls:

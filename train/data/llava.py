@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from edgevlm.runtime.chat import IMAGE_TOKEN
+from edgevlm.runtime.processor import image_question
 from edgevlm.runtime.errors import EdgeVLMError, ImageError
 from edgevlm.runtime.preprocess import load_image
 
@@ -101,7 +102,7 @@ def _check_image_tokens(turns: list[tuple[str, str]], has_image: bool) -> list[t
     if n_q > 1:
         raise _BadRecord(f"{IMAGE_TOKEN} appears {n_q} times; one image per record is supported")
     if n_q == 0:  # LLaVA's convention: the image goes before the first question
-        turns = [(f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1])] + turns[1:]
+        turns = [(image_question(turns[0][0]), turns[0][1])] + turns[1:]
     elif IMAGE_TOKEN not in turns[0][0]:
         raise _BadRecord(f"{IMAGE_TOKEN} must be in the first question")
     return turns
