@@ -6,6 +6,8 @@ Options (``Runtime.load(bundle, backend="ort", **options)``):
     graph_optimization  "disable" | "basic" | "extended" | "all" (default)
     io_binding          keep the KV cache as OrtValues between steps (default True)
     model_format        "onnx" (default) | "ort" (the bundle's .ort files, as ONNX Runtime Mobile runs them)
+    profile_dir         a folder: each graph's session records ONNX Runtime's profile (per-op
+                        kernel times) there; ``end_profiling()`` returns {graph: trace file}
 
 The KV cache never round-trips through numpy. With a standard decoder graph the ``present.*``
 outputs are bound as the next step's ``past_key_values.*`` inputs (on the GPU for CUDA/TensorRT).
@@ -101,7 +103,7 @@ class OrtBackend(Backend):
 
     def __init__(self, root: Path, manifest: Manifest, providers: str | Sequence[str] | None = None,
                  threads: int = 0, graph_optimization: str = "all", io_binding: bool = True,
-                 model_format: str = "onnx"):
+                 model_format: str = "onnx", profile_dir: str | None = None):
         if manifest.target != "onnx":
             raise BundleError(f"{root}: a {manifest.target!r} bundle; the ort backend reads ONNX bundles")
         if model_format not in ("onnx", "ort"):
@@ -110,10 +112,14 @@ class OrtBackend(Backend):
         self.ort = ort
         self.providers = resolve_providers(ort, providers)
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
-        opts = session_options(ort, threads, graph_optimization)
         role = (lambda g: f"{g}_ort") if model_format == "ort" else (lambda g: g)
-        self.sessions = {g: self._session(root, manifest, role(g), opts)
-                         for g in ("vision_encoder", "embed_tokens", "decoder")}
+        self.sessions = {}
+        for g in ("vision_encoder", "embed_tokens", "decoder"):
+            opts = session_options(ort, threads, graph_optimization)
+            if profile_dir is not None:
+                Path(profile_dir).mkdir(parents=True, exist_ok=True)
+                opts.enable_profiling, opts.profile_file_prefix = True, str(Path(profile_dir) / g)
+            self.sessions[g] = self._session(root, manifest, role(g), opts)
         self.n_ctx = manifest.model.max_positions
         self.io_binding = io_binding
         dec = self.sessions["decoder"]
@@ -189,6 +195,10 @@ class OrtBackend(Backend):
         x = self.embed(np.array([token_id], dtype=np.int64)).astype(self.embeds_dtype, copy=False)[None]  # [1, 1, D]
         return self._step(x)
 
+    def end_profiling(self) -> dict[str, str]:
+        """{graph: ONNX Runtime profile trace (JSON)} when opened with ``profile_dir``."""
+        return {g: s.end_profiling() for g, s in self.sessions.items()}
+
     def close(self) -> None:
         self._past = None
         self._buffers = []
@@ -261,7 +271,7 @@ class OrtBackend(Backend):
         return outs[0].numpy(), list(outs[1:])
 
 
-OPTIONS = ("providers", "threads", "graph_optimization", "io_binding", "model_format")
+OPTIONS = ("providers", "threads", "graph_optimization", "io_binding", "model_format", "profile_dir")
 
 
 def _open(root: Path, manifest: Manifest, **options: Any) -> OrtBackend:
