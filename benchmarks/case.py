@@ -159,7 +159,7 @@ def build_export(case: dict, bundle: Path) -> None:
         from edgevlm.export.to_onnx import export_onnx
 
         export_onnx(model, bundle, dtype=spec["dtype"], quantize=spec["quantize"], source=source, progress=False,
-                    token_check=0)
+                    token_check=0, int8_target=spec.get("int8_target", "portable"))
     elif spec["target"] == "gguf":
         from edgevlm.export.to_gguf import export_gguf
 
@@ -198,8 +198,14 @@ def bundle_facts(bundle: Path, case: dict) -> dict:
         facts["decode_weight_bytes"] = sum((bundle / f.path).stat().st_size for f in m.files
                                            if f.role in ("decoder", "decoder_data"))
         facts.update(kv_bits=16 if case["precision"] == "fp16" else 32,
-                     vision_precision={"int8": "int8", "int4": "int8"}.get(case["precision"], case["precision"]))
+                     vision_precision=_onnx_vision_precision(case["precision"]))
     return facts
+
+
+def _onnx_vision_precision(precision: str) -> str:
+    """int8 and int4 bundles (any int8 format) carry an int8 vision graph; the others their dtype."""
+    base = precision.partition("_")[0]
+    return "int8" if base in ("int8", "int4") else base
 
 
 def gguf_read_bytes(path: Path) -> int:

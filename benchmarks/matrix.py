@@ -35,7 +35,9 @@ from edgevlm.runtime.errors import EdgeVLMError
 
 BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
     "torch": ("fp32", "bf16", "fp16"),
-    "ort": ("fp32", "fp16", "int8", "int4"),
+    # _vnni: the int8 parts (vision graph, int8 decoder) in export's vnni format (u8 x s8), the fast
+    # one on CPUs with VNNI/AMX and on Arm (see export's --int8-target)
+    "ort": ("fp32", "fp16", "int8", "int4", "int8_vnni", "int4_vnni"),
     "llamacpp": ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"),
     "trt": ("fp16", "int8"),
 }
@@ -190,9 +192,11 @@ def export_spec(backend: str, precision: str) -> dict | None:
     if backend in ("torch", "hf_eager"):
         return None
     if backend == "ort":
-        if precision == "fp16":
+        base, _, int8_target = precision.partition("_")  # int4_vnni: int4 with the vnni int8 format
+        if base == "fp16":
             return {"target": "onnx", "dtype": "fp16", "quantize": "none"}
-        return {"target": "onnx", "dtype": "fp32", "quantize": "none" if precision == "fp32" else precision}
+        spec = {"target": "onnx", "dtype": "fp32", "quantize": "none" if base == "fp32" else base}
+        return {**spec, "int8_target": int8_target} if int8_target else spec
     if backend in ("llamacpp", "llamacpp_raw"):
         return {"target": "gguf", "quants": [precision]}
     return {"target": backend, "precision": precision}

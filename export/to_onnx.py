@@ -58,8 +58,13 @@ def int8_format(target: str):
 def _advice(variant: str, int8) -> str:
     """What to try when a variant fails validation (appended to the error)."""
     if variant.startswith("int8") and int8.name == "vnni":
-        return ("--int8-target vnni is only accurate on CPUs with VNNI (and on Arm); this CPU may lack it: "
-                "use --int8-target portable (the default) or reduce-range")
+        from edgevlm.runtime.hostcpu import u8s8_saturates
+
+        if u8s8_saturates():
+            return ("--int8-target vnni is only accurate on CPUs with VNNI (and on Arm); this CPU lacks it: "
+                    "use --int8-target portable (the default) or reduce-range")
+        return ("this CPU has VNNI, so the error is the vnni format's own (symmetric int8 weights), not "
+                "saturation: use --int8-target portable (the default) or --quantize int4")
     if variant.startswith("int8"):
         return "try --int8-target portable (u8 x u8, the most accurate int8 format) or --quantize int4 / --dtype fp16"
     if variant == "int4":

@@ -306,3 +306,18 @@ def test_report_refuses_missing_input(tmp_path):
     from edgevlm.cli import main
 
     assert main(["bench", "report", str(tmp_path / "nothing.jsonl"), "--out", str(tmp_path)]) == 2
+
+
+def test_ort_vnni_precisions_export_with_the_vnni_int8_format():
+    from edgevlm.benchmarks.case import _onnx_vision_precision
+    from edgevlm.benchmarks.flops import bits_per_weight
+    from edgevlm.benchmarks.matrix import export_spec
+
+    assert export_spec("ort", "int4") == {"target": "onnx", "dtype": "fp32", "quantize": "int4"}
+    assert export_spec("ort", "int4_vnni") == {"target": "onnx", "dtype": "fp32", "quantize": "int4",
+                                               "int8_target": "vnni"}
+    assert export_spec("ort", "int8_vnni")["quantize"] == "int8"
+    assert export_spec("ort", "fp16") == {"target": "onnx", "dtype": "fp16", "quantize": "none"}
+    assert _onnx_vision_precision("int4_vnni") == _onnx_vision_precision("int4") == "int8"
+    assert _onnx_vision_precision("fp16") == "fp16"
+    assert bits_per_weight("int4_vnni") == bits_per_weight("int4")

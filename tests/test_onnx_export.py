@@ -277,6 +277,19 @@ def test_int8_targets_of_the_cli_are_the_formats():
     assert set(INT8_TARGETS) == set(onnx_quant.INT8_FORMATS) and onnx_quant.DEFAULT_INT8 == INT8_TARGETS[0]
 
 
+@pytest.mark.parametrize("saturates", [True, False])
+def test_vnni_failure_advice_depends_on_the_host(monkeypatch, saturates):
+    """A vnni int8 graph that fails validation: on a CPU without VNNI the cause is saturation, on one
+    with VNNI it is the format itself; the advice says which."""
+    from edgevlm.export import to_onnx
+    from edgevlm.runtime import hostcpu
+
+    monkeypatch.setattr(hostcpu, "u8s8_saturates", lambda flags=None: saturates)
+    advice = to_onnx._advice("int8_dynamic", to_onnx.int8_format("vnni"))
+    assert ("lacks it" in advice) is saturates and ("has VNNI" in advice) is not saturates
+    assert "--int8-target portable" in advice
+
+
 @pytest.mark.parametrize("target", list(onnx_quant.INT8_FORMATS))
 def test_int8_targets_store_their_weight_type(fp32_graphs, tmp_path, target):
     from onnx import numpy_helper
