@@ -69,8 +69,12 @@ def resolve_matrix_path(name_or_path: str) -> Path:
     shipped = MATRICES_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
-    names = ", ".join(sorted(f.stem for f in MATRICES_DIR.glob("*.yaml")))
-    raise EdgeVLMError(f"matrix {name_or_path!r} not found (a YAML path or one of: {names})")
+    raise EdgeVLMError(f"matrix {name_or_path!r} not found (a YAML path or one of: {', '.join(shipped_matrices())})")
+
+
+def shipped_matrices() -> list[str]:
+    """Names of the matrices in benchmarks/matrices/."""
+    return sorted(f.stem for f in MATRICES_DIR.glob("*.yaml"))
 
 
 def load_matrix(name_or_path: str) -> dict:

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgevlm.benchmarks.matrix import shipped_matrices
 from edgevlm.runtime.errors import EdgeVLMError
 
 CASE_KEYS = ("id", "task", "kind", "backend", "precision", "model", "integrator", "workload", "warmup", "runs", "seed")
@@ -31,7 +32,7 @@ CASE_KEYS = ("id", "task", "kind", "backend", "precision", "model", "integrator"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matrix", required=True,
-                   help="matrix YAML, or a shipped name: smoke, integrators, quant, fidelity_smoke, fidelity")
+                   help=f"matrix YAML, or a shipped name: {', '.join(shipped_matrices())}")
     p.add_argument("--out", required=True, help="results JSONL (appended; resumable)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="skip cases already ok in --out (default: on)")

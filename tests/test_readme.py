@@ -205,3 +205,25 @@ def test_source_paths_named_in_docs_exist():
     for page, text in pages().items():
         for path in re.findall(pattern, text):
             assert (REPO / path).exists(), f"{page} names {path}, which does not exist"
+
+
+def _median(records: list[dict], backend: str, precision: str, metric: str) -> float:
+    rec = next(r for r in records if (r.get("backend"), r.get("precision")) == (backend, precision))
+    return rec["metrics"][metric]["median"]
+
+
+@pytest.mark.parametrize("run, header", [("quant", "| case | TTFT ms | vision ms | prefill ms | decode tok/s | fraction"),
+                                         ("ttft", "| case | TTFT ms | vision ms | prefill ms | decode tok/s | TTFT vs")])
+def test_perf_tables_match_stored_results(run, header):
+    """docs/perf-1.7b.md's tables are the committed benchmark runs' medians (TTFT, vision, prefill in
+    ms; decode tok/s to 3 figures)."""
+    records = [json.loads(line) for line in (RESULTS / run / f"{run}.jsonl").read_text().splitlines()]
+    rows = table((DOCS / "perf-1.7b.md").read_text(), header)
+    assert len(rows) >= 5
+    for label, ttft, vision, prefill, decode, *_ in rows:
+        backend, precision = re.search(r"(Hugging Face|raw llama.cpp|`\w+`) (\w+)", label).groups()
+        backend = {"Hugging Face": "hf_eager", "raw llama.cpp": "llamacpp_raw"}.get(backend, backend.strip("`"))
+        precision = "fp32" if backend == "hf_eager" else precision
+        for cell, metric in ((ttft, "ttft_ms"), (vision, "vision_ms"), (prefill, "prefill_ms")):
+            assert int(cell.replace(",", "")) == round(_median(records, backend, precision, metric)), (label, metric)
+        assert float(decode) == float(f"{_median(records, backend, precision, 'decode_tok_s'):.3g}"), label
