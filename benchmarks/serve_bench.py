@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="tiny", help="preset exported when --bundle is not given")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="model size overrides for --model, e.g. llm__num_hidden_layers=6")
-    p.add_argument("--target", choices=("onnx", "gguf"), default="gguf")
+    p.add_argument("--target", choices=("onnx", "gguf"), default="gguf", help="export target (a --bundle's own wins)")
     p.add_argument("--backend", default=None, help="default: llamacpp for gguf, ort for onnx")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clients", default="1,2,4")
@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also measure llama_cpp.server's decode tok/s on the same GGUF")
     p.add_argument("--out", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
+    if args.bundle:  # a given bundle says its own target
+        from edgevlm.runtime.manifest import read_manifest
+
+        args.target = read_manifest(Path(args.bundle), verify=False).target
     args.backend = args.backend or ("llamacpp" if args.target == "gguf" else "ort")
 
     from edgevlm.runtime.serve.background import BackgroundServer
