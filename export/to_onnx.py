@@ -131,11 +131,13 @@ def export_fp32_graphs(model, work_dir: Path, exporter: str = "dynamo", opset: i
                        graphs: Sequence[str] = GRAPHS) -> dict[str, dict]:
     """Export and strictly validate the fp32 graphs (the source of every variant)."""
     from .onnx_graphs import OPSET, export_graphs
+    from .onnx_io import release_memory
     from .onnx_validate import validate_graph
 
     graphs = export_graphs(model, work_dir, exporter, opset or OPSET, tuple(graphs))
     for name, info in graphs.items():
         info["validation_fp32"] = validate_graph(model, name, info["path"], "fp32")
+        release_memory()
     return graphs
 
 
@@ -234,6 +236,7 @@ def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict,
 
     from .onnx_graphs import graph_specs
     from .onnx_int4 import validate_int4_decoder
+    from .onnx_io import release_memory
     from .onnx_validate import image_cases, validate_graph
 
     specs = graph_specs(model)
@@ -250,6 +253,7 @@ def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict,
         else:
             report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases, gqa=gqa,
                                     advice=_advice(variant, int8))
+        release_memory()  # the quantiser's and the validation's copies of a multi-GB graph
         info["graphs"][graph] = {**specs[graph].to_dict(), "variant": variant, "validation": report}
         if graph == "decoder":
             info["graphs"][graph]["attention"] = attn
