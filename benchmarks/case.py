@@ -198,14 +198,14 @@ def bundle_facts(bundle: Path, case: dict) -> dict:
         facts["decode_weight_bytes"] = sum((bundle / f.path).stat().st_size for f in m.files
                                            if f.role in ("decoder", "decoder_data"))
         facts.update(kv_bits=16 if case["precision"] == "fp16" else 32,
-                     vision_precision=_onnx_vision_precision(case["precision"]))
+                     vision_precision=onnx_vision_precision(case["export"]))
     return facts
 
 
-def _onnx_vision_precision(precision: str) -> str:
-    """int8 and int4 bundles (any int8 format) carry an int8 vision graph; the others their dtype."""
-    base = precision.partition("_")[0]
-    return "int8" if base in ("int8", "int4") else base
+def onnx_vision_precision(spec: dict) -> str:
+    """The vision graph's precision in an ONNX export ``spec``: int8 when quantised (int8 or int4,
+    any int8 format), else the dtype."""
+    return "int8" if spec["quantize"] in ("int8", "int4") else spec["dtype"]
 
 
 def gguf_read_bytes(path: Path) -> int:

@@ -126,8 +126,8 @@ class EdgeVLM(nn.Module):
         """
         images, weights = (None, None) if pixel_values is None else self.encode(pixel_values)  # [K, M, D]
         embeds, targets, used = [], [], 0
-        for i, ids in enumerate(input_ids):
-            n = count_images(ids.tolist())
+        counts = [count_images(ids.tolist()) for ids in input_ids]  # images per sample
+        for i, (ids, n) in enumerate(zip(input_ids, counts)):
             img = images[used : used + n] if n else None
             used += n
             embeds.append(self.embed_with_images(ids, img))  # [T_i', D]
@@ -143,7 +143,6 @@ class EdgeVLM(nn.Module):
             if labels is not None:
                 y[i, : e.shape[0]] = targets[i]
         y = y if labels is not None else None
-        counts = [count_images(ids.tolist()) for ids in input_ids]
         with self.conditioned(weights, counts):  # per-sample image weights for vlora / gated_prefix
             if segments is None:
                 return self.llm(inputs_embeds=x, attention_mask=mask, labels=y)

@@ -309,7 +309,7 @@ def test_report_refuses_missing_input(tmp_path):
 
 
 def test_ort_vnni_precisions_export_with_the_vnni_int8_format():
-    from edgevlm.benchmarks.case import _onnx_vision_precision
+    from edgevlm.benchmarks.case import onnx_vision_precision
     from edgevlm.benchmarks.flops import bits_per_weight
     from edgevlm.benchmarks.matrix import export_spec
 
@@ -318,6 +318,7 @@ def test_ort_vnni_precisions_export_with_the_vnni_int8_format():
                                                "int8_target": "vnni"}
     assert export_spec("ort", "int8_vnni")["quantize"] == "int8"
     assert export_spec("ort", "fp16") == {"target": "onnx", "dtype": "fp16", "quantize": "none"}
-    assert _onnx_vision_precision("int4_vnni") == _onnx_vision_precision("int4") == "int8"
-    assert _onnx_vision_precision("fp16") == "fp16"
+    vision = lambda p: onnx_vision_precision(export_spec("ort", p))  # noqa: E731
+    assert vision("int4_vnni") == vision("int4") == vision("int8") == "int8"
+    assert vision("fp16") == "fp16" and vision("fp32") == "fp32"
     assert bits_per_weight("int4_vnni") == bits_per_weight("int4")

@@ -113,11 +113,12 @@ class OrtBackend(Backend):
         self.providers = resolve_providers(ort, providers)
         self.device = "cuda" if self.providers[0] != "CPUExecutionProvider" else "cpu"
         role = (lambda g: f"{g}_ort") if model_format == "ort" else (lambda g: g)
+        if profile_dir is not None:
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
         self.sessions = {}
         for g in ("vision_encoder", "embed_tokens", "decoder"):
             opts = session_options(ort, threads, graph_optimization)
             if profile_dir is not None:
-                Path(profile_dir).mkdir(parents=True, exist_ok=True)
                 opts.enable_profiling, opts.profile_file_prefix = True, str(Path(profile_dir) / g)
             self.sessions[g] = self._session(root, manifest, role(g), opts)
         self.n_ctx = manifest.model.max_positions
