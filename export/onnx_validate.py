@@ -22,12 +22,13 @@ TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
              "decoder": {"atol": 1e-4, "rtol": 1e-4}},
     "fp16": {"vision_encoder": {"atol": 1e-3, "rtol": 2e-2}, "embed_tokens": {"atol": 1e-3, "rtol": 1e-3},
              "decoder": {"atol": 1e-3, "rtol": 2e-2}},
-    # measured (tiny, --int8-target portable): int8 decoder 0.026, int8 QDQ vision 0.013
+    # int8 QDQ vision vs PyTorch: 0.013 measured (tiny, --int8-target portable). The quantised
+    # decoders are judged against their fp32 twins (the kernels' error; see onnx_quant_check): int8
+    # integer arithmetic is exact there unless a kernel saturates (0 measured on VNNI, tiny and 1.7B)
     "int8": {"vision_encoder": {"rel_l2": 0.1}, "embed_tokens": {"atol": 1e-6, "rtol": 0.0},
-             "decoder": {"rel_l2": 0.1}},
-    # the int4 decoder is judged against its dequantised twin (the kernels' error: 0.012 tiny), not
-    # against fp32, whose distance is the weight format's (0.19 tiny, 0.52 mobilevlm-1.7b, random
-    # weights) and is reported; see onnx_int4
+             "decoder": {"rel_l2": 0.01}},
+    # int4: 0.012 tiny vs the twin; vs fp32 the weight format's distance (0.19 tiny, 0.52
+    # mobilevlm-1.7b, random weights) is reported
     "int4": {"vision_encoder": {"rel_l2": 0.1}, "embed_tokens": {"atol": 1e-6, "rtol": 0.0},
              "decoder": {"rel_l2": 0.05}},
 }

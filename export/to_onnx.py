@@ -63,8 +63,8 @@ def _advice(variant: str, int8) -> str:
         if u8s8_saturates():
             return ("--int8-target vnni is only accurate on CPUs with VNNI (and on Arm); this CPU lacks it: "
                     "use --int8-target portable (the default) or reduce-range")
-        return ("this CPU has VNNI, so the error is the vnni format's own (symmetric int8 weights), not "
-                "saturation: use --int8-target portable (the default) or --quantize int4")
+        return ("this CPU has VNNI, so u8 x s8 saturation is not the cause: use --int8-target portable "
+                "(the default) or --quantize int4")
     if variant.startswith("int8"):
         return "try --int8-target portable (u8 x u8, the most accurate int8 format) or --quantize int4 / --dtype fp16"
     if variant == "int4":
@@ -235,7 +235,7 @@ def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict,
     from edgevlm.runtime.manifest import FileEntry
 
     from .onnx_graphs import graph_specs
-    from .onnx_int4 import validate_int4_decoder
+    from .onnx_quant_check import validate_quantized_decoder
     from .onnx_io import release_memory
     from .onnx_validate import image_cases, validate_graph
 
@@ -248,8 +248,9 @@ def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict,
         files += [FileEntry(p.name, graph if i == 0 else f"{graph}_data") for i, p in enumerate(written)]
         cases = image_cases(calib[1]) if variant == "int8_static" else None  # calibrated: real images only
         gqa = graph == "decoder" and attn == "gqa"
-        if variant == "int4":
-            report = validate_int4_decoder(model, written[0], Path(sources[graph]["path"]), gqa, _advice(variant, int8))
+        if variant in ("int4", "int8_dynamic"):  # the decoder: format and kernels told apart
+            report = validate_quantized_decoder(model, written[0], Path(sources[graph]["path"]),
+                                                _tolerance_key(variant), gqa, _advice(variant, int8))
         else:
             report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases, gqa=gqa,
                                     advice=_advice(variant, int8))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from edgevlm import load_model  # noqa: E402
-from edgevlm.export import onnx_graphs, onnx_io, onnx_quant  # noqa: E402
+from edgevlm.export import onnx_graphs, onnx_io, onnx_quant, onnx_quant_check  # noqa: E402
 from edgevlm.export.onnx_validate import TOLERANCES, validate_graph  # noqa: E402
 from edgevlm.export.to_onnx import export_fp32_graphs, export_onnx  # noqa: E402
 from edgevlm.runtime.graph_io import INPUT_IDS, PIXEL_VALUES  # noqa: E402
@@ -131,7 +132,7 @@ def test_variants_have_the_expected_operators(tiny_model, bundles):
             v = g["validation"]
             print(f"{name} {graph} ({g['variant']}): max |ort - torch| = {v['max_abs_diff']:.3g}, "
                   f"relative L2 {v['max_rel_l2']:.3g}")
-            judged = v["kernels"] if (name, graph) == ("int4", "decoder") else v  # int4: vs its fp32 twin
+            judged = v["kernels"] if graph == "decoder" and name != "fp16" else v  # quantised: vs its fp32 twin
             if name != "fp16" and graph != "embed_tokens":
                 assert judged["max_rel_l2_all_outputs"] <= TOLERANCES[name][graph]["rel_l2"]
 
@@ -314,10 +315,10 @@ def test_validation_fails_on_a_damaged_graph(tiny_model, fp32_graphs, tmp_path):
     perturb_onnx_weight(path, rel=0.05)
     with pytest.raises(EdgeVLMError, match=r"differs from PyTorch.*CPU"):
         validate_graph(tiny_model, "decoder", path, "fp32")
-    perturb_onnx_weight(path, rel=1.0)  # heavier damage: int8 is judged by relative L2 at 0.1
+    perturb_onnx_weight(path, rel=2.0)  # an int8 decoder of damaged weights: the format bound vs PyTorch
     onnx_quant.quantize_int8_dynamic(path, tmp_path / "int8.onnx")
-    with pytest.raises(EdgeVLMError, match="relative L2 error vs PyTorch.*--int8-target"):
-        validate_graph(tiny_model, "decoder", tmp_path / "int8.onnx", "int8", advice="try --int8-target portable")
+    with pytest.raises(EdgeVLMError, match=r"differs from PyTorch by a relative L2 .* > 0\.25.*--quantize int4"):
+        onnx_quant_check.validate_quantized_decoder(tiny_model, tmp_path / "int8.onnx", path, "int8", gqa=False)
 
 
 def test_token_check_is_recorded_and_fails_on_a_damaged_bundle(tiny_model, bundles, tmp_path):
@@ -337,30 +338,40 @@ def test_token_check_is_recorded_and_fails_on_a_damaged_bundle(tiny_model, bundl
         check_tokens(tiny_model, b, read_manifest(b, verify=False), 2, atol=1e-3, threads=1)
 
 
-def test_int4_decoder_is_judged_by_kernels_and_weights(tiny_model, bundles, tmp_path):
-    """vs fp32 is the format's error (reported); vs the dequantised twin the kernels' (judged); the
-    weights vs their source (judged). A damaged twin or damaged int4 weights fail the export."""
+def _damage_quantised_weight(path: Path, dst: Path) -> None:
+    """The first quantised weight of ``path`` written wrong into ``dst``: int4 nibbles swapped,
+    int8 rows (K) reversed, as a packing or transpose bug would."""
+    proto = onnx.load(str(path))
+    t = next(t for t in proto.graph.initializer if t.name.endswith(("_Q4", "_quantized")))
+    w = onnx.numpy_helper.to_array(t)
+    w = ((w & 0x0F) << 4) | (w >> 4) if t.name.endswith("_Q4") else w[::-1]
+    t.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(w), t.name))
+    onnx.save_model(proto, str(dst))
+
+
+@pytest.mark.parametrize("variant", ["int4", "int8"])
+def test_quantised_decoder_is_judged_by_kernels_and_weights(tiny_model, bundles, tmp_path, variant):
+    """vs fp32 is mostly the format's error; vs the fp32 twin the kernels' (judged); the weights vs
+    their source (judged). A damaged twin or damaged quantised weights fail the export."""
     from conftest import perturb_onnx_weight
 
-    from edgevlm.export import onnx_int4
-
-    v = read_manifest(bundles["int4"]).target_info["graphs"]["decoder"]["validation"]
-    print(f"int4 decoder vs fp32 {v['max_rel_l2_all_outputs']:.3g} (dequantised twin vs fp32 "
+    v = read_manifest(bundles[variant]).target_info["graphs"]["decoder"]["validation"]
+    print(f"{variant} decoder vs fp32 {v['max_rel_l2_all_outputs']:.3g} (twin vs fp32 "
           f"{v['dequantized_vs_fp32_rel_l2']:.3g}), vs its twin "
           f"{v['kernels']['max_rel_l2_all_outputs']:.3g}, weights {v['weights']}")
     assert v["kernels"]["max_rel_l2_all_outputs"] < v["dequantized_vs_fp32_rel_l2"]  # the format dominates
-    assert 0 < v["weights"]["max"] <= onnx_int4.WEIGHT_REL_ERROR
-    int4 = bundles["int4"] / GRAPH_FILES["decoder"]
+    assert 0 < v["weights"]["max"] <= onnx_quant_check.WEIGHT_REL_ERROR[variant]
+    assert v["format_tolerance"] == onnx_quant_check.FORMAT_REL_L2.get(variant)
+    if variant == "int8":  # the twin is the format's integer arithmetic in float: exact but for rounding
+        assert v["kernels"]["max_rel_l2_all_outputs"] < 1e-3
+    graph = bundles[variant] / GRAPH_FILES["decoder"]
     twin = tmp_path / "twin.onnx"
-    onnx_int4.dequantized_twin(int4, twin)
+    onnx_quant_check.TWINS[variant](graph, twin)
     perturb_onnx_weight(twin, rel=0.25)
     with pytest.raises(EdgeVLMError, match="relative L2 error"):
-        validate_graph(tiny_model, "decoder", int4, "int4", gqa=True, reference=twin)
-    proto = onnx.load(str(int4))
-    b = next(t for t in proto.graph.initializer if t.name.endswith("_Q4"))
-    packed = onnx.numpy_helper.to_array(b)
-    b.CopyFrom(onnx.numpy_helper.from_array(((packed & 0x0F) << 4) | (packed >> 4), b.name))  # nibbles swapped
-    onnx.save_model(proto, str(tmp_path / "swapped.onnx"))  # the GQA fp32 source is not in the bundle: rebuild
-    onnx_graphs.build_gqa_decoder(tiny_model, tmp_path / "fp32.onnx")
-    with pytest.raises(EdgeVLMError, match="int4 weights are wrong"):
-        onnx_int4.validate_int4_decoder(tiny_model, tmp_path / "swapped.onnx", tmp_path / "fp32.onnx", gqa=True)
+        validate_graph(tiny_model, "decoder", graph, variant, gqa=True, reference=twin)
+    _damage_quantised_weight(graph, tmp_path / "damaged.onnx")
+    onnx_graphs.build_gqa_decoder(tiny_model, tmp_path / "fp32.onnx")  # the fp32 source is not in the bundle
+    with pytest.raises(EdgeVLMError, match=f"{variant} weights are wrong"):
+        onnx_quant_check.validate_quantized_decoder(tiny_model, tmp_path / "damaged.onnx", tmp_path / "fp32.onnx",
+                                                    variant, gqa=True)
