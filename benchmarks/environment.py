@@ -1,5 +1,5 @@
 """The environment block of a benchmark run: CPU, cores, RAM, GPU / Jetson, library versions, git
-commit, load average, and the host's measured limits (memory read bandwidth, fp32 GEMM rate).
+commit, load average, and the host's measured limits (memory read bandwidth, fp32 and bf16 GEMM rates).
 
 Nothing here imports torch or a backend library, so collecting it costs no memory in the parent.
 """
@@ -122,6 +122,19 @@ def measure_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
     return round(2 * n**3 / best / 1e9, 1)
 
 
+def measure_gemm_bf16_gflops(n: int = 1024, repeats: int = 5) -> float | None:
+    """bf16 GEMM rate through PyTorch (oneDNN: AMX or AVX512-BF16 where the CPU has them, else
+    converted to fp32), the compute reference of the torch bf16 cases; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    a = torch.rand(n, n, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    return round(2 * n**3 / best / 1e9, 1)
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -154,6 +167,7 @@ def collect(measure_limits: bool = True, bandwidth_mb: int = 512) -> dict:
 
         env["bandwidth"] = measure_read_bandwidth(bandwidth_mb)
         env["gemm_fp32_gflops"] = measure_gemm_gflops()
+        env["gemm_bf16_gflops"] = measure_gemm_bf16_gflops()
     env["env_id"] = env_id(env)
     return env
 

@@ -64,9 +64,10 @@ def environment_blocks(envs: list[dict]) -> list[Block]:
             continue
         seen.add(e["env_id"])
         libs = ", ".join(f"{k} {v}" for k, v in sorted(e.get("libraries", {}).items()))
-        gemm = f"{e.get('gemm_fp32_gflops', '-')} GFLOP/s"
+        gemm = " / ".join(f"{e[k]} GFLOP/s {name}" for k, name in (("gemm_fp32_gflops", "fp32"), ("gemm_bf16_gflops", "bf16"))
+                          if e.get(k)) or "-"
         rows.append([e["env_id"], e.get("time_utc", ""), summary_line(e), gemm, libs])
-    blocks: list[Block] = [("h2", "Environment"), ("table", ["env", "started", "host", "fp32 GEMM", "libraries"], rows)]
+    blocks: list[Block] = [("h2", "Environment"), ("table", ["env", "started", "host", "GEMM rate", "libraries"], rows)]
     busy = [e for e in envs if (e.get("load_avg_1m") or 0) > 0.5 * (e.get("cores", {}).get("usable") or 1)]
     if busy:
         blocks.append(("p", f"Note: {len(busy)} run(s) started on a busy machine (1-minute load above half the "
