@@ -5,7 +5,8 @@ and per-stage efficiency factors.
 
 The model is a roofline per stage: ``time = max(FLOPs / compute, bytes / bandwidth) / efficiency``
 (+ a fixed per-token overhead for decode), where compute and bandwidth are the engine's sustained
-figures (``peak x sustained fraction``; measured directly on the host) and ``efficiency`` is the
+figures (``peak x sustained fraction``; measured directly on the host), compute at the stage's own
+precision where the profile has a rate for it (``OWN_RATE``: bf16), and ``efficiency`` is the
 fraction of that roofline a software stack reaches in that stage. Efficiency factors by engine class:
 
 * ``cpu``: calibrated on this host from a results file (per backend, leave-one-out when validating);
@@ -69,6 +70,7 @@ def host_device(profile: dict, env: dict) -> dict:
                usable_memory_gb=round(0.85 * env.get("ram_gb", 0), 1), memory_bandwidth_gbs=bw)
     cpu = dev["engines"]["cpu"]
     cpu.update(compute_tflops=gemm / 1000, threads=env.get("cores", {}).get("usable"))
+    cpu["tflops"] = {"fp32": gemm / 1000, **({"bf16": env["gemm_bf16_gflops"] / 1000} if env.get("gemm_bf16_gflops") else {})}
     return dev
 
 
@@ -82,10 +84,18 @@ def engine_of(device: dict, engine: str | None = None) -> tuple[str, dict]:
 # --- the roofline -------------------------------------------------------------------------------
 
 
-def _limits(device: dict, eng: dict) -> tuple[float, float]:
-    """(sustained FLOP/s, sustained bytes/s) of an engine."""
+# Precisions computed at their own rate where the engine's profile gives one (``tflops``); the rest
+# use the engine's basis (``compute_tflops``). Only bf16 so far: the host measures it (oneDNN with
+# AMX runs bf16 ~4x its fp32 GEMM), while how a library computes fp16 or int8 on a CPU (native,
+# converted, VNNI or not) differs too much to project from a peak.
+OWN_RATE = {"bf16": "bf16"}
+
+
+def _limits(device: dict, eng: dict, precision: str | None = None) -> tuple[float, float]:
+    """(sustained FLOP/s, sustained bytes/s) of an engine computing in ``precision``."""
     s = eng.get("sustained") or {}
-    compute = eng["compute_tflops"] * 1e12 * s.get("compute", 1.0)
+    rate = (eng.get("tflops") or {}).get(OWN_RATE.get((precision or "").lower(), ""), eng["compute_tflops"])
+    compute = rate * 1e12 * s.get("compute", 1.0)
     bandwidth = eng.get("bandwidth_gbs", device["memory_bandwidth_gbs"]) * 1e9 * s.get("bandwidth", 1.0)
     return compute, bandwidth
 
@@ -99,13 +109,13 @@ def project(costs: dict, device: dict, engine: str | None = None, efficiency: di
     """Projected stage latencies, decode rate and memory verdict of one request on one device."""
     name, eng = engine_of(device, engine)
     eff = {**DEFAULT_EFFICIENCY.get(eng["class"], DEFAULT_EFFICIENCY["cpu"]), **(efficiency or {})}
-    compute, bandwidth = _limits(device, eng)
     out: dict[str, Any] = {"device": device["name"], "engine": name, "bound": {}}
     for stage in ("vision", "integrator", "prefill"):
-        t, bound = roofline_s(costs[stage]["flops"], costs[stage]["bytes"], compute, bandwidth)
+        t, bound = roofline_s(costs[stage]["flops"], costs[stage]["bytes"], *_limits(device, eng, _precision(costs, stage)))
         out[f"{stage}_ms"] = t / eff[stage] * 1e3
         out["bound"][stage] = bound
     d = costs["decode"]
+    compute, bandwidth = _limits(device, eng, _precision(costs, "decode"))
     t, out["bound"]["decode"] = roofline_s(d["flops_per_token"], d["bytes_per_token"], compute, bandwidth)
     per_token = t / eff["decode"] + eff.get("decode_overhead_ms", 0.0) / 1e3
     out.update(tower_ms=out["vision_ms"], vision_ms=out["vision_ms"] + out["integrator_ms"],
@@ -114,6 +124,12 @@ def project(costs: dict, device: dict, engine: str | None = None, efficiency: di
     out["prefill_tok_s"] = costs["prefill"]["tokens"] / out["prefill_ms"] * 1e3
     out["memory"] = memory_verdict(costs, device)
     return out
+
+
+def _precision(costs: dict, stage: str) -> str | None:
+    """The precision a stage computes in: the vision precision for the tower and integrator."""
+    p = costs.get("precision") or {}
+    return p.get("vision") if stage in ("vision", "integrator") else p.get("llm")
 
 
 def memory_verdict(costs: dict, device: dict) -> dict:
@@ -135,21 +151,22 @@ MEASURED_STAGE = {"vision": "vision_ms", "prefill": "prefill_ms", "decode": "dec
 def stage_efficiencies(record: dict, device: dict) -> dict[str, float]:
     """Efficiency each stage of one measured record reached on ``device`` (its host)."""
     _, eng = engine_of(device)
-    compute, bandwidth = _limits(device, eng)
     c, m = record["costs"], record["metrics"]
+
+    def ideal_s(stage: str) -> float:
+        limits = _limits(device, eng, _precision(c, stage))
+        if stage == "decode":
+            return roofline_s(c["decode"]["flops_per_token"], c["decode"]["bytes_per_token"], *limits)[0]
+        return roofline_s(c[stage]["flops"], c[stage]["bytes"], *limits)[0]
+
     out = {}
     for stage, metric in MEASURED_STAGE.items():
         if metric not in m:
             continue
         if stage == "decode":
-            ideal, _ = roofline_s(c["decode"]["flops_per_token"], c["decode"]["bytes_per_token"], compute, bandwidth)
-            out[stage] = ideal * m[metric]["median"]
-        elif stage == "vision":
-            ideal = sum(roofline_s(c[s]["flops"], c[s]["bytes"], compute, bandwidth)[0]
-                        for s in ("vision", "integrator"))
-            out[stage] = ideal / (m[metric]["median"] / 1e3)
+            out[stage] = ideal_s("decode") * m[metric]["median"]
         else:
-            ideal, _ = roofline_s(c[stage]["flops"], c[stage]["bytes"], compute, bandwidth)
+            ideal = ideal_s("vision") + ideal_s("integrator") if stage == "vision" else ideal_s(stage)
             out[stage] = ideal / (m[metric]["median"] / 1e3)
     return out
 

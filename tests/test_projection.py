@@ -84,6 +84,26 @@ def test_calibration_inverts_the_projection(devices, mobilevlm):
     assert pj.calibrate([{**rec, "limits": {"cache_resident": True}}], host) == {}
 
 
+def test_bf16_stages_use_the_hosts_measured_bf16_rate(devices, mobilevlm):
+    """A host that runs bf16 GEMMs 4x faster than fp32 (oneDNN with AMX) projects a bf16 case's
+    compute-bound stages 4x faster; a stack calibrated on fp32 then fits its bf16 case too."""
+    env = {"bandwidth": {"read_gbs": 20.0}, "gemm_fp32_gflops": 100.0, "gemm_bf16_gflops": 400.0, "ram_gb": 24,
+           "cores": {"usable": 2}}
+    host = pj.host_device(devices["host"], env)
+    assert host["engines"]["cpu"]["tflops"] == {"fp32": 0.1, "bf16": 0.4}
+    fp32, bf16 = (stage_costs(mobilevlm, p, n_text=32, n_new=32) for p in ("fp32", "bf16"))
+    a, b = pj.project(fp32, host), pj.project(bf16, host)
+    assert b["bound"]["vision"] == a["bound"]["vision"] == "compute"
+    assert a["vision_ms"] / b["vision_ms"] == pytest.approx(4.0)
+    assert a["prefill_ms"] / b["prefill_ms"] == pytest.approx(4.0)
+    rec = _host_record(fp32, env, 4000.0, 3000.0, 5.0, "fp32")
+    factors = pj.calibrate([rec], host)["llamacpp"]
+    p = pj.project(bf16, host, efficiency=factors)
+    assert p["vision_ms"] == pytest.approx(1000.0) and p["prefill_ms"] == pytest.approx(750.0)
+    no_bf16 = pj.host_device(devices["host"], {**env, "gemm_bf16_gflops": None})
+    assert pj.project(bf16, no_bf16)["vision_ms"] == pytest.approx(a["vision_ms"])  # falls back to fp32
+
+
 def test_published_validation_has_finite_ratios(devices):
     rows = pj.published_validation(devices)
     primary = {r["device"] for r in rows if r["primary"]}
