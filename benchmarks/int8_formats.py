@@ -8,7 +8,9 @@ Example (the README's table; the second line runs the same binary as an AVX2-onl
 For every format in ``export.onnx_quant.INT8_FORMATS`` it quantises the vision graph (static QDQ,
 calibrated on ShapesVQA scenes) and the GroupQueryAttention decoder (dynamic) from one fp32 export,
 and measures the largest relative L2 error vs PyTorch over every output (logits and KV cache) on
-the export validation's cases, and the median run time of each graph on one thread. Under an
+the export validation's cases, the decoder against its integer twin (the kernels' share, which
+the export judges; see export/onnx_quant_check.py), and the median run time of each graph on one
+thread. Under an
 emulator times mean nothing (``--no-timing``), and the CPU class read from /proc/cpuinfo is the
 host's, not the emulated CPU's: say what ran with ``--label``.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 
 def measure(model, work: Path, calib_count: int = 16, timing: bool = True) -> dict:
     from edgevlm.export import onnx_quant as q
+    from edgevlm.export.onnx_quant_check import integer_twin
     from edgevlm.export.onnx_validate import cpu_session, image_cases, validate_graph, validation_cases
     from edgevlm.export.to_onnx import _gqa_source, calibration_pixels, export_fp32_graphs
 
@@ -41,8 +44,13 @@ def measure(model, work: Path, calib_count: int = 16, timing: bool = True) -> di
         for graph, path in paths.items():
             report = validate_graph(model, graph, path, "int8", cases[graph], gqa=graph == "decoder", judge=False)
             row[f"{graph}_rel_l2"] = round(report["max_rel_l2_all_outputs"], 4)
-            if timing:
-                row[f"{graph}_ms"] = round(_median_ms(cpu_session(path, threads=1), cases[graph][0][1]), 3)
+        twin = work / f"decoder-{name}-twin.onnx"  # what the export judges: the kernels alone
+        integer_twin(paths["decoder"], twin)
+        report = validate_graph(model, "decoder", paths["decoder"], "int8", cases["decoder"], gqa=True, judge=False,
+                                reference=twin)
+        row["decoder_vs_twin_rel_l2"] = round(report["max_rel_l2_all_outputs"], 4)
+        for graph, path in paths.items() if timing else ():
+            row[f"{graph}_ms"] = round(_median_ms(cpu_session(path, threads=1), cases[graph][0][1]), 3)
         out[name] = row
     return out
 
