@@ -20,6 +20,7 @@ BITS_PER_WEIGHT: dict[str, float] = {
     "q8_0": 8.5, "int8": 8.0, "q6_k": 6.5625, "q5_k_m": 5.69, "q5_0": 5.5, "q4_k_m": 4.89, "q4_k_s": 4.58,
     "q4_0": 4.5, "int4": 5.0,  # ONNX MatMulNBits, block 32, fp32 scale per block, symmetric
     "int8_vnni": 8.0, "int4_vnni": 5.0,  # the same weights; only the int8 format differs
+    "int8_reduce-range": 8.0, "int4_reduce-range": 5.0,
     "q3_k_m": 3.91, "q2_k": 3.35,
 }
 

@@ -35,9 +35,10 @@ from edgevlm.runtime.errors import EdgeVLMError
 
 BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
     "torch": ("fp32", "bf16", "fp16"),
-    # _vnni: the int8 parts (vision graph, int8 decoder) in export's vnni format (u8 x s8), the fast
-    # one on CPUs with VNNI/AMX and on Arm (see export's --int8-target)
-    "ort": ("fp32", "fp16", "int8", "int4", "int8_vnni", "int4_vnni"),
+    # _vnni / _reduce-range: the int8 parts (vision graph, int8 decoder) in export's vnni (u8 x s8;
+    # accurate with VNNI/AMX and on Arm) or reduce-range (u8 x s7; every CPU) format; both run ONNX
+    # Runtime's u8 x s8 kernels (see export's --int8-target)
+    "ort": ("fp32", "fp16", "int8", "int4", "int8_vnni", "int4_vnni", "int8_reduce-range", "int4_reduce-range"),
     "llamacpp": ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"),
     "trt": ("fp16", "int8"),
 }
@@ -196,7 +197,7 @@ def export_spec(backend: str, precision: str) -> dict | None:
     if backend in ("torch", "hf_eager"):
         return None
     if backend == "ort":
-        base, _, int8_target = precision.partition("_")  # int4_vnni: int4 with the vnni int8 format
+        base, _, int8_target = precision.partition("_")  # int4_vnni: int4, vnni int8 format
         if base == "fp16":
             return {"target": "onnx", "dtype": "fp16", "quantize": "none"}
         spec = {"target": "onnx", "dtype": "fp32", "quantize": "none" if base == "fp32" else base}

@@ -322,3 +322,9 @@ def test_ort_vnni_precisions_export_with_the_vnni_int8_format():
     assert vision("int4_vnni") == vision("int4") == vision("int8") == "int8"
     assert vision("fp16") == "fp16" and vision("fp32") == "fp32"
     assert bits_per_weight("int4_vnni") == bits_per_weight("int4")
+    from edgevlm.benchmarks.matrix import BACKEND_PRECISIONS
+    from edgevlm.export.to_onnx import INT8_TARGETS
+
+    for precision in BACKEND_PRECISIONS["ort"]:  # every suffix is an export --int8-target, with a size
+        assert export_spec("ort", precision).get("int8_target", "portable") in INT8_TARGETS, precision
+        assert bits_per_weight(precision) == bits_per_weight(precision.partition("_")[0])

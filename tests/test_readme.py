@@ -221,7 +221,7 @@ def test_perf_tables_match_stored_results(run, header):
     rows = table((DOCS / "perf-1.7b.md").read_text(), header)
     assert len(rows) >= 5
     for label, ttft, vision, prefill, decode, *_ in rows:
-        backend, precision = re.search(r"(Hugging Face|raw llama.cpp|`\w+`) (\w+)", label).groups()
+        backend, precision = re.search(r"(Hugging Face|raw llama.cpp|`\w+`) ([\w-]+)", label).groups()
         backend = {"Hugging Face": "hf_eager", "raw llama.cpp": "llamacpp_raw"}.get(backend, backend.strip("`"))
         precision = "fp32" if backend == "hf_eager" else precision
         for cell, metric in ((ttft, "ttft_ms"), (vision, "vision_ms"), (prefill, "prefill_ms")):
