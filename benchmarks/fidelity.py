@@ -36,6 +36,8 @@ TARGETS: dict[tuple[str, str], dict] = {
     ("ort", "int4"): {**_Q4, "vision_cosine_min": 0.99}, ("llamacpp", "q4_k_m"): _Q4, ("llamacpp", "q4_0"): _Q4,
     ("llamacpp", "q5_k_m"): {**_Q4, "same_top_token": 0.95},
 }
+for _fmt in ("vnni", "reduce-range"):  # the other --int8-target formats: the same bars as portable's
+    TARGETS[("ort", f"int8_{_fmt}")], TARGETS[("ort", f"int4_{_fmt}")] = TARGETS[("ort", "int8")], TARGETS[("ort", "int4")]
 # llama.cpp's mmproj is written in f16 and (by default) without the CLS token (export/gguf_mmproj.py),
 # so its vision cosine measures that choice, not the LLM quant type: no vision target for GGUF rows.
 

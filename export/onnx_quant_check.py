@@ -203,5 +203,5 @@ def validate_quantized_decoder(model, path: Path, source: Path, variant: str, gq
                            f"{report['max_rel_l2_all_outputs']:.3g} > {bound}, and its twin (the {variant} format "
                            f"computed in fp32) by {report['dequantized_vs_fp32_rel_l2']:.3g}: the format itself loses "
                            "too much on this model; try --quantize int4 (block-wise activations) or --dtype fp16")
-    report["format_tolerance"] = bound
+    report["tolerance"] = {"rel_l2": bound} if bound is not None else "reported only"  # vs PyTorch fp32
     return report

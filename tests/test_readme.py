@@ -143,18 +143,30 @@ def test_int8_table_matches_stored_results():
             assert close(on_avx2, avx2[fmt][graph]), (fmt, graph, on_avx2)
 
 
-def test_int4_numbers_match_stored_manifest():
-    """docs/int8-portability.md's int4-at-1.7B table and token check are the stored export manifest's."""
-    info = json.loads((RESULTS / "int4-1.7b" / "manifest.json").read_text())["target_info"]
+def _check_table_matches_manifest(variant: str, heading: str) -> dict:
+    """The "check on the <variant> decoder" table under ``heading`` is the stored 1.7B manifest's
+    decoder validation (vs fp32, twin vs fp32, vs the twin, worst weight). Returns target_info."""
+    info = json.loads((RESULTS / f"{variant}-1.7b" / "manifest.json").read_text())["target_info"]
     check = info["graphs"]["decoder"]["validation"]
-    text = section((DOCS / "int8-portability.md").read_text(), "## int4 at MobileVLM-1.7B shape")
-    values = [r[1] for r in table(text, "| check on the int4 decoder |")]
+    text = section((DOCS / "int8-portability.md").read_text(), heading)
+    values = [r[1] for r in table(text, f"| check on the {variant} decoder |")]
     expected = [check["max_rel_l2_all_outputs"], check["dequantized_vs_fp32_rel_l2"],
                 check["kernels"]["max_rel_l2"], check["weights"]["max"]]
     assert len(values) == len(expected)
     for shown, value in zip(values, expected):
         assert close(shown, value), (shown, value)
     assert f"({check['weights']['n_matrices']} matrices" in text
+    return info
+
+
+def test_int8_check_numbers_match_stored_manifest():
+    _check_table_matches_manifest("int8", "## How quantised decoders are checked")
+
+
+def test_int4_numbers_match_stored_manifest():
+    """docs/int8-portability.md's int4-at-1.7B table and token check are the stored export manifest's."""
+    info = _check_table_matches_manifest("int4", "## int4 at MobileVLM-1.7B shape")
+    text = section((DOCS / "int8-portability.md").read_text(), "## int4 at MobileVLM-1.7B shape")
     tc = info["token_check"]
     for phrase, value in (("mean ", tc["kl_mean"]), ("same top token ", tc["same_top_token"])):
         shown = re.search(re.escape(phrase) + r"([\d.]+)", text).group(1)
