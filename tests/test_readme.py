@@ -141,6 +141,9 @@ def test_int8_table_matches_stored_results():
             on_host, on_avx2 = (v.strip().strip("*") for v in cell.split("/"))
             assert close(on_host, host[fmt][graph]), (fmt, graph, on_host)
             assert close(on_avx2, avx2[fmt][graph]), (fmt, graph, on_avx2)
+        # the decoder against its integer twin (the export's kernel check), measured on the VNNI host
+        on_host = r[5].split("/")[0].strip()
+        assert close(on_host, host[fmt]["decoder_vs_twin_rel_l2"]), (fmt, on_host)
 
 
 def _check_table_matches_manifest(variant: str, heading: str) -> dict:
