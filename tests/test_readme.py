@@ -247,3 +247,48 @@ def test_perf_tables_match_stored_results(run, header, min_rows):
         for cell, metric in ((ttft, "ttft_ms"), (vision, "vision_ms"), (prefill, "prefill_ms")):
             assert int(cell.replace(",", "")) == round(_median(records, backend, precision, metric)), (label, metric)
         assert float(decode) == float(f"{_median(records, backend, precision, 'decode_tok_s'):.3g}"), label
+
+
+# docs/perf-1.7b.md's integrators table: column header -> (backend, precision, metric)
+INTEGRATOR_COLUMNS = {
+    "integrator ms (torch)": ("torch", "fp32", "integrator_ms"),
+    "torch fp32 TTFT ms": ("torch", "fp32", "ttft_ms"),
+    "Hugging Face TTFT ms": ("hf_eager", "fp32", "ttft_ms"),
+    "`ort` int4 TTFT ms": ("ort", "int4", "ttft_ms"),
+    "`llamacpp` q4_k_m TTFT ms": ("llamacpp", "q4_k_m", "ttft_ms"),
+    "`ort` int4 decode tok/s": ("ort", "int4", "decode_tok_s"),
+    "`llamacpp` q4_k_m decode tok/s": ("llamacpp", "q4_k_m", "decode_tok_s"),
+    "raw llama.cpp decode tok/s": ("llamacpp_raw", "q4_k_m", "decode_tok_s"),
+}
+
+
+def test_integrators_table_matches_stored_results():
+    """The integrators table is the committed `integrators` run: every number is that case's median
+    (ms to the unit, rates and the integrator's ms to 3 figures), the visual token count is the
+    case's, "cannot export" is a case the matrix skipped for its integrator, and "not run" a case
+    with no result."""
+    records = [json.loads(line) for line in (RESULTS / "integrators/integrators.jsonl").read_text().splitlines()]
+    by_case = {(r["integrator"], r["backend"], r["precision"]): r for r in records if r.get("type") == "case"}
+    text = (DOCS / "perf-1.7b.md").read_text()
+    header = "| integrator | visual tokens | "
+    columns = [c.strip() for c in text[text.index(header):].splitlines()[0].strip().strip("|").split("|")]
+    assert set(columns[2:]) == set(INTEGRATOR_COLUMNS)
+    rows = table(text, header)
+    assert len(rows) == 12
+    for integrator, n_visual, *cells in rows:
+        integrator = integrator.strip("`")
+        assert int(n_visual) == by_case[(integrator, "torch", "fp32")]["n_visual_tokens"], integrator
+        for column, cell in zip(columns[2:], cells):
+            backend, precision, metric = INTEGRATOR_COLUMNS[column]
+            rec = by_case.get((integrator, backend, precision))
+            where = (integrator, column)
+            if cell == "cannot export":
+                assert rec["status"] == "skipped" and "cannot be exported" in rec["reason"], where
+            elif cell == "failed":
+                assert rec["status"] == "failed", where
+            elif cell == "not run":
+                assert rec is None or rec["status"] != "ok", where
+            else:
+                value = rec["metrics"][metric]["median"]
+                expected = f"{value:.3g}" if metric != "ttft_ms" else f"{round(value):,}"
+                assert cell == expected, where
