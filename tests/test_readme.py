@@ -222,6 +222,11 @@ def test_source_paths_named_in_docs_exist():
             assert (REPO / path).exists(), f"{page} names {path}, which does not exist"
 
 
+def _stored(run: str) -> list[dict]:
+    """The records of a committed results file (strict: a torn line fails the test)."""
+    return [json.loads(line) for line in (RESULTS / run).read_text().splitlines()]
+
+
 def _median(records: list[dict], backend: str, precision: str, metric: str) -> float:
     rec = [r for r in records if (r.get("backend"), r.get("precision"), r.get("status")) == (backend, precision, "ok")][-1]
     return rec["metrics"][metric]["median"]
@@ -237,7 +242,7 @@ PERF_HEAD = "| case | TTFT ms | vision ms | prefill ms | decode tok/s | "
 def test_perf_tables_match_stored_results(run, header, min_rows):
     """docs/perf-1.7b.md's tables are the committed benchmark runs' medians (TTFT, vision, prefill in
     ms; decode tok/s to 3 figures)."""
-    records = [json.loads(line) for line in (RESULTS / run).read_text().splitlines()]
+    records = _stored(run)
     rows = table((DOCS / "perf-1.7b.md").read_text(), header)
     assert len(rows) >= min_rows
     for label, ttft, vision, prefill, decode, *_ in rows:
@@ -266,9 +271,9 @@ def test_integrators_table_matches_stored_results():
     """The integrators table is the committed `integrators` run: every number is that case's median
     (ms to the unit, rates and the integrator's ms to 3 figures), the visual token count is the
     case's, "cannot export" is a case the matrix skipped for its integrator, and "not run" a case
-    with no result."""
-    records = [json.loads(line) for line in (RESULTS / "integrators/integrators.jsonl").read_text().splitlines()]
-    by_case = {(r["integrator"], r["backend"], r["precision"]): r for r in records if r.get("type") == "case"}
+    with no result, "failed" a case recorded as failed."""
+    by_case = {(r["integrator"], r["backend"], r["precision"]): r
+               for r in _stored("integrators/integrators.jsonl") if r.get("type") == "case"}
     text = (DOCS / "perf-1.7b.md").read_text()
     header = "| integrator | visual tokens | "
     columns = [c.strip() for c in text[text.index(header):].splitlines()[0].strip().strip("|").split("|")]
