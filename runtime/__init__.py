@@ -1,6 +1,7 @@
 """The torch-free on-device runtime: bundles, preprocessing, tokenizer, one generation loop, backends.
 
-Depends only on numpy, Pillow and tokenizers (plus each backend's own library, imported lazily).
+Depends only on numpy, Pillow, tokenizers and PyYAML (``configio``: manifests and configs), plus each
+backend's own library, imported lazily: ``pip install 'edgevlm[ort]'`` (or ``[llamacpp]``, ``[trt]``).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Nested dataclasses <-> plain dicts / YAML, and generic ``key=value`` overrides.
 
 Used for model configs, training recipes and benchmark matrices, so every config in the project
-reads, writes and overrides the same way.
+reads, writes and overrides the same way. The runtime reads bundle manifests through ``from_dict``,
+so PyYAML, imported here, is one of the runtime's dependencies (setup.cfg's install_requires).
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def import_cudart():
             from cuda import cudart  # older cuda-python
         except ImportError:
             raise EdgeVLMError("cuda-python (CUDA device memory for TensorRT) is not installed: pip install "
-                               "cuda-python (the 12.x line on JetPack 6)") from None
+                               "'edgevlm[trt]' (cuda-python; the 12.x line on JetPack 6)") from None
     return cudart
 
 

@@ -75,7 +75,7 @@ def _read_cached(path: str, size: int, mtime_ns: int) -> GGUFInfo:
     try:
         import gguf
     except ImportError:
-        raise BundleError("reading GGUF files needs the gguf package: pip install 'edgevlm[gguf]'") from None
+        raise BundleError("reading GGUF files needs the gguf package: pip install 'edgevlm[llamacpp]'") from None
     try:
         reader = gguf.GGUFReader(str(p))
         tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}

@@ -50,7 +50,7 @@ def llama_cpp_python_version() -> str:
     try:
         return importlib.metadata.version("llama_cpp_python")
     except importlib.metadata.PackageNotFoundError:
-        raise ToolsUnavailable("llama-cpp-python is not installed (pip install 'edgevlm[gguf]')") from None
+        raise ToolsUnavailable("llama-cpp-python is not installed (pip install 'edgevlm[llamacpp]')") from None
 
 
 def cache_dir(version: str) -> Path:

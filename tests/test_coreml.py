@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-ct = pytest.importorskip("coremltools", reason="Core ML export needs coremltools (pip install 'edgevlm[coreml]')")
+ct = pytest.importorskip("coremltools", reason="Core ML export needs coremltools (pip install 'edgevlm[export]')")
 
 from conftest import REPO, SMALL  # noqa: E402
 

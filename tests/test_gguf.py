@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 
 pytest.importorskip("torch")
-pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install 'edgevlm[gguf]')")
-pytest.importorskip("llama_cpp", reason="GGUF tests need llama-cpp-python (pip install 'edgevlm[gguf]')")
+pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install 'edgevlm[export]')")
+pytest.importorskip("llama_cpp", reason="GGUF tests need llama-cpp-python (pip install 'edgevlm[export]')")
 
 from conftest import REPO  # noqa: E402
 

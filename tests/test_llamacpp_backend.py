@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
-pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install 'edgevlm[gguf]')")
-pytest.importorskip("llama_cpp", reason="the llamacpp backend needs llama-cpp-python (pip install 'edgevlm[gguf]')")
+pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install 'edgevlm[export]')")
+pytest.importorskip("llama_cpp", reason="the llamacpp backend needs llama-cpp-python (pip install 'edgevlm[llamacpp]')")
 
 from conftest import (SMALL, assert_clear_tokens, assert_parity, copy_bundle, perturb_gguf_tensor,  # noqa: E402
                       split_records)
@@ -40,7 +40,7 @@ def _export(model, out, quants, **kw):
 def _runtime(bundle, quant="f16", **kw):
     from edgevlm.runtime import Runtime
 
-    return Runtime.load(bundle, backend="llamacpp", quant=quant, n_threads=THREADS, **kw)
+    return Runtime.load(bundle, backend="llamacpp", quant=quant, threads=THREADS, **kw)
 
 
 def _gguf_integrators():
@@ -225,7 +225,7 @@ def bundle(tiny_model, tmp_path_factory):
 
 
 def test_generate_stream_timings_and_quant_choice(bundle):
-    with _runtime(bundle, quant="q4_0", n_ctx=512, n_gpu_layers=0) as rt:
+    with _runtime(bundle, quant="q4_0", max_context=512, n_gpu_layers=0) as rt:
         assert rt.backend.quant == "q4_0" and rt.backend.n_ctx == 512
         r = rt.generate(_image(), "What colour is it?", max_new_tokens=6, ignore_eos=True)
         assert len(r.token_ids) == 6 and r.finish_reason == "length"
@@ -244,8 +244,8 @@ def test_unknown_quant_and_wrong_bundle_kind_are_refused(bundle, tmp_path):
 
     with pytest.raises(BundleError, match="no 'q5_k_m' LLM in this bundle; it has: f16, q4_0"):
         _runtime(bundle, quant="q5_k_m")
-    with pytest.raises(EdgeVLMError, match="unknown llamacpp backend option.*threads.*valid"):
-        _runtime(bundle, threads=2)
+    with pytest.raises(EdgeVLMError, match="unknown llamacpp backend option.*n_threads; valid: threads"):
+        _runtime(bundle, n_threads=2)  # the common option is ``threads`` on every backend
     m = read_manifest(bundle)
     m.target = "onnx"
     from edgevlm.runtime.backends.llamacpp import open_bundle

@@ -20,8 +20,8 @@ import urllib.request
 import pytest
 
 pytest.importorskip("torch")
-pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install 'edgevlm[gguf]')")
-pytest.importorskip("llama_cpp", reason="the llamacpp backend needs llama-cpp-python (pip install 'edgevlm[gguf]')")
+pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install 'edgevlm[export]')")
+pytest.importorskip("llama_cpp", reason="the llamacpp backend needs llama-cpp-python (pip install 'edgevlm[llamacpp]')")
 
 from conftest import split_records  # noqa: E402
 
@@ -65,7 +65,7 @@ def questions(trained_data) -> list[tuple[str, str]]:
 def edgevlm_answers(exported, questions) -> list[str]:
     from edgevlm.runtime import Runtime
 
-    with Runtime.load(exported[1], backend="llamacpp", quant="f16", n_threads=THREADS) as rt:
+    with Runtime.load(exported[1], backend="llamacpp", quant="f16", threads=THREADS) as rt:
         return [rt.generate(image, q, max_new_tokens=MAX_NEW).text.strip() for image, q in questions]
 
 

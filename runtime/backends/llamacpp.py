@@ -42,7 +42,7 @@ def _import():
         from llama_cpp import mtmd_cpp
     except ImportError as e:
         raise EdgeVLMError("the llamacpp backend needs llama-cpp-python with mtmd bindings: "
-                           f"pip install 'edgevlm[gguf]' ({e})") from None
+                           f"pip install 'edgevlm[llamacpp]' ({e})") from None
     return llama_cpp, mtmd_cpp
 
 

@@ -47,7 +47,7 @@ def import_ort():
     try:
         import onnxruntime
     except ImportError:
-        raise EdgeVLMError("the ort backend needs ONNX Runtime: pip install onnxruntime "
+        raise EdgeVLMError("the ort backend needs ONNX Runtime: pip install 'edgevlm[ort]' "
                            "(or onnxruntime-gpu for CUDA/TensorRT)") from None
     return onnxruntime
 
