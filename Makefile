@@ -7,6 +7,16 @@ RUN    ?= runs/tiny
 # tested versions; `make test CONSTRAINTS= VENV=.venv-latest` tries the newest releases in a separate venv
 CONSTRAINTS ?= constraints.txt
 PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# Which torch build `make install` takes (PyPI's torch for x86-64 Linux is the CUDA build, several GB):
+#   TORCH_INDEX=auto (default): a local torch wheel if pip finds one without an index (find-links,
+#       as on the machine the constraints were made on), else on Linux the CPU build
+#       ($(TORCH_CPU_INDEX)), else (macOS) PyPI's torch
+#   TORCH_INDEX=https://download.pytorch.org/whl/cu126   a CUDA build (pick the cuXXX your driver runs)
+#   TORCH_INDEX=   PyPI's default build
+# A Jetson runs bundles with the lean device install instead (no torch; docs/jetson.md).
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?= auto
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # extra recipe overrides for `make train`, e.g. TRAIN_ARGS="seed=1"
 TRAIN_ARGS ?=
 export PYTHONUNBUFFERED := 1
@@ -24,13 +34,18 @@ ASK    := "How many shapes are there?"
 
 install: $(VENV)/.installed
 
-# torch is pinned first: this machine has the 2.13.0 CPU build locally; an unpinned torch would
-# pull several GB of CUDA packages. llama-cpp-python ([gguf]) builds from source once, then pip
-# reuses the cached wheel.
+# torch first, from the index TORCH_INDEX picks (above); llama-cpp-python ([export]) builds from
+# source once, then pip reuses the cached wheel.
 $(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade $(PIN) pip setuptools wheel
-	$(BIN)/python -m pip install -q torch==2.13.0
+	@index='$(TORCH_INDEX)'; \
+	if [ "$$index" = auto ]; then \
+		if $(BIN)/python -m pip install -q --dry-run --no-index --no-deps '$(TORCH)' >/dev/null 2>&1; then index=; \
+		elif [ "$$(uname -s)" = Linux ]; then index='$(TORCH_CPU_INDEX)'; else index=; fi; \
+	fi; \
+	echo "$(TORCH) from $${index:-the configured indexes and local wheels}"; \
+	$(BIN)/python -m pip install -q $${index:+--index-url $$index} '$(TORCH)'
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q $(PIN) -e ".[all]"
 	touch $@
 
