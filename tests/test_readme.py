@@ -1,8 +1,12 @@
-"""The README and docs/ stay true: the generated support matrix, the two Quickstart commands, a Limits
-section that fits on one screen, links that resolve, commands that exist, and tables that match the
+"""The README and docs/ stay true: a README short enough to be a product page, the two Quickstart
+commands, a Limits section that fits on one screen, links that resolve, commands, install extras and
+Makefile variables that exist, the generated support matrix, and tables and numbers that match the
 registry and the stored results they were measured from."""
+import configparser
+import importlib.util
 import json
 import re
+import shlex
 
 import pytest
 
@@ -13,8 +17,10 @@ from conftest import REPO
 README = REPO / "README.md"
 DOCS = REPO / "docs"
 RESULTS = REPO / "benchmarks" / "results"
-# research logs and long measurements the README links instead of holding
-MOVED = ("demo-model-study.md", "int8-portability.md", "integrator-study.md", "serving.md")
+# the architecture, measurements, research logs and reference the README links instead of holding
+MOVED = ("architecture.md", "export.md", "measurements.md", "perf-1.7b.md", "fidelity.md", "demo-model-study.md",
+         "int8-portability.md", "integrator-study.md", "serving.md", "training.md", "models.md")
+README_MAX_LINES = 200
 
 
 def section(text: str, heading: str) -> str:
@@ -56,8 +62,42 @@ def close(shown: str, value: float) -> bool:
     return abs(float(shown.replace(",", "")) - value) <= 0.5 * 10 ** -digits + 1e-9
 
 
-def test_support_matrix_in_readme_is_current():
-    assert markdown() in README.read_text()
+def code_lines(text: str) -> list[str]:
+    """The lines of the fenced code blocks of a Markdown page."""
+    blocks = text.split("```")[1::2]
+    return [line.strip() for block in blocks for line in block.splitlines()[1:]]
+
+
+def numbers(cell: str) -> list[str]:
+    """The numbers written in a table cell (``3,051``, ``0.0018``, ``4.32`` of ``4.32x``), not digits
+    inside names such as ``q4_k_m``, ``int8`` or ``i7``."""
+    return [n.rstrip(",") for n in re.findall(r"(?<![A-Za-wyz_.\d])\d[\d,]*(?:\.\d+)?", cell)]
+
+
+def test_readme_is_a_product_page():
+    """Short, and what a newcomer looks for comes before any measurement."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= README_MAX_LINES, "README.md is over 200 lines; move detail to docs/"
+    headings = re.findall(r"^## (.+)$", text, flags=re.M)
+    for first, then in (("Install", "Quickstart"), ("Quickstart", "Use it"), ("Use it", "Support matrix"),
+                        ("Support matrix", "Headline numbers"), ("Headline numbers", "Limits")):
+        assert headings.index(first) < headings.index(then), (first, then)
+
+
+def test_support_matrix_in_docs_is_current():
+    assert markdown() in (DOCS / "export.md").read_text(), \
+        "docs/export.md: run python -m edgevlm.export.support_matrix --update docs/export.md"
+
+
+def test_pytorch_only_integrators_named_in_readme():
+    """The README's "run in PyTorch only" integrators are those every export target refuses."""
+    pytest.importorskip("torch")
+    from edgevlm.model.integrators import EXPORT_TARGETS, INTEGRATORS, export_refusal
+
+    text = section(README.read_text(), "## Support matrix")
+    named = re.search(r"live inside the LLM \(([^)]*)\)\s+run in PyTorch only", text).group(1)
+    refused = {n for n in INTEGRATORS.names() if all(export_refusal(n, t) for t in EXPORT_TARGETS)}
+    assert set(re.findall(r"`(\w+)`", named)) == refused
 
 
 def test_quickstart_has_exactly_the_two_commands():
@@ -97,7 +137,8 @@ def test_relative_links_resolve():
 
 
 def test_commands_named_in_docs_exist():
-    """Scripts run by path exist, `edgevlm X` is a subcommand, `make X` is a Makefile target."""
+    """Scripts run by path and modules run with -m exist, `edgevlm X` is a subcommand (in code blocks
+    too), `make X` is a Makefile target and `make X VAR=...` sets a variable the Makefile reads."""
     from edgevlm.cli import COMMANDS
 
     makefile = (REPO / "Makefile").read_text()
@@ -105,19 +146,52 @@ def test_commands_named_in_docs_exist():
     for page, text in pages().items():
         for script in re.findall(r"python3? ((?:train|export|benchmarks)/[\w/]+\.py)", text):
             assert (REPO / script).exists(), f"{page}: {script} does not exist"
-        for cmd in re.findall(r"`edgevlm (\w+)", text):
+        for module in re.findall(r"python3? -m (edgevlm[\w.]*)", text):
+            assert importlib.util.find_spec(module) is not None, f"{page}: no module {module}"
+        blocks = "\n".join(code_lines(text))
+        for cmd in re.findall(r"`edgevlm (\w+)", text) + re.findall(r"^edgevlm (\w+)", blocks, flags=re.M):
             assert cmd in COMMANDS, f"{page}: edgevlm {cmd} is not a subcommand"
-        for target in re.findall(r"`make ([\w-]+)", text):
+        for target, assigns in re.findall(r"(?:`|^)make ([\w-]+)((?: [A-Z_]+=\S*)*)", text + "\n" + blocks, flags=re.M):
             assert target in targets, f"{page}: make {target} is not a Makefile target"
+            for var in re.findall(r"([A-Z_]+)=", assigns):
+                assert re.search(rf"^{var}\s*[?:]?=", makefile, flags=re.M), f"{page}: the Makefile has no {var}"
+
+
+def test_readme_edgevlm_commands_parse():
+    """Every `edgevlm ...` line of the README's code blocks is accepted by the real CLI parser."""
+    pytest.importorskip("torch")
+    from edgevlm.cli import build_parser
+
+    lines = [l.split("  #")[0] for l in code_lines(README.read_text()) if l.startswith("edgevlm ")]
+    assert lines
+    for line in lines:
+        for command in line.split("&&"):
+            argv = shlex.split(command)[1:]
+            try:
+                build_parser(argv[0]).parse_args(argv)
+            except SystemExit:
+                pytest.fail(f"README: `{command.strip()}` is refused by edgevlm's parser")
+
+
+def test_install_extras_named_in_docs_exist():
+    """Every extra the README and docs/ install (`pip install ".[ort]"`, edgevlm[serve], `[train]`)
+    is one of setup.cfg's extras."""
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(REPO / "setup.cfg")
+    extras = set(cfg["options.extras_require"])
+    patterns = (r"edgevlm\[([\w,]+)\]", r"[\"']\.\[([\w,]+)\][\"']", r"`\[([\w,]+)\]`")
+    for page, text in pages().items():
+        named = {e for p in patterns for group in re.findall(p, text) for e in group.split(",")}
+        assert named <= extras, f"{page} installs {sorted(named - extras)}, not extras of setup.cfg"
 
 
 def test_integrator_table_matches_the_registry():
-    """The README's integrator table: the registered integrators, their visual tokens, parameters at
+    """docs/models.md's integrator table: the registered integrators, their visual tokens, parameters at
     MobileVLM-1.7B widths and GGUF projector, as `edgevlm list integrators` computes them."""
     pytest.importorskip("torch")
     from edgevlm.train.listing import _fmt, integrator_rows
 
-    rows = table(section(README.read_text(), "### Integrators"), "| integrator |")
+    rows = table(section((DOCS / "models.md").read_text(), "## Integrators"), "| integrator | structure |")
     shown = {r[0].strip("`"): r for r in rows}
     actual = {r["integrator"]: r for r in integrator_rows("mobilevlm-1.7b")}
     assert sorted(shown) == sorted(actual)
@@ -200,17 +274,38 @@ def test_integrator_study_excerpt_matches_stored_study():
     assert sorted(names_seen) == sorted(acc)
 
 
-def test_measured_numbers_agree_with_their_pages():
-    """Each decimal number in the README's "Measured numbers" table appears on the page its row links."""
-    text = README.read_text()
-    rows = table(section(text, "## Measured numbers"), "| what |")
+@pytest.mark.parametrize("page, heading", [("README.md", "## Headline numbers"),
+                                           ("docs/measurements.md", "## Measured numbers")])
+def test_quoted_numbers_agree_with_their_pages(page, heading):
+    """Each row of a numbers table names its command, and every number it quotes appears on the page
+    its first link points to (outside this row), where a table checked against the stored results or
+    the text beside the command holds it."""
+    path = REPO / page
+    text = path.read_text()
+    rows = table(section(text, heading), "| what |")
     assert rows
     for what, number, command, details in rows:
-        assert command.startswith("`"), f"{what}: no command"
-        for link in re.findall(r"\]\((docs/[\w.-]+\.md)", details):
-            page = (REPO / link).read_text()
-            for n in re.findall(r"\d+\.\d+", number):
-                assert n in page, f"Measured numbers: {what}: {n} is not in {link}"
+        assert command.startswith("`"), f"{page}: {what}: no command"
+        link = re.search(r"\]\(([^)#\s]*)(?:#[^)]*)?\)", details)
+        assert link, f"{page}: {what}: no link to the details"
+        linked = (path.parent / link.group(1)).resolve() if link.group(1) else path
+        body = linked.read_text().replace(f"| {what} | {number} |", "")
+        for n in numbers(number):
+            assert n in body, f"{page}: {what}: {n} is not in {link.group(1) or page}"
+
+
+def test_hugging_face_baseline_per_run_matches_stored_results():
+    """docs/measurements.md's one-baseline-per-run table: each run's Hugging Face eager TTFT and decode
+    medians and its commit are the stored JSONL's."""
+    rows = table((DOCS / "measurements.md").read_text(), "| run | results file | commit |")
+    assert len(rows) >= 3
+    for run, results, commit, ttft, decode in rows:
+        records = _stored(results.strip("`").removeprefix("benchmarks/results/"))
+        hf = [r for r in records if (r.get("backend"), r.get("integrator"), r.get("status")) == ("hf_eager", "ldp", "ok")][-1]
+        assert int(ttft.replace(",", "")) == round(hf["metrics"]["ttft_ms"]["median"]), run
+        assert close(decode, hf["metrics"]["decode_tok_s"]["median"]), run
+        commits = [r["git"]["commit"] for r in records if r.get("type") == "environment"]
+        assert commits[0].startswith(commit), (run, commits[0])
 
 
 def test_source_paths_named_in_docs_exist():
