@@ -1,7 +1,7 @@
 """The export support matrix (integrator x target), generated from the registries.
 
     python -m edgevlm.export.support_matrix                      # prints the Markdown table
-    python -m edgevlm.export.support_matrix --update README.md   # rewrites it in the README
+    python -m edgevlm.export.support_matrix --update docs/export.md   # rewrites it in docs/export.md
 
 Each cell is either supported (and parity- or spec-tested by the test named in the legend) or the
 reason the exporter refuses it. Integrators declare GGUF support with ``gguf_projector`` and
