@@ -11,7 +11,10 @@ that a llama-cpp-python wheel build shared (``build-seconds.txt`` keeps each bui
     python tests/llamacpp_tools.py          # build (or find) them and print the bin directory
 
 ``tools()`` returns the bin directory or raises ``ToolsUnavailable`` with the reason (no cmake, no
-C++ compiler, no network for the sdist, a failed build), which the test fixture turns into a skip.
+C++ compiler, no network for the sdist, a failed build). ``tools_for_tests()`` turns that into a test
+failure: a broken build must not leave the suite green. Setting ``EDGEVLM_SKIP_LLAMACPP_TOOLS=1``
+opts out: nothing is built, and the tests that need the tools run only if they are already built
+(cached), else they skip with a message naming the variable.
 """
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     CMAKE_FLAGS += (f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}")
 
 
+SKIP_ENV = "EDGEVLM_SKIP_LLAMACPP_TOOLS"
+
+
 class ToolsUnavailable(RuntimeError):
     """The tools cannot be built here; the message says why."""
 
@@ -66,7 +72,18 @@ def _run(cmd: list, log: Path, **kw) -> None:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kw).returncode
     if rc != 0:
         tail = log.read_text(errors="replace")[-2000:]
-        raise ToolsUnavailable(f"{cmd[0]} {cmd[1]} failed (exit {rc}); log {log}:\n{tail}")
+        raise ToolsUnavailable(f"{Path(cmd[0]).name} {cmd[1]} failed (exit {rc}); log {log}:\n{tail}")
+
+
+def _cmake() -> str:
+    """cmake on PATH, or beside this Python (``pip install cmake`` into a venv not activated); a C++
+    compiler on PATH."""
+    if shutil.which("c++") is None:
+        raise ToolsUnavailable("building llama.cpp's tools needs a C++ compiler on PATH (apt-get install g++)")
+    for found in (shutil.which("cmake"), shutil.which("cmake", path=str(Path(sys.executable).parent))):
+        if found:
+            return found
+    raise ToolsUnavailable("building llama.cpp's tools needs cmake (apt-get install cmake, or pip install cmake)")
 
 
 def _sources(root: Path, version: str, log: Path) -> Path:
@@ -90,35 +107,62 @@ def _sources(root: Path, version: str, log: Path) -> Path:
     return vendored
 
 
+def build(src: Path, root: Path, jobs: int = 2) -> Path:
+    """Configure and build ``TARGETS`` from the llama.cpp sources ``src`` into ``root/bin``; the log is
+    ``root/build.log``. Any failure raises ``ToolsUnavailable`` with the log's tail."""
+    cmake = _cmake()
+    log, out, bindir = root / "build.log", root / "build", root / "bin"
+    start = time.monotonic()
+    _run([cmake, "-S", str(src), "-B", str(out), *CMAKE_FLAGS], log)
+    _run([cmake, "--build", str(out), "--target", *TARGETS, "-j", str(jobs)], log)
+    bindir.mkdir(exist_ok=True)
+    for t in TARGETS:
+        shutil.copy2(out / "bin" / t, bindir / t)
+    (root / "build-seconds.txt").write_text(f"{time.monotonic() - start:.0f}\n")
+    for tmp in (out, root / "src"):  # objects and sources; the binaries are static
+        shutil.rmtree(tmp, ignore_errors=True)
+    return bindir
+
+
+def built(root: Path) -> Path | None:
+    """``root/bin`` if it holds every target, else None."""
+    bindir = root / "bin"
+    return bindir if all((bindir / t).is_file() for t in TARGETS) else None
+
+
 def tools(jobs: int = 2) -> Path:
     """The bin directory holding ``TARGETS`` for the installed llama-cpp-python, built if needed."""
-    version = llama_cpp_python_version()
-    root = cache_dir(version)
-    bindir = root / "bin"
-    if all((bindir / t).is_file() for t in TARGETS):
-        return bindir
-    for exe in ("cmake", "c++"):
-        if shutil.which(exe) is None:
-            raise ToolsUnavailable(f"building llama.cpp's tools needs {exe} on PATH "
-                                   "(apt-get install cmake g++, or pip install cmake)")
+    root = cache_dir(llama_cpp_python_version())
+    if built(root):
+        return root / "bin"
+    _cmake()  # fail before fetching the sources
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build per cache dir, other processes wait for it
-        if all((bindir / t).is_file() for t in TARGETS):
-            return bindir
-        log = root / "build.log"
-        src = _sources(root, version, log)
-        build = root / "build"
-        start = time.monotonic()
-        _run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_FLAGS], log)
-        _run(["cmake", "--build", str(build), "--target", *TARGETS, "-j", str(jobs)], log)
-        bindir.mkdir(exist_ok=True)
-        for t in TARGETS:
-            shutil.copy2(build / "bin" / t, bindir / t)
-        (root / "build-seconds.txt").write_text(f"{time.monotonic() - start:.0f}\n")
-        for tmp in (build, root / "src"):  # objects and sources; the binaries are static
-            shutil.rmtree(tmp, ignore_errors=True)
-    return bindir
+        if built(root):
+            return root / "bin"
+        return build(_sources(root, llama_cpp_python_version(), root / "build.log"), root, jobs)
+
+
+def tools_for_tests(find=tools) -> Path:
+    """``find()`` for a test fixture: a failure to build is the test's failure, unless ``SKIP_ENV`` is
+    set; then nothing is built, already built tools are used, and without them the test skips."""
+    import pytest
+
+    if os.environ.get(SKIP_ENV, "") not in ("", "0"):
+        try:
+            bindir = built(cache_dir(llama_cpp_python_version()))
+        except ToolsUnavailable:
+            bindir = None
+        if bindir is None:
+            pytest.skip(f"llama.cpp's tools are not built and {SKIP_ENV}={os.environ[SKIP_ENV]} says not to "
+                        "build them (unset it to build them: about 20 minutes on 2 cores, once)")
+        return bindir
+    try:
+        return find()
+    except ToolsUnavailable as e:
+        pytest.fail(f"llama.cpp's tools did not build: {e}\nFix the build, or set {SKIP_ENV}=1 to skip the "
+                    "tests that need them.", pytrace=False)
 
 
 if __name__ == "__main__":
