@@ -157,6 +157,15 @@ def test_commands_named_in_docs_exist():
                 assert re.search(rf"^{var}\s*[?:]?=", makefile, flags=re.M), f"{page}: the Makefile has no {var}"
 
 
+def test_environment_variables_named_in_docs_exist():
+    """An `EDGEVLM_*` variable the README or docs/ tell a user to set is read by the code or the tests."""
+    code = "\n".join(p.read_text() for folder in ("edgevlm", "runtime", "model", "train", "export", "benchmarks", "tests")
+                     for p in (REPO / folder).rglob("*.py"))
+    for page, text in pages().items():
+        for var in set(re.findall(r"\bEDGEVLM_[A-Z_]+", text)):
+            assert f'"{var}"' in code, f"{page} names {var}, which nothing reads"
+
+
 def test_readme_edgevlm_commands_parse():
     """Every `edgevlm ...` line of the README's code blocks is accepted by the real CLI parser."""
     pytest.importorskip("torch")
