@@ -38,9 +38,9 @@ CMAKE_FLAGS = (
 )
 # Native, minus Intel AMX, as the Makefile builds llama-cpp-python: ggml's AMX matmul dies with SIGILL
 # on VMs whose CPUID reports AMX that the hypervisor does not enable.
-if platform.machine().lower() in ("x86_64", "amd64"):
-    _NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    CMAKE_FLAGS += (f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}")
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if platform.machine().lower() in ("x86_64", "amd64") else ""
+if NO_AMX:
+    CMAKE_FLAGS += (f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}")
 
 
 SKIP_ENV = "EDGEVLM_SKIP_LLAMACPP_TOOLS"
