@@ -70,8 +70,8 @@ bundles: install
 demo: install
 	$(MAKE) --no-print-directory data train eval bundles
 	$(BIN)/edgevlm ask --model $(RUN)/final --image $(IMAGE) --prompt $(ASK) --stream
-	$(BIN)/edgevlm run --bundle $(BUNDLES)/tiny-onnx-int4 --backend ort --image $(IMAGE) --prompt $(ASK) --stream
-	$(BIN)/edgevlm run --bundle $(BUNDLES)/tiny-gguf --backend llamacpp --image $(IMAGE) --prompt $(ASK) --stream
+	$(BIN)/edgevlm run --bundle $(BUNDLES)/tiny-onnx-int4 --image $(IMAGE) --prompt $(ASK) --stream
+	$(BIN)/edgevlm run --bundle $(BUNDLES)/tiny-gguf --image $(IMAGE) --prompt $(ASK) --stream
 	$(BIN)/python benchmarks/run.py --matrix smoke --out $(RUN)/bench/smoke.jsonl --no-resume
 	$(BIN)/python benchmarks/report.py $(RUN)/bench/smoke.jsonl --out report/
 	@echo "data: $(DATA)  model: $(RUN)/final  eval: $(RUN)/eval_test.json  bundles: $(BUNDLES)/  benchmark report: report/report.md"

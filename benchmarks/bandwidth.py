@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from edgevlm.runtime.hostcpu import usable_cpus
 
 DEFAULT_MB = 512  # far beyond any L3 this runs on; small enough for a shared 2-core box
 
@@ -34,7 +35,7 @@ def measure_read_bandwidth(size_mb: int = DEFAULT_MB, repeats: int = 5, max_thre
     """
     if size_mb < 64:
         raise ValueError("size_mb must be >= 64 to defeat the caches")
-    n_cpu = _cpu_count()
+    n_cpu = usable_cpus()
     max_threads = max(1, min(max_threads or n_cpu, n_cpu))
     buf = np.ones(size_mb * 2**20 // 8, dtype=np.float64)  # touch every page before timing
     by_threads: dict[int, float] = {}
@@ -50,13 +51,6 @@ def measure_read_bandwidth(size_mb: int = DEFAULT_MB, repeats: int = 5, max_thre
         by_threads[n] = round(buf.nbytes / best / 1e9, 2)
     return {"read_gbs": max(by_threads.values()), "by_threads": by_threads, "size_mb": size_mb,
             "repeats": repeats, "method": "numpy max() over a float64 buffer, best pass, 1..N threads"}
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def main(argv: list[str] | None = None) -> int:

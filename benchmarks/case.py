@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -28,6 +27,7 @@ import numpy as np
 
 from edgevlm.benchmarks.matrix import bench_image, filler_question, image_prompt
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.hostcpu import resolve_threads
 from edgevlm.runtime.memory import current_rss_mb, peak_rss_mb
 
 METRICS = ("vision_ms", "tower_ms", "integrator_ms", "prefill_ms", "ttft_ms", "prefill_tok_s", "decode_tok_s",
@@ -47,13 +47,8 @@ def summarize(values: list[float | None]) -> dict | None:
 
 
 def threads_of(case: dict) -> int:
-    n = int(case["workload"]["threads"] or 0)
-    if n > 0:
-        return n
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """The case's thread count (0 or null: every usable core, as the runtime's ``threads`` option)."""
+    return resolve_threads(int(case["workload"]["threads"] or 0))
 
 
 def timed_runs(case: dict, run_once: Callable[[], dict]) -> list[dict]:
@@ -219,29 +214,18 @@ def gguf_read_bytes(path: Path) -> int:
 
 
 def open_runtime(case: dict, prepared: dict):
-    """(Runtime, torch model or None) for an edgevlm case."""
+    """(Runtime, torch model or None) for an edgevlm case; the runtime maps ``threads`` onto each backend."""
     from edgevlm.runtime.engine import Runtime
 
     backend, threads, acc = case["backend"], threads_of(case), accelerator(case)
     if backend == "torch":
-        import torch
+        from edgevlm.model.torch_backend import torch_runtime
 
-        torch.set_num_threads(threads)
         model = load_torch_model(case, case["precision"], acc)
-        return torch_runtime(model), model
-    options = {"ort": {"threads": threads, "providers": "cuda" if acc == "cuda" else "cpu"},
-               "llamacpp": {"n_threads": threads, "quant": case["precision"],
-                            "n_gpu_layers": -1 if acc == "gpu" else 0}}
-    return Runtime.load(prepared["artifact"], backend=backend, **options.get(backend, {})), None
-
-
-def torch_runtime(model):
-    """A ``Runtime`` over the PyTorch model itself (the torch backend, no bundle)."""
-    from edgevlm.model.summary import base_manifest
-    from edgevlm.model.torch_backend import TorchBackend
-    from edgevlm.runtime.engine import Runtime
-
-    return Runtime(TorchBackend(model), model.tokenizer, base_manifest(model, "torch", [], "edgevlm.torch"), Path("."))
+        return torch_runtime(model, threads=threads), model
+    options = {"ort": {"providers": "cuda" if acc == "cuda" else "cpu"},
+               "llamacpp": {"quant": case["precision"], "n_gpu_layers": -1 if acc == "gpu" else 0}}
+    return Runtime.load(prepared["artifact"], backend=backend, threads=threads, **options.get(backend, {})), None
 
 
 def measure_edgevlm(case: dict, prepared: dict) -> dict:

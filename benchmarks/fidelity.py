@@ -68,7 +68,8 @@ def accuracy_drop(rec: dict) -> float | None:
 
 def measure_fidelity(case: dict, prepared: dict) -> dict:
     """The fidelity record of one case (``case.py measure`` calls this for ``task: fidelity``)."""
-    from edgevlm.benchmarks.case import held_out_accuracy, load_torch_model, open_runtime, torch_runtime
+    from edgevlm.benchmarks.case import held_out_accuracy, load_torch_model, open_runtime
+    from edgevlm.model.torch_backend import torch_runtime
     from edgevlm.export.token_check import PROMPT_SEED
     from edgevlm.runtime.fidelity import summarise
 

@@ -151,13 +151,15 @@ def compare_llama_cpp_server(ours_url: str, bundle: Path, threads: int | None, n
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-    from edgevlm.runtime.backends.llamacpp import bundle_files, default_threads
+    from edgevlm.runtime.backends.llamacpp import bundle_files
+    from edgevlm.runtime.hostcpu import resolve_threads
     from edgevlm.runtime.manifest import read_manifest
     from edgevlm.runtime.serve.background import BackgroundServer
 
     llm, _, quant = bundle_files(bundle, read_manifest(bundle), None)
-    settings = ModelSettings(model=str(llm), model_alias="bench", n_threads=threads or default_threads(),
-                             n_threads_batch=threads or default_threads(), chat_format="vicuna", verbose=False)
+    n = resolve_threads(threads)  # what edgevlm serve --threads gives llama.cpp
+    settings = ModelSettings(model=str(llm), model_alias="bench", n_threads=n, n_threads_batch=n,
+                             chat_format="vicuna", verbose=False)
     prompt = "Tell me about the shapes in a long answer."
     out = {"quant": quant, "prompt": prompt, "max_tokens": max_tokens, "requests": n}
     with BackgroundServer(create_app(server_settings=ServerSettings(), model_settings=[settings])) as theirs:
@@ -171,8 +173,9 @@ def compare_llama_cpp_server(ours_url: str, bundle: Path, threads: int | None, n
 def serve_args(args, bundle: Path) -> argparse.Namespace:
     from edgevlm.cli import build_parser
 
-    argv = ["serve", "--bundle", str(bundle), "--backend", args.backend, "--model-name", "bench",
-            "--max-queue", "64"]
+    argv = ["serve", "--bundle", str(bundle), "--model-name", "bench", "--max-queue", "64"]
+    if args.backend:
+        argv += ["--backend", args.backend]
     if args.threads:
         argv += ["--threads", str(args.threads)]
     if args.no_cache:
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="model size overrides for --model, e.g. llm__num_hidden_layers=6")
     p.add_argument("--target", choices=("onnx", "gguf"), default="gguf", help="export target (a --bundle's own wins)")
-    p.add_argument("--backend", default=None, help="default: llamacpp for gguf, ort for onnx")
+    p.add_argument("--backend", default=None, help="default: the bundle's own (llamacpp for gguf, ort for onnx)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clients", default="1,2,4")
     p.add_argument("--rounds", type=int, default=3, help="conversations per client")
@@ -209,11 +212,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="also measure llama_cpp.server's decode tok/s on the same GGUF")
     p.add_argument("--out", type=Path, help="write the results as JSON")
     args = p.parse_args(argv)
-    if args.bundle:  # a given bundle says its own target
-        from edgevlm.runtime.manifest import read_manifest
-
-        args.target = read_manifest(Path(args.bundle), verify=False).target
-    args.backend = args.backend or ("llamacpp" if args.target == "gguf" else "ort")
 
     from edgevlm.runtime.serve.background import BackgroundServer
     from edgevlm.runtime.serve.cli import build
@@ -221,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle or build_bundle(args.model, parse_overrides(args.override), args.target, Path(tmp))
         app, rt = build(serve_args(args, bundle))
+        backend = rt.backend.name
         with BackgroundServer(app) as server:
             conversation(server.url, "bench", 10_000, 4)  # warm-up
             results = [run_level(server.url, "bench", int(c), args.rounds, args.max_tokens, 100 * int(c))
@@ -235,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"bundle": str(args.bundle or f"{args.model} {' '.join(args.override)} ({args.target}, exported)"),
-                "backend": args.backend,
+                "backend": backend,
                 "threads": args.threads, "max_tokens": args.max_tokens, "rounds": args.rounds,
                 "cache": not args.no_cache}
         args.out.write_text(json.dumps({"config": meta, "results": results, "llama_cpp_server": peer}, indent=1))

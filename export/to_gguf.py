@@ -84,7 +84,7 @@ def export_gguf(model, out, quants=DEFAULT_QUANTS, cls: str = "omit", threads: i
             from .token_check import check_tokens
 
             manifest.target_info["token_check"] = {q: check_tokens(model, w.dir, manifest, token_check, backend="llamacpp",
-                                                   quant=q, n_threads=1) for q in quants}
+                                                   quant=q, threads=1) for q in quants}
         return w.commit(manifest)
 
 

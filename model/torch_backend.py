@@ -2,8 +2,14 @@
 
 It belongs to the model layer, not to ``runtime/`` (which never imports torch or anything above
 it): importing this module registers ``torch`` in ``runtime.backends.BACKENDS`` (a bundle: the model
-it was exported from) and ``MODEL_DIR_BACKENDS`` (a model dir or preset). ``edgevlm``'s CLI imports
-it for ``--backend torch``; ``EdgeVLM.as_backend()`` uses it directly.
+it was exported from) and ``MODEL_DIR_BACKENDS`` (a model dir or preset). The runtime's backend
+table names this module, so ``Runtime.load(path, backend="torch")`` imports it on first use.
+``torch_runtime(model)`` is the one place a ``Runtime`` over an in-memory PyTorch model is built.
+
+Options (``Runtime.load(path, backend="torch", **options)``): the common ``threads`` (PyTorch's
+intra-op threads, ``torch.set_num_threads``: one pool per process, so this sets it for the whole
+process), ``verbose`` (no effect: PyTorch keeps no log of its own here), ``max_context``; and
+``device`` (``cpu`` default, ``cuda``...).
 
 Integrators that condition the LLM per image (vlora's weight deltas, gated_prefix's prompts) give
 zero visual tokens; ``encode_image`` keeps their per-image weights, and ``prefill`` and every
@@ -11,13 +17,18 @@ zero visual tokens; ``encode_image`` keeps their per-image weights, and ``prefil
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from edgevlm.runtime.backends import BACKENDS, MODEL_DIR_BACKENDS
-from edgevlm.runtime.backends.base import Backend, is_visual_segment
+from edgevlm.runtime.backends.base import Backend, check_options, context_limit, is_visual_segment
+from edgevlm.runtime.cache import DEFAULT_IMAGE_CACHE_MB
+from edgevlm.runtime.engine import Runtime
 from edgevlm.runtime.errors import BundleError
+from edgevlm.runtime.hostcpu import resolve_threads
 
 
 class TorchBackend(Backend):
@@ -82,23 +93,50 @@ class TorchBackend(Backend):
         self._weights = (None, [0])
 
 
-def open_model_dir(root):
-    """(backend, tokenizer, manifest) for an edgevlm model dir or preset: the reference path."""
-    from .load import load_model
+OPTIONS = ("device",)
+
+
+def open_model(model, device: str | None = None, threads: int | None = None, verbose: bool = False,
+               max_context: int | None = None) -> TorchBackend:
+    """``model`` behind the backend interface, with the runtime's options applied."""
+    import torch
+
+    del verbose  # accepted like every backend's; nothing to show
+    torch.set_num_threads(resolve_threads(threads))
+    backend = TorchBackend(model, device)
+    backend.n_ctx = context_limit(max_context, backend.n_ctx, "the model (llm.max_position_embeddings)")
+    return backend
+
+
+def torch_runtime(model, root: str | os.PathLike = ".", image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+                  prefix_reuse: bool = False, **options) -> Runtime:
+    """A ``Runtime`` over the PyTorch ``model`` itself (no bundle); ``options`` as ``Runtime.load``'s."""
     from .summary import base_manifest
 
-    model = load_model(str(root))
-    return TorchBackend(model), model.tokenizer, base_manifest(model, "torch", [], "edgevlm.torch")
+    check_options("torch", options, OPTIONS)
+    manifest = base_manifest(model, "torch", [], "edgevlm.torch")
+    return Runtime(open_model(model, **options), model.tokenizer, manifest, Path(root),
+                   image_cache_mb=image_cache_mb, prefix_reuse=prefix_reuse)
 
 
-def _open_bundle(root, manifest, device: str | None = None, **_: object) -> TorchBackend:
+def open_model_dir(root, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB, prefix_reuse: bool = False,
+                   **options) -> Runtime:
+    """``Runtime.load`` of an edgevlm model dir, an official MobileVLM dir or a preset: the reference path."""
+    from .load import load_model
+
+    check_options("torch", options, OPTIONS)  # before the slow load
+    return torch_runtime(load_model(str(root)), root, image_cache_mb, prefix_reuse, **options)
+
+
+def _open_bundle(root, manifest, **options) -> TorchBackend:
     """A bundle exported from a model dir records it in target_info['source']; load that."""
     from .load import load_model
 
+    check_options("torch", options, OPTIONS)
     src = manifest.target_info.get("source") or manifest.exporter.get("source")
     if not src:
         raise BundleError(f"{root}: bundle does not record its source model; pass the model dir instead")
-    return TorchBackend(load_model(src), device)
+    return open_model(load_model(src), **options)
 
 
 BACKENDS.add("torch", _open_bundle)

@@ -1,10 +1,11 @@
-"""Answer a prompt about an image with an exported bundle (torch-free with --backend ort).
+"""Answer a prompt about an image with an exported bundle (torch-free for ONNX, GGUF and TensorRT bundles).
 
 Example:
     edgevlm run --bundle bundles/tiny-int4 --image photo.jpg --prompt "What colour is the car?" --stream
 
 Prints the answer, then one line of timings (vision, prefill, time to first token, decode speed).
---backend torch runs the PyTorch reference: --bundle may then also be a model dir or preset.
+The bundle's manifest picks the backend (onnx: ort, gguf: llamacpp, trt: trt); --bundle may also be
+a model dir or preset, run by the PyTorch reference (torch backend).
 """
 from __future__ import annotations
 
@@ -14,16 +15,36 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, help="bundle dir (manifest.json); for --backend torch also a model dir")
+    p.add_argument("--bundle", required=True, help="bundle dir (manifest.json), or a model dir or preset (torch)")
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--backend", default="ort", help="ort (default) | torch | any registered backend")
+    add_runtime_arguments(p)
     add_generation_arguments(p)
-    p.add_argument("--threads", type=int, default=None, help="ort: intra-op threads (default: ONNX Runtime's)")
+    p.add_argument("--json", action="store_true", help="print the result (text, ids, timings) as one JSON line")
+
+
+# flag -> Runtime.load option, for the flags that are given (None: the backend's default)
+RUNTIME_FLAGS = {"threads": "threads", "verbose": "verbose", "max_context": "max_context", "quant": "quant",
+                 "providers": "providers", "model_format": "model_format"}
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """Backend choice and runtime options shared by ``edgevlm run`` and ``edgevlm serve``."""
+    p.add_argument("--backend", default=None,
+                   help="default: the bundle's own (onnx: ort, gguf: llamacpp, trt: trt; model dir or preset: torch)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, every backend (default/0: all cores)")
+    p.add_argument("--verbose", action="store_true", default=None, help="the backend library's own log on stderr")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="most positions per sequence: image + prompt + answer (default: the model's)")
+    p.add_argument("--quant", default=None, help="llamacpp: which LLM of a GGUF bundle (default: the bundle's)")
     p.add_argument("--providers", default=None, help="ort: cpu | cuda | tensorrt (default: cpu)")
     p.add_argument("--model-format", choices=("onnx", "ort"), default=None,
                    help="ort: run the .onnx graphs (default) or the bundle's .ort files")
-    p.add_argument("--json", action="store_true", help="print the result (text, ids, timings) as one JSON line")
+
+
+def runtime_options(args: argparse.Namespace) -> dict:
+    """The ``Runtime.load`` options of the flags given; the backend refuses those it does not take."""
+    return {opt: getattr(args, flag) for flag, opt in RUNTIME_FLAGS.items() if getattr(args, flag) is not None}
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,19 +72,10 @@ def answer(target, args: argparse.Namespace, stream: bool):
     return pieces.result
 
 
-def backend_options(args: argparse.Namespace) -> dict:
-    names = {"threads": "threads", "providers": "providers", "model_format": "model_format"}
-    return {opt: getattr(args, attr) for opt, attr in names.items() if getattr(args, attr) is not None}
-
-
 def run(args: argparse.Namespace) -> int:
     from .engine import Runtime
-    from .errors import EdgeVLMError
 
-    options = backend_options(args)
-    if options and args.backend != "ort":
-        raise EdgeVLMError(f"--threads/--providers/--model-format apply to --backend ort, not {args.backend}")
-    with Runtime.load(args.bundle, backend=args.backend, **options) as rt:
+    with Runtime.load(args.bundle, backend=args.backend, **runtime_options(args)) as rt:
         result = answer(rt, args, stream=args.stream and not args.json)
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,

@@ -2,10 +2,12 @@
 the one generation loop.
 
     from edgevlm.runtime import Runtime
-    rt = Runtime.load("bundles/tiny-onnx", backend="ort")
+    rt = Runtime.load("bundles/tiny-onnx")      # the backend from the manifest (here: ort)
     r = rt.generate("photo.jpg", "What colour is the car?", max_new_tokens=32)
     r.text, r.token_ids, r.timings
     for piece in rt.stream(image, prompt): ...
+    Runtime.load("runs/tiny/final")              # a model dir or preset: the PyTorch model (torch)
+    Runtime.load("bundles/tiny-gguf", threads=2, max_context=1024)   # options: see Runtime.load
 
 Caches (``runtime.cache``): an image-embedding cache (``image_cache_mb``, default 64 MB; 0 = off)
 and, with ``prefix_reuse=True``, KV prefix reuse on backends that support it: a follow-up turn
@@ -21,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from .backends import MODEL_DIR_BACKENDS, get_backend
+from .backends import MODEL_DIR_BACKEND, MODEL_DIR_BACKENDS, backend_for, get_backend
 from .cache import DEFAULT_IMAGE_CACHE_MB, Caches, ImageCache, PrefixCache
 from .generate import GenerationConfig, GenerationResult, Stream, generate, stream
-from .manifest import Manifest, read_manifest
+from .errors import BundleError, EdgeVLMError
+from .manifest import MANIFEST, Manifest, read_manifest
 from .preprocess import DEFAULT_MAX_PIXELS
 from .processor import Processor
 from .tokenizer import TextTokenizer
@@ -42,20 +45,42 @@ class Runtime:
                              prefix=PrefixCache() if prefix_reuse else None)
 
     @classmethod
-    def load(cls, bundle: str | os.PathLike, backend: str = "ort", verify: bool = True,
+    def load(cls, path: str | os.PathLike, backend: str | None = None, verify: bool = True,
              image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB, prefix_reuse: bool = False,
              **options: Any) -> "Runtime":
-        """Open ``bundle`` with the named backend; ``options`` go to the backend (threads, providers...)."""
-        root = Path(bundle)
+        """Open a bundle (a dir with manifest.json), a model dir or a preset name.
+
+        ``backend``: None = the bundle's own (its manifest's target: onnx -> ort, gguf -> llamacpp,
+        trt -> trt; a model dir or preset -> torch); a named backend that cannot read the bundle is
+        refused with the one that can. ``options``: the common ``threads``, ``verbose``,
+        ``max_context`` (``backends.base.COMMON_OPTIONS``) and the backend's own; every backend
+        refuses options it does not know, listing the valid ones.
+        """
+        root = Path(path)
         caching = dict(image_cache_mb=image_cache_mb, prefix_reuse=prefix_reuse)
-        factory = get_backend(backend)  # an unknown backend is refused before any file is read
-        if not (root / "manifest.json").is_file() and backend in MODEL_DIR_BACKENDS:
-            be, tok, manifest = MODEL_DIR_BACKENDS.get(backend)(root)  # a model dir or preset
-            return cls(be, tok, manifest, root, **caching)
+        if backend is not None:
+            get_backend(backend)  # an unknown backend is refused before any file is read
+        if not (root / MANIFEST).is_file():
+            return cls._load_model_dir(root, backend, caching, options)
         manifest = read_manifest(root, verify=verify)
-        be = factory(root, manifest, **options)
+        be = get_backend(backend_for(manifest.target, backend, str(root)))(root, manifest, **options)
         tok = TextTokenizer.from_dir(root, bos_id=manifest.tokens["bos_id"], eos_id=manifest.tokens["eos_id"])
         return cls(be, tok, manifest, root, **caching)
+
+    @classmethod
+    def _load_model_dir(cls, root: Path, backend: str | None, caching: dict, options: dict) -> "Runtime":
+        """A path without manifest.json: a model dir or preset, which only ``torch`` opens."""
+        name = MODEL_DIR_BACKEND if backend is None else backend
+        if name not in MODEL_DIR_BACKENDS:
+            raise BundleError(f"{root}: not a bundle (no {MANIFEST}); the {name} backend reads bundles (export "
+                              f"one with edgevlm export), a model dir or preset runs with backend={MODEL_DIR_BACKEND!r}")
+        try:
+            return MODEL_DIR_BACKENDS.get(name)(root, **caching, **options)
+        except EdgeVLMError as e:
+            if backend is not None:
+                raise
+            raise BundleError(f"{root}: not a bundle (no {MANIFEST}); as a model dir or preset "
+                              f"({MODEL_DIR_BACKEND} backend): {e}") from None
 
     def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
         return self.processor.prompt_ids(prompt, with_image)

@@ -1,17 +1,41 @@
-"""The host CPU's SIMD features, read from /proc/cpuinfo (Linux x86 and Arm; empty elsewhere).
+"""The host CPU: how many cores this process may use, and its SIMD features.
 
-They decide which kernels ONNX Runtime and llama.cpp pick, and so whether an int8 format is
+``usable_cpus()`` is the one CPU count every thread default uses ("threads: 0 = all cores"): the
+cores this process may run on (its affinity mask, so a container's or ``taskset``'s limit counts),
+logical cores included. The SIMD features, read from /proc/cpuinfo (Linux x86 and Arm; empty
+elsewhere), decide which kernels ONNX Runtime and llama.cpp pick, and so whether an int8 format is
 accurate here: 8-bit u8 x s8 dot products on x86 without VNNI (AVX2, AVX-512 before VNNI) add
 pairs of products in saturating 16-bit registers (VPMADDUBSW) and can clip.
 """
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
+
+from .errors import EdgeVLMError
 
 FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
          "amx_tile", "amx_int8", "asimd", "asimddp", "i8mm", "sve", "fphp")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (affinity mask where the OS has one, else ``os.cpu_count()``), >= 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """The runtime option ``threads``: None or 0 = every usable core (``usable_cpus``), else itself.
+    A negative or non-integer count is an EdgeVLMError."""
+    if threads is None:
+        return usable_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise EdgeVLMError(f"threads must be an integer >= 0 (0: all {usable_cpus()} cores), got {threads!r}")
+    return threads or usable_cpus()
 
 
 def cpu_flags() -> list[str]:

@@ -24,3 +24,25 @@ def test_flags_of_this_host_are_known_names():
     assert set(flags) <= set(hostcpu.FLAGS)
     if platform.machine() == "x86_64":
         assert hostcpu.cpu_class().startswith("x86")
+
+
+def test_usable_cpus_is_the_affinity_mask_where_there_is_one():
+    import os
+
+    n = hostcpu.usable_cpus()
+    assert n >= 1
+    if hasattr(os, "sched_getaffinity"):
+        assert n == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("given, expected", [(None, "all"), (0, "all"), (1, 1), (3, 3)])
+def test_threads_zero_or_none_mean_every_usable_core(given, expected):
+    assert hostcpu.resolve_threads(given) == (hostcpu.usable_cpus() if expected == "all" else expected)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
+def test_bad_thread_counts_are_refused(bad):
+    from edgevlm.runtime.errors import EdgeVLMError
+
+    with pytest.raises(EdgeVLMError, match="threads must be an integer >= 0"):
+        hostcpu.resolve_threads(bad)

@@ -112,18 +112,43 @@ def test_the_check_sees_module_level_lazy_relative_and_public_api_imports(source
     assert len(bad) == 1 and message in bad[0], bad
 
 
-def test_the_torch_backend_registers_from_the_model_layer():
-    """In a fresh process: the runtime alone names the module that provides ``torch``; once the
-    model layer's module is imported, a preset opens through it."""
+def _above_runtime_strings(path: Path) -> list[str]:
+    """String constants in ``path`` that name a module above the runtime (``"edgevlm.model..."``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and any(n.value == f or n.value.startswith(f + ".") for f in ABOVE_RUNTIME
+                    if f.startswith("edgevlm."))]
+
+
+def test_the_runtime_names_one_module_above_it_the_torch_backend_and_only_as_a_string():
+    """``Runtime.load(path, backend="torch")`` imports the model layer's backend on first use: the
+    runtime's backend table names that module as a string (no import statement, so the checks above
+    pass), and no other runtime module names anything above the runtime."""
+    from edgevlm.runtime.backends import BACKEND_MODULES
+
+    named = {str(p.relative_to(REPO)): found for p in files("runtime") if (found := _above_runtime_strings(p))}
+    assert named == {"runtime/backends/__init__.py": ["edgevlm.model.torch_backend"]}
+    assert {k: v for k, v in BACKEND_MODULES.items() if not v.startswith("edgevlm.runtime.")} == \
+        {"torch": "edgevlm.model.torch_backend"}
+
+
+def test_the_torch_backend_loads_from_python_without_the_cli(tmp_path):
+    """In a fresh process that never imports ``edgevlm.cli``: a preset and a model dir open with
+    ``backend="torch"``, and a model dir with no backend named (a path without manifest.json is the
+    torch backend's)."""
     import subprocess
     import sys
 
-    code = ("from edgevlm.runtime import Runtime\n"
-            "from edgevlm.runtime.errors import EdgeVLMError\n"
-            "try:\n    Runtime.load('tiny', backend='torch')\nexcept EdgeVLMError as e:\n    print(e)\n"
-            "import edgevlm.model.torch_backend\n"
-            "print(Runtime.load('tiny', backend='torch').backend.name)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    pytest.importorskip("torch")
+    code = ("import sys\n"
+            "from edgevlm.runtime import Runtime\n"
+            "from edgevlm.model.checkpoint import save_model\n"
+            "rt = Runtime.load('tiny', backend='torch', threads=1)\n"
+            "save_model(rt.backend.model, sys.argv[1])\n"
+            "names = [rt.backend.name, Runtime.load(sys.argv[1], backend='torch', threads=1).backend.name,\n"
+            "         Runtime.load(sys.argv[1], threads=1).backend.name]\n"
+            "print(names, 'edgevlm.cli' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model")], capture_output=True, text=True,
+                         timeout=600, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
-    first, second = out.stdout.strip().splitlines()[-2:]
-    assert "model layer's torch_backend" in first and second == "torch"
+    assert out.stdout.strip().splitlines()[-1] == "['torch', 'torch', 'torch'] False"

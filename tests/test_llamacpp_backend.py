@@ -261,6 +261,30 @@ def test_pixel_values_not_made_from_8bit_pixels_are_refused(bundle):
             rt.backend.encode_image(pixels)
 
 
+def test_llama_cpp_logs_belong_to_the_model_whose_call_made_them(bundle, capfd):
+    """llama.cpp keeps one log callback per process; ``llamacpp_log`` routes each message to the
+    instance whose call is running: one model's ``verbose`` does not print another's log, and each
+    model's last error is its own (two models, f16 and q4_0, open side by side)."""
+    with _runtime(bundle, quant="f16", verbose=True) as loud:
+        assert "llama_model_loader" in capfd.readouterr().err  # its own load, printed
+        with _runtime(bundle, quant="q4_0") as quiet:
+            quiet.generate(_image(), "What colour is it?", max_new_tokens=2)
+            err = capfd.readouterr().err
+            assert "llama_model_loader" not in err and "llm-q4_0" not in err, err[-2000:]
+            bad_quiet, bad_loud = quiet.backend.n_vocab + 7, loud.backend.n_vocab + 9
+            for rt, bad in ((quiet, bad_quiet), (loud, bad_loud)):
+                rt.backend.prefill([np.array([1, 2, 3], np.int64)])
+                with pytest.raises(EdgeVLMError, match=f"llama_decode failed .*invalid token.*{bad}"):
+                    rt.backend.decode(bad)
+            err = capfd.readouterr().err
+            assert f"= {bad_loud}" in err and f"= {bad_quiet}" not in err  # only the verbose model prints
+            assert str(bad_quiet) in quiet.backend.log.last_error()
+            loud_error = loud.backend.log.last_error()
+            assert str(bad_loud) in loud_error and str(bad_quiet) not in loud_error
+            quiet.generate(None, "Hello", max_new_tokens=1)  # a new call starts with no errors of its own
+            assert quiet.backend.log.last_error() == "no details"
+
+
 # --- bad files: clear errors before llama.cpp sees them --------------------------------------------
 
 

@@ -180,8 +180,7 @@ def gguf_server(gguf_bundle, image_root):
 
 
 def _reference(bundle, backend: str):
-    opts = {"n_threads": 1} if backend == "llamacpp" else {"threads": 1}
-    return Runtime.load(bundle, backend=backend, **opts)
+    return Runtime.load(bundle, backend=backend, threads=1)
 
 
 # --- the runtime's caches --------------------------------------------------------------------------
@@ -208,9 +207,8 @@ def test_runtime_prefix_reuse_keeps_the_answers(backend, fixture, request):
     from edgevlm.runtime.generate import GenerationConfig
 
     img = _image(4)
-    opts = {"n_threads": 1} if backend == "llamacpp" else {"threads": 1}
-    with Runtime.load(bundle, backend=backend, image_cache_mb=0, **opts) as fresh, \
-            Runtime.load(bundle, backend=backend, prefix_reuse=True, **opts) as reuse:
+    with Runtime.load(bundle, backend=backend, image_cache_mb=0, threads=1) as fresh, \
+            Runtime.load(bundle, backend=backend, prefix_reuse=True, threads=1) as reuse:
         assert getattr(reuse.backend, "in_place", False) == (fixture == "gqa_bundle")
         first = [rt.generate(img, "What colour is the circle?", max_new_tokens=10) for rt in (fresh, reuse)]
         assert first[0].token_ids == first[1].token_ids and first[1].cache.prefix_reused == 0

@@ -1,43 +1,67 @@
-"""Inference backends behind one small interface (``base.Backend``).
+"""Inference backends behind one small interface (``base.Backend``), and which one reads a bundle.
 
-``BACKENDS`` maps a backend name ("ort", "llamacpp", "trt", ...) to a factory that opens a bundle;
-each backend module registers itself when imported and imports its library lazily, so importing
-this package needs neither torch nor any backend library. ``MODEL_DIR_BACKENDS`` maps a name to a
-factory that opens a model dir or preset instead: ``(backend, tokenizer, manifest)``.
+``BACKENDS`` maps a backend name to a factory ``(root, manifest, **options) -> Backend`` that opens a
+bundle; ``MODEL_DIR_BACKENDS`` maps a name to a factory that opens a model dir or preset instead and
+returns the whole ``Runtime``. Both are lazy (``registry.Registry``): the table below names the
+module that provides each backend, and the first ``get`` imports it (the module registers itself).
+A backend module imports its library (onnxruntime, llama_cpp, tensorrt) only when a bundle is
+opened, so importing this package needs neither torch nor any backend library.
 
-Higher layers register their own backends here; this package never imports or names them. The
-``torch`` backend (the PyTorch model, the fidelity reference) lives in the model layer's
-``torch_backend`` module and registers itself when imported (the ``edgevlm`` CLI does that for
-``--backend torch``).
+The ``torch`` backend (the PyTorch model, the fidelity reference) belongs to the model layer; this
+package names its module as a string and imports it only when ``torch`` is asked for, so
+``Runtime.load(model_dir, backend="torch")`` works from Python while the runtime still depends on
+nothing above it (tests/test_layers.py checks both).
+
+The bundle says which backend reads it: ``TARGET_BACKENDS`` maps the manifest's ``target`` to it;
+``torch`` also opens any bundle that records the model it was exported from.
 """
 from __future__ import annotations
 
+from ..errors import BundleError, EdgeVLMError
 from ..registry import Registry
-from .base import Backend
+from .base import COMMON_OPTIONS, Backend
 
-_ABOVE = ("a backend of a layer above the runtime registers when its module is imported (torch: the "
-          "model layer's torch_backend; the edgevlm CLI imports it for --backend torch)")
-BACKENDS: Registry = Registry("backend", hint=_ABOVE)
-MODEL_DIR_BACKENDS: Registry = Registry("backend for a model dir", hint=_ABOVE)
+# backend name -> the module that registers it when imported
+BACKEND_MODULES = {"ort": f"{__name__}.ort", "llamacpp": f"{__name__}.llamacpp", "trt": f"{__name__}.trt",
+                   "torch": "edgevlm.model.torch_backend"}  # the model layer's; needs PyTorch
+MODEL_DIR_BACKEND = "torch"  # the backend of a path without manifest.json (a model dir or preset)
+# a bundle's manifest target -> the backend that reads it (the TensorRT target has had two spellings)
+TARGET_BACKENDS = {"onnx": "ort", "gguf": "llamacpp", "trt": "trt", "tensorrt": "trt"}
+ANY_BUNDLE = ("torch",)  # read every bundle: the PyTorch model it was exported from, the reference
 
-__all__ = ["BACKENDS", "MODEL_DIR_BACKENDS", "Backend"]
+_HINT = "torch needs PyTorch (pip install 'edgevlm[train]')"
+BACKENDS: Registry = Registry("backend", hint=_HINT, modules=BACKEND_MODULES)
+MODEL_DIR_BACKENDS: Registry = Registry("backend for a model dir", hint=_HINT,
+                                        modules={MODEL_DIR_BACKEND: BACKEND_MODULES[MODEL_DIR_BACKEND]})
 
-# This package's modules that register a backend when imported (their libraries load lazily).
-BACKEND_MODULES = ("ort", "llamacpp", "trt")
+__all__ = ["BACKENDS", "MODEL_DIR_BACKENDS", "COMMON_OPTIONS", "Backend", "backend_for", "get_backend"]
 
 
 def get_backend(name: str, registry: Registry = BACKENDS):
-    """``registry.get(name)`` after loading this package's backends."""
-    load_backend_modules()
+    """The factory of backend ``name``, its module imported on first use."""
     return registry.get(name)
 
 
-def load_backend_modules() -> None:
-    """Import every backend module present so that ``BACKENDS`` lists them all."""
-    import importlib
-    import importlib.util
+def backend_for(target: str, backend: str | None = None, where: str = "bundle") -> str:
+    """The backend that reads a bundle of ``target``: ``backend`` when given and able to, else the
+    target's own. An explicit backend that cannot read it is refused, naming the one that can."""
+    own = TARGET_BACKENDS.get(target)
+    if backend is None:
+        if own is None:
+            raise BundleError(f"{where}: a {target!r} bundle, which no runtime backend here runs "
+                              f"(backends read: {', '.join(sorted(TARGET_BACKENDS))})"
+                              + ("; a Core ML bundle runs in Core ML on macOS/iOS" if target == "coreml" else ""))
+        return own
+    get_backend(backend)  # an unknown name is refused with the valid ones first
+    if backend != own and backend not in ANY_BUNDLE:
+        reader = f"backend={own!r}" if own else "no runtime backend here"
+        raise EdgeVLMError(f"{where}: a {target!r} bundle; the {backend} backend cannot read it ({reader} does; "
+                           f"leave the backend out to use the bundle's own)")
+    return backend
 
-    for name in BACKEND_MODULES:
-        full = f"{__name__}.{name}"
-        if importlib.util.find_spec(full) is not None:
-            importlib.import_module(full)
+
+def load_backend_modules() -> None:
+    """Import this package's own backend modules, so that ``BACKENDS.items()`` lists them."""
+    for name, module in BACKEND_MODULES.items():
+        if module.startswith(f"{__name__}."):
+            BACKENDS.get(name)

@@ -70,10 +70,35 @@ def is_visual_segment(segment: np.ndarray) -> bool:
     return segment.ndim == 2
 
 
-def check_options(backend: str, options: dict, valid: Sequence[str]) -> None:
-    """Refuse backend options the backend does not know, listing the ones it does."""
+# Options every backend takes, with the same meaning (``Runtime.load(path, **options)``):
+#   threads      CPU threads for the backend's kernels; None or 0 = every usable core (hostcpu.usable_cpus)
+#   verbose      the backend library's own log on stderr (each backend documents what that shows)
+#   max_context  the most positions a sequence may hold (visual + prompt + generated tokens; default:
+#                the model's); a longer prompt is refused with ContextLengthError before it runs and
+#                generation stops there. Above what the model (or a TensorRT engine) holds is refused.
+COMMON_OPTIONS = ("threads", "verbose", "max_context")
+
+
+def check_options(backend: str, options: dict, own: Sequence[str]) -> None:
+    """Refuse options that backend ``backend`` does not know (the common ones plus its ``own``),
+    listing the ones it does."""
     from ..errors import EdgeVLMError
 
+    valid = (*COMMON_OPTIONS, *own)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise EdgeVLMError(f"unknown {backend} backend option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+
+
+def context_limit(max_context: int | None, model_max: int, what: str) -> int:
+    """The option ``max_context`` checked against the most positions the model holds (``what`` says
+    where that limit comes from); None = ``model_max``."""
+    from ..errors import EdgeVLMError
+
+    if max_context is None:
+        return int(model_max)
+    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
+        raise EdgeVLMError(f"max_context must be a positive integer, got {max_context!r}")
+    if max_context > model_max:
+        raise EdgeVLMError(f"max_context {max_context} exceeds the {model_max} positions of {what}")
+    return max_context

@@ -10,18 +10,19 @@ Text and visual segments are evaluated with ``llama_decode`` at consecutive posi
 sequence, token batches and embedding batches (causal, as LLaVA-style LLMs are trained); a decode
 step is one single-token ``llama_decode`` and one logits read, nothing else in Python.
 
-Options (``Runtime.load(bundle, backend="llamacpp", **options)``): ``quant`` (which LLM file, default
-the bundle's ``default_quant``), ``n_threads``, ``n_gpu_layers`` (LLM layers offloaded on CUDA/Metal
-builds; -1, the default as in llama.cpp, = all, 0 = CPU only; non-zero also runs the vision
-encoder on the GPU), ``n_ctx`` (default: the model's
-positions), ``n_batch``, ``verbose`` (llama.cpp's own log on stderr), ``warmup``.
+Options (``Runtime.load(bundle, **options)``): the common ``threads`` (llama.cpp's and mtmd's
+threads; None/0: every usable core), ``verbose`` (this model's llama.cpp/mtmd log on stderr: the log
+is process-wide in llama.cpp, ``llamacpp_log`` routes each message to the instance whose call made
+it), ``max_context`` (the KV cache's size, llama.cpp's n_ctx; default and most: the LLM's
+context_length); and its own: ``quant`` (which LLM file, default the bundle's ``default_quant``),
+``n_gpu_layers`` (LLM layers offloaded on CUDA/Metal builds; -1, the default as in llama.cpp, = all,
+0 = CPU only; non-zero also runs the vision encoder on the GPU), ``n_batch``, ``warmup``.
 GPU offload needs a llama-cpp-python built for it, e.g. on Jetson
 ``CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python``; a CPU build ignores n_gpu_layers.
 """
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -29,11 +30,10 @@ import numpy as np
 
 from ..errors import BundleError, ContextLengthError, EdgeVLMError
 from ..gguf_check import check_pair
+from ..hostcpu import resolve_threads
 from . import BACKENDS
-from .base import check_options, Backend, is_visual_segment
-
-_LOG = {"installed": False, "verbose": False, "errors": [], "callback": None}
-GGML_LOG_LEVEL_ERROR = 4
+from .base import check_options, context_limit, Backend, is_visual_segment
+from .llamacpp_log import LlamaLog, install as install_log_router
 
 
 def _import():
@@ -46,87 +46,58 @@ def _import():
     return llama_cpp, mtmd_cpp
 
 
-def _install_logger(verbose: bool) -> None:
-    """Route llama.cpp/mtmd logs through one callback: keep errors for messages, print the rest
-    only when ``verbose``."""
-    llama_cpp, mtmd = _import()
-    _LOG["verbose"] = _LOG["verbose"] or verbose
-    if _LOG["installed"]:
-        return
-
-    def log(level: int, text: bytes, _user) -> None:
-        msg = text.decode("utf-8", "replace") if text else ""
-        if level == GGML_LOG_LEVEL_ERROR:
-            _LOG["errors"] = (_LOG["errors"] + [msg.strip()])[-5:]
-        if _LOG["verbose"]:
-            print(msg, end="", flush=True)
-
-    cb = llama_cpp.llama_log_callback(log)
-    _LOG["callback"] = cb  # keep a reference: llama.cpp holds the raw pointer
-    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
-    mtmd.mtmd_helper_log_set(cb, ctypes.c_void_p(0))
-    llama_cpp.llama_backend_init()
-    _LOG["installed"] = True
-
-
 def quiet_llama_logs() -> None:
-    """Silence llama.cpp's stderr log (exporters call this before quantising)."""
-    _install_logger(False)
-
-
-def _last_error() -> str:
-    return "; ".join(e for e in _LOG["errors"] if e) or "no details"
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    """Route llama.cpp's log through ``llamacpp_log`` (exporters call this before quantising: what
+    llama.cpp logs outside a backend's call is dropped)."""
+    install_log_router(*_import())
 
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     supports_prefix = True
 
-    def __init__(self, llm_path, mmproj_path, *, image_size: int, mean, std, n_threads: int | None = None,
-                 n_gpu_layers: int = -1, n_ctx: int | None = None, n_batch: int = 512,
-                 verbose: bool = False, warmup: bool = False):
+    def __init__(self, llm_path, mmproj_path, *, image_size: int, mean, std, threads: int | None = None,
+                 verbose: bool = False, max_context: int | None = None, n_gpu_layers: int = -1,
+                 n_batch: int = 512, warmup: bool = False):
         self._model = self._ctx = self._mctx = None
         self._batches: list = []
         self.lib, self.mtmd = _import()
-        _install_logger(verbose)
+        self.log = LlamaLog(verbose)  # this instance's messages and errors (llamacpp_log)
+        install_log_router(self.lib, self.mtmd)
         llm_info, _ = check_pair(llm_path, mmproj_path)  # before llama.cpp sees the files
         self.llm_path, self.mmproj_path = Path(llm_path), Path(mmproj_path)
         self.image_size = int(image_size)
         self._mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
         self._std = np.asarray(std, np.float32).reshape(3, 1, 1)
-        self.n_threads = int(n_threads or default_threads())
+        self.n_threads = resolve_threads(threads)
         try:
-            self._load(Path(llm_path), Path(mmproj_path), llm_info, int(n_gpu_layers), n_ctx,
-                       int(n_batch), warmup)
+            with self.log.active():
+                self._load(Path(llm_path), Path(mmproj_path), llm_info, int(n_gpu_layers), max_context,
+                           int(n_batch), warmup)
         except BaseException:
             self.close()
             raise
         self._pos = 0
 
     # --- loading ----------------------------------------------------------------------------------
-    def _load(self, llm: Path, mmproj: Path, info, n_gpu_layers: int, n_ctx, n_batch: int, warmup: bool):
+    def _load(self, llm: Path, mmproj: Path, info, n_gpu_layers: int, max_context, n_batch: int, warmup: bool):
         L = self.lib
+        trained = int(info.get("llama.context_length") or 0)
+        n_ctx = (context_limit(max_context, trained, f"{llm.name} (llama.context_length)") if trained
+                 else context_limit(max_context, max_context or 2048, "the KV cache"))
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
         self._model = L.llama_model_load_from_file(str(llm).encode(), mp)
         if not self._model:
-            raise BundleError(f"llama.cpp could not load {llm} ({_last_error()})")
-        n_ctx = int(n_ctx or info.get("llama.context_length") or 2048)
+            raise BundleError(f"llama.cpp could not load {llm} ({self.log.last_error()})")
         cp = L.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, min(n_batch, n_ctx), min(n_batch, n_ctx)
         cp.n_threads = cp.n_threads_batch = self.n_threads
         cp.no_perf = True
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
-            raise EdgeVLMError(f"llama.cpp could not create a context of {n_ctx} ({_last_error()})")
-        self.n_ctx = L.llama_n_ctx(self._ctx)
+            raise EdgeVLMError(f"llama.cpp could not create a context of {n_ctx} ({self.log.last_error()})")
+        self.n_ctx = min(L.llama_n_ctx(self._ctx), n_ctx)  # llama.cpp may pad the cache; the limit is n_ctx
         self.n_batch = L.llama_n_batch(self._ctx)
         self.n_embd = L.llama_model_n_embd(self._model)
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self._model))
@@ -136,7 +107,7 @@ class LlamaCppBackend(Backend):
         mc.use_gpu, mc.n_threads, mc.print_timings, mc.warmup = n_gpu_layers != 0, self.n_threads, False, warmup
         self._mctx = self.mtmd.mtmd_init_from_file(str(mmproj).encode(), self._model, mc)
         if not self._mctx:
-            raise BundleError(f"llama.cpp (mtmd) could not load {mmproj} ({_last_error()})")
+            raise BundleError(f"llama.cpp (mtmd) could not load {mmproj} ({self.log.last_error()})")
 
     def _init_batches(self) -> None:
         """One token batch and one embedding batch, reused; numpy views on their arrays."""
@@ -169,6 +140,10 @@ class LlamaCppBackend(Backend):
         return np.ascontiguousarray(u8.astype(np.uint8).transpose(1, 2, 0))
 
     def _encode_one(self, hwc: np.ndarray) -> np.ndarray:
+        with self.log.active():
+            return self._encode_bitmap(hwc)
+
+    def _encode_bitmap(self, hwc: np.ndarray) -> np.ndarray:
         m = self.mtmd
         s = self.image_size
         bitmap = m.mtmd_bitmap_init(s, s, hwc.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
@@ -177,12 +152,12 @@ class LlamaCppBackend(Backend):
             part = m.mtmd_input_part(None, bitmap)
             parts = (ctypes.POINTER(m.mtmd_input_part) * 1)(ctypes.pointer(part))
             if m.mtmd_tokenize_from_parts(self._mctx, chunks, parts, 1, False) != 0:
-                raise EdgeVLMError(f"mtmd could not take the image ({_last_error()})")
+                raise EdgeVLMError(f"mtmd could not take the image ({self.log.last_error()})")
             chunk = next(c for c in (m.mtmd_input_chunks_get(chunks, i)
                                      for i in range(m.mtmd_input_chunks_size(chunks)))
                          if m.mtmd_input_chunk_get_type(c) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE)
             if m.mtmd_encode_chunk(self._mctx, chunk) != 0:
-                raise EdgeVLMError(f"mtmd failed to encode the image ({_last_error()})")
+                raise EdgeVLMError(f"mtmd failed to encode the image ({self.log.last_error()})")
             n = m.mtmd_input_chunk_get_n_tokens(chunk)
             out = np.ctypeslib.as_array(m.mtmd_get_output_embd(self._mctx), shape=(n * self.n_embd,))
             return out.reshape(n, self.n_embd).copy()  # [M, D]
@@ -197,11 +172,12 @@ class LlamaCppBackend(Backend):
     # --- the sequence -----------------------------------------------------------------------------
     def _run(self, batch, n: int) -> None:
         batch.n_tokens = n
-        rc = self.lib.llama_decode(self._ctx, batch)
+        with self.log.active():
+            rc = self.lib.llama_decode(self._ctx, batch)
         if rc == 1:
             raise ContextLengthError(f"llama.cpp found no room in its {self.n_ctx}-position KV cache")
         if rc != 0:
-            raise EdgeVLMError(f"llama_decode failed with status {rc} ({_last_error()})")
+            raise EdgeVLMError(f"llama_decode failed with status {rc} ({self.log.last_error()})")
         self._pos += n
 
     def _feed(self, segment: np.ndarray, want_logits: bool) -> None:
@@ -261,9 +237,13 @@ class LlamaCppBackend(Backend):
         return self._logits()
 
     def close(self) -> None:
-        L = getattr(self, "lib", None)
-        if L is None:
+        if getattr(self, "lib", None) is None:
             return
+        with self.log.active():
+            self._free()
+
+    def _free(self) -> None:
+        L = self.lib
         if self._mctx:
             self.mtmd.mtmd_free(self._mctx)
             self._mctx = None
@@ -295,11 +275,11 @@ def bundle_files(root: Path, manifest, quant: str | None) -> tuple[Path, Path, s
     return root / llms[quant], root / manifest.file("mmproj").path, quant
 
 
-OPTIONS = ("n_threads", "n_gpu_layers", "n_ctx", "n_batch", "verbose", "warmup")
+OPTIONS = ("quant", "n_gpu_layers", "n_batch", "warmup")  # + COMMON_OPTIONS
 
 
 def open_bundle(root, manifest, quant: str | None = None, **options) -> LlamaCppBackend:
-    check_options("llamacpp", options, ("quant", *OPTIONS))
+    check_options("llamacpp", {"quant": quant, **options}, OPTIONS)
     root = Path(root)
     llm, mmproj, quant = bundle_files(root, manifest, quant)
     pp = manifest.preprocess

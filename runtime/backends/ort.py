@@ -1,8 +1,12 @@
 """Backend ``ort``: an ONNX bundle (vision_encoder / embed_tokens / decoder_model_merged) in ONNX Runtime.
 
-Options (``Runtime.load(bundle, backend="ort", **options)``):
+Options (``Runtime.load(bundle, **options)``): the common ones (``backends.base.COMMON_OPTIONS``)
+    threads             intra-op threads of every session (None/0: every usable core)
+    verbose             ONNX Runtime's session log at INFO on stderr (default: errors only)
+    max_context         the most positions a sequence holds (default and most: the model's); the
+                        in-place KV buffers never grow past it
+and its own:
     providers           "cpu" (default) | "cuda" | "tensorrt" | a list of ONNX Runtime provider names
-    threads             intra-op threads (0: ONNX Runtime's default, one per physical core)
     graph_optimization  "disable" | "basic" | "extended" | "all" (default)
     io_binding          keep the KV cache as OrtValues between steps (default True)
     model_format        "onnx" (default) | "ort" (the bundle's .ort files, as ONNX Runtime Mobile runs them)
@@ -29,9 +33,10 @@ from ..errors import BundleError, EdgeVLMError
 from ..graph_io import (
     ATTENTION_MASK, INPUT_IDS, INPUTS_EMBEDS, LOGITS, PIXEL_VALUES, POSITION_IDS, is_past, is_present, past_key,
 )
+from ..hostcpu import resolve_threads
 from ..manifest import Manifest
 from . import BACKENDS
-from .base import check_options, Backend, is_visual_segment
+from .base import check_options, context_limit, Backend, is_visual_segment
 
 PROVIDER_ALIASES = {
     "cpu": ["CPUExecutionProvider"],
@@ -68,13 +73,11 @@ def resolve_providers(ort, providers: str | Sequence[str] | None) -> list[str]:
     return [p for p in wanted if p in available]
 
 
-def session_options(ort, threads: int = 0, graph_optimization: str = "all"):
+def session_options(ort, threads: int | None = None, graph_optimization: str = "all", verbose: bool = False):
     if graph_optimization not in OPT_LEVELS:
         raise EdgeVLMError(f"graph_optimization must be one of {', '.join(OPT_LEVELS)}, got {graph_optimization!r}")
-    if not isinstance(threads, int) or threads < 0:
-        raise EdgeVLMError(f"threads must be an integer >= 0, got {threads!r}")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = resolve_threads(threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = {
@@ -83,7 +86,7 @@ def session_options(ort, threads: int = 0, graph_optimization: str = "all"):
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[graph_optimization]
-    opts.log_severity_level = 3
+    opts.log_severity_level = 1 if verbose else 3  # INFO | ERROR; per session, so per backend instance
     return opts
 
 
@@ -102,12 +105,14 @@ class OrtBackend(Backend):
     supports_prefix = True
 
     def __init__(self, root: Path, manifest: Manifest, providers: str | Sequence[str] | None = None,
-                 threads: int = 0, graph_optimization: str = "all", io_binding: bool = True,
-                 model_format: str = "onnx", profile_dir: str | None = None):
+                 threads: int | None = None, verbose: bool = False, max_context: int | None = None,
+                 graph_optimization: str = "all", io_binding: bool = True, model_format: str = "onnx",
+                 profile_dir: str | None = None):
         if manifest.target != "onnx":
             raise BundleError(f"{root}: a {manifest.target!r} bundle; the ort backend reads ONNX bundles")
         if model_format not in ("onnx", "ort"):
             raise EdgeVLMError(f"model_format must be 'onnx' or 'ort', got {model_format!r}")
+        self.n_ctx = context_limit(max_context, manifest.model.max_positions, "the model (max_positions)")
         ort = import_ort()
         self.ort = ort
         self.providers = resolve_providers(ort, providers)
@@ -117,11 +122,10 @@ class OrtBackend(Backend):
             Path(profile_dir).mkdir(parents=True, exist_ok=True)
         self.sessions = {}
         for g in ("vision_encoder", "embed_tokens", "decoder"):
-            opts = session_options(ort, threads, graph_optimization)
+            opts = session_options(ort, threads, graph_optimization, verbose)
             if profile_dir is not None:
                 opts.enable_profiling, opts.profile_file_prefix = True, str(Path(profile_dir) / g)
             self.sessions[g] = self._session(root, manifest, role(g), opts)
-        self.n_ctx = manifest.model.max_positions
         self.io_binding = io_binding
         dec = self.sessions["decoder"]
         self.past_names = [i.name for i in dec.get_inputs() if is_past(i.name)]
@@ -272,7 +276,7 @@ class OrtBackend(Backend):
         return outs[0].numpy(), list(outs[1:])
 
 
-OPTIONS = ("providers", "threads", "graph_optimization", "io_binding", "model_format", "profile_dir")
+OPTIONS = ("providers", "graph_optimization", "io_binding", "model_format", "profile_dir")  # + COMMON_OPTIONS
 
 
 def _open(root: Path, manifest: Manifest, **options: Any) -> OrtBackend:

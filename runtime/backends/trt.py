@@ -16,8 +16,11 @@ Every call returns after a stream synchronisation, so the loop's timings are GPU
 An engine runs only on the TensorRT version and GPU it was built for; the manifest records both and
 the backend refuses a mismatch with a message instead of crashing in TensorRT.
 
-Options (``Runtime.load(bundle, backend="trt", **options)``): ``device`` (CUDA device index,
-default 0), ``verbose`` (TensorRT's log at INFO instead of WARNING).
+Options (``Runtime.load(bundle, **options)``): the common ``verbose`` (TensorRT's log at INFO instead
+of WARNING; TensorRT's logger belongs to the instance), ``max_context`` (at most the engines' context,
+``--max-seq`` at build time: the buffers are sized then, so this only lowers the limit) and
+``threads`` (checked, no effect: the engines run on the GPU and the host side is one thread); and
+``device`` (CUDA device index, default 0).
 """
 from __future__ import annotations
 
@@ -33,9 +36,10 @@ from ..graph_io import (
     ATTENTION_MASK, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, PIXEL_VALUES, POSITION_IDS, is_past,
     is_present, present_for,
 )
+from ..hostcpu import resolve_threads
 from ..manifest import Manifest
 from . import BACKENDS
-from .base import check_options, Backend, is_visual_segment
+from .base import check_options, context_limit, Backend, is_visual_segment
 
 # --- pure helpers (unit-tested without TensorRT) --------------------------------------------------
 
@@ -138,7 +142,8 @@ class Engine:
 class TrtBackend(Backend):
     name = "trt"
 
-    def __init__(self, root: Path, manifest: Manifest, device: int = 0, verbose: bool = False):
+    def __init__(self, root: Path, manifest: Manifest, device: int = 0, verbose: bool = False,
+                 max_context: int | None = None):
         if manifest.target != "trt":
             raise BundleError(f"{root}: a {manifest.target!r} bundle; the trt backend reads TensorRT bundles "
                               "(python export/to_trt.py --bundle ONNX_BUNDLE --out DIR)")
@@ -146,6 +151,7 @@ class TrtBackend(Backend):
         self.cuda = Cuda(import_cudart(), device)
         try:
             self._load(trt, Path(root), manifest, verbose)
+            self.n_ctx = context_limit(max_context, self.n_ctx, "the TensorRT engines (--max-seq)")
         except BaseException:
             self.close()
             raise
@@ -271,11 +277,12 @@ class TrtBackend(Backend):
             self.cuda.close()
 
 
-OPTIONS = ("device", "verbose")
+OPTIONS = ("device",)  # + COMMON_OPTIONS
 
 
-def _open(root: Path, manifest: Manifest, **options: Any) -> TrtBackend:
+def _open(root: Path, manifest: Manifest, threads: int | None = None, **options: Any) -> TrtBackend:
     check_options("trt", options, OPTIONS)
+    resolve_threads(threads)  # a bad value is refused as on every backend; the GPU needs no CPU threads
     return TrtBackend(root, manifest, **options)
 
 

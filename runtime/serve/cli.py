@@ -1,7 +1,7 @@
 """Serve a bundle over HTTP with an OpenAI-compatible API (chat completions with images, streaming).
 
 Example:
-    edgevlm serve --bundle bundles/tiny-gguf --backend llamacpp --port 8080
+    edgevlm serve --bundle bundles/tiny-gguf --port 8080
     curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "tiny-gguf", "messages": [{"role": "user", "content": "Hello"}]}'
 
@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli_run import add_runtime_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, help="bundle dir (manifest.json)")
-    p.add_argument("--backend", default="ort", help="ort (default) | llamacpp | trt | torch")
+    p.add_argument("--bundle", required=True, help="bundle dir (manifest.json), or a model dir or preset (torch)")
+    add_runtime_arguments(p)  # --backend (default: the bundle's own), --threads, --max-context, ...
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the bundle dir's name)")
@@ -30,17 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--image-cache-mb", type=float, default=64.0, help="image-embedding cache size (0: off)")
     p.add_argument("--no-prefix-reuse", action="store_true", help="always prefill the whole prompt")
-    p.add_argument("--threads", type=int, default=None, help="ort: intra-op threads; llamacpp: n_threads")
-
-
-def backend_options(args: argparse.Namespace) -> dict:
-    if args.threads is None:
-        return {}
-    return {"n_threads": args.threads} if args.backend == "llamacpp" else {"threads": args.threads}
 
 
 def build(args: argparse.Namespace):
     """(ASGI app, runtime) for the parsed arguments."""
+    from ..cli_run import runtime_options
     from ..engine import Runtime
     from ..errors import EdgeVLMError
     from ..preprocess import DEFAULT_MAX_PIXELS
@@ -52,7 +48,7 @@ def build(args: argparse.Namespace):
     if args.image_root is not None and not args.image_root.is_dir():
         raise EdgeVLMError(f"--image-root {args.image_root}: not a directory")
     rt = Runtime.load(args.bundle, backend=args.backend, image_cache_mb=args.image_cache_mb,
-                      prefix_reuse=not args.no_prefix_reuse, **backend_options(args))
+                      prefix_reuse=not args.no_prefix_reuse, **runtime_options(args))
     limits = Limits(max_image_bytes=int(args.max_image_mb * (1 << 20)),
                     max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, max_images=args.max_images,
                     image_root=args.image_root, default_max_tokens=args.max_tokens)
