@@ -12,7 +12,8 @@ profile_ort.py.
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from edgevlm.runtime.subcommands import add_subcommands
 
 STEPS = {"run": "edgevlm.benchmarks.run", "report": "edgevlm.benchmarks.report",
          "project": "edgevlm.benchmarks.projection", "study": "edgevlm.benchmarks.study_integrators",
@@ -20,14 +21,4 @@ STEPS = {"run": "edgevlm.benchmarks.run", "report": "edgevlm.benchmarks.report",
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="step", metavar="STEP", required=True)
-    for name, module_name in STEPS.items():
-        module = importlib.import_module(module_name)
-        sp = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0], description=module.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(sp)
-        sp.set_defaults(_step_run=module.run)
-
-
-def run(args: argparse.Namespace) -> int:
-    return args._step_run(args)
+    add_subcommands(p, STEPS, "step", "STEP")  # the step's module runs it

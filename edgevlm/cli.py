@@ -1,17 +1,17 @@
 """``edgevlm <subcommand>``: one subcommand per role; each lives in the module that does the work.
 
 Each command module defines ``add_arguments(parser)`` and ``run(args) -> int | None`` and a
-docstring (its help). Modules are imported lazily, so ``edgevlm run`` never imports torch.
+docstring (its help); ``runtime.subcommands`` builds the parser (the same for ``edgevlm export`` and
+``edgevlm bench``). Modules are imported lazily, so ``edgevlm run`` never imports torch.
 User mistakes (EdgeVLMError) print one line and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.subcommands import add_subcommands, run_command
 
 COMMANDS: dict[str, str] = {
     "list": "edgevlm.train.listing",
@@ -25,33 +25,11 @@ COMMANDS: dict[str, str] = {
     "serve": "edgevlm.runtime.serve.cli",
     "bench": "edgevlm.benchmarks.cli",
 }
-# --backend NAME -> the module of a layer above the runtime that registers it (the runtime never names them)
-LAYER_BACKENDS: dict[str, str] = {"torch": "edgevlm.model.torch_backend"}
-
-
-def _summary(module_name: str) -> str:
-    # read the first docstring line without importing the module (keeps --help fast)
-    spec = importlib.util.find_spec(module_name)
-    with open(spec.origin) as f:
-        text = f.read()
-    doc = text.split('"""')[1] if '"""' in text else ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgevlm", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
-        if importlib.util.find_spec(module_name) is None:
-            continue  # a role whose module is not present in this checkout
-        if only is not None and name != only:
-            sub.add_parser(name, help=_summary(module_name))
-            continue
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=_summary(module_name), description=module.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+    add_subcommands(parser, COMMANDS, "command", only=only)
     return parser
 
 
@@ -64,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if (module := LAYER_BACKENDS.get(getattr(args, "backend", None))) is not None:
-            importlib.import_module(module)  # registers the backend with the runtime
-        return int(args._run(args) or 0)
+        return run_command(args)
     except EdgeVLMError as e:
         print(f"edgevlm {args.command}: error: {e}", file=sys.stderr)
         return 2

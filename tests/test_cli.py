@@ -82,3 +82,29 @@ def test_malformed_dataset_is_one_line(tmp_path):
     (tmp_path / "train.json").write_text("[{]")
     (tmp_path / "r.yaml").write_text(f"stages:\n  - name: s\n    data: {tmp_path / 'train.json'}\n")
     _one_line_error(run("train", "--recipe", str(tmp_path / "r.yaml")), "train.json")
+
+
+@pytest.mark.parametrize("argv, module", [
+    (["run", "--bundle", "b", "--prompt", "p"], "edgevlm.runtime.cli_run"),
+    (["export", "onnx", "--model", "tiny", "--out", "o"], "edgevlm.export.to_onnx"),
+    (["bench", "profile", "b"], "edgevlm.benchmarks.profile_ort"),
+])
+def test_one_dispatcher_runs_the_innermost_subcommand(argv, module):
+    """``edgevlm``, ``edgevlm export`` and ``edgevlm bench`` share ``runtime.subcommands``: the parsed
+    arguments carry the ``run`` of the module that defines the innermost subcommand."""
+    import importlib
+
+    from edgevlm.cli import build_parser
+
+    args = build_parser(argv[0]).parse_args(argv)
+    assert args._run is importlib.import_module(module).run
+
+
+def test_only_the_chosen_commands_module_is_imported():
+    """The other commands are listed from their docstrings: none of their modules, nor torch, is imported."""
+    code = ("import sys\nfrom edgevlm.cli import build_parser\nbuild_parser('run')\n"
+            "print('torch' in sys.modules, sorted(m for m in sys.modules if m.startswith("
+            "('edgevlm.model', 'edgevlm.train.', 'edgevlm.export.', 'edgevlm.benchmarks.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False []"
