@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch  # at import: without PyTorch the runtime's registry refuses backend 'torch' naming the extra
 
 from edgevlm.runtime.backends import BACKENDS, MODEL_DIR_BACKENDS
 from edgevlm.runtime.backends.base import Backend, check_options, context_limit, is_visual_segment
@@ -36,8 +37,6 @@ class TorchBackend(Backend):
     cacheable_images = False  # encode_image keeps per-image LLM weights for the next prefill
 
     def __init__(self, model, device: str | None = None):
-        import torch
-
         self.torch = torch
         self.model = model.eval()
         if device is not None:
@@ -99,8 +98,6 @@ OPTIONS = ("device",)
 def open_model(model, device: str | None = None, threads: int | None = None, verbose: bool = False,
                max_context: int | None = None) -> TorchBackend:
     """``model`` behind the backend interface, with the runtime's options applied."""
-    import torch
-
     del verbose  # accepted like every backend's; nothing to show
     torch.set_num_threads(resolve_threads(threads))
     backend = TorchBackend(model, device)

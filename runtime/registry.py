@@ -54,7 +54,8 @@ class Registry(Generic[T]):
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise EdgeVLMError(f"{self.kind} {name!r} needs {module}, which cannot be imported here ({e})") from None
+            raise EdgeVLMError(f"{self.kind} {name!r} needs {module}, which cannot be imported here ({e})"
+                               + (f"; {self.hint}" if self.hint else "")) from None
         if name not in self._items:
             raise RuntimeError(f"importing {module} did not register {self.kind} {name!r}")
 

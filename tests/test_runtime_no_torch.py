@@ -87,3 +87,34 @@ def test_cli_run_without_torch(bundle, image):
     p = _run(code, "run", "--bundle", str(bundle), "--image", str(bundle / "manifest.json"), "--prompt", "x")
     assert p.returncode == 2 and "not an image" in p.stderr  # one line, no traceback
     assert "Traceback" not in p.stderr
+
+
+@pytest.fixture(scope="module")
+def gguf_bundle(tiny_model, tmp_path_factory):
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    from edgevlm.export.to_gguf import export_gguf
+
+    return export_gguf(tiny_model.float().eval(), tmp_path_factory.mktemp("no_torch_gguf") / "tiny", ["q4_0"],
+                       progress=False, token_check=0)
+
+
+def test_cli_run_takes_the_backend_from_the_bundle_without_torch(gguf_bundle, bundle, image):
+    """``edgevlm run --bundle`` with no --backend: the GGUF bundle runs on llama.cpp, the ONNX one on
+    ONNX Runtime, torch never imported."""
+    code = BLOCK + ("from edgevlm.cli import main\nrc = main(sys.argv[1:])\n"
+                    "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)))\nsys.exit(rc)")
+    code = "import json\n" + code
+    for b in (gguf_bundle, bundle):
+        p = _run(code, "run", "--bundle", str(b), "--image", str(image), "--prompt", "What colour?",
+                 "--max-new-tokens", "3", "--threads", "1", "--json")
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.strip().splitlines()
+        assert json.loads(lines[-2])["timings"]["n_generated"] >= 1 and lines[-1] == "[]"
+
+
+def test_a_model_dir_without_torch_is_one_line_naming_the_extra(tmp_path):
+    code = BLOCK + "from edgevlm.cli import main\nsys.exit(main(sys.argv[1:]))"
+    p = _run(code, "run", "--bundle", "tiny", "--prompt", "hi")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "tiny: not a bundle" in p.stderr and "pip install 'edgevlm[train]'" in p.stderr

@@ -116,9 +116,12 @@ class Served:
 
 
 def _serve(bundle, backend: str, tmp_path, *extra: str, slow: float = 0.0) -> Served:
+    """``edgevlm serve`` without --backend: the bundle's manifest picks ``backend``."""
     threads = ["--threads", "1"]
-    return Served(["--bundle", str(bundle), "--backend", backend, "--model-name", MODEL, "--api-key", KEY,
-                   "--image-root", str(tmp_path), *threads, *extra], slow=slow)
+    served = Served(["--bundle", str(bundle), "--model-name", MODEL, "--api-key", KEY,
+                     "--image-root", str(tmp_path), *threads, *extra], slow=slow)
+    assert served.rt.backend.name == backend
+    return served
 
 
 # --- fixtures: bundles and servers ------------------------------------------------------------------

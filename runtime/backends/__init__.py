@@ -31,7 +31,7 @@ ANY_BUNDLE = ("torch",)  # read every bundle: the PyTorch model it was exported 
 
 _HINT = "torch needs PyTorch (pip install 'edgevlm[train]')"
 BACKENDS: Registry = Registry("backend", hint=_HINT, modules=BACKEND_MODULES)
-MODEL_DIR_BACKENDS: Registry = Registry("backend for a model dir", hint=_HINT,
+MODEL_DIR_BACKENDS: Registry = Registry("backend", hint=_HINT,  # a model dir or preset
                                         modules={MODEL_DIR_BACKEND: BACKEND_MODULES[MODEL_DIR_BACKEND]})
 
 __all__ = ["BACKENDS", "MODEL_DIR_BACKENDS", "COMMON_OPTIONS", "Backend", "backend_for", "get_backend"]
