@@ -96,7 +96,7 @@ def profile(bundle: str, threads: int, prompt_tokens: int, new_tokens: int, runs
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="an ONNX bundle")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ONNX Runtime's default)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: every usable core)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--runs", type=int, default=2, help="profiled generations after one warm-up")
