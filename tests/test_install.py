@@ -89,8 +89,7 @@ def declared(bare, tmp_path_factory) -> dict[str, list[Requirement]]:
     meta = resolve(bare, tmp_path_factory.mktemp("declared") / "report.json", ".")["edgevlm"]
     out: dict[str, list[Requirement]] = {}
     for req in map(Requirement, meta["requires_dist"]):
-        extras = [m for m in re.findall(r'extra == "([^"]+)"', str(req.marker or ""))] or [""]
-        for extra in extras:
+        for extra in re.findall(r'extra == "([^"]+)"', str(req.marker or "")) or [""]:
             out.setdefault(extra, []).append(req)
     return out
 
