@@ -114,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="model dir or preset (PyTorch)")
     which.add_argument("--bundle", help="an exported bundle, answered through the on-device runtime")
-    p.add_argument("--backend", default="ort", help="runtime backend for --bundle (default: %(default)s)")
+    p.add_argument("--backend", default=None, help="runtime backend for --bundle (default: the bundle's own)")
     p.add_argument("--data", default="data/shapes", help="dataset folder with {split}.json (default: %(default)s)")
     p.add_argument("--split", default="test")
     p.add_argument("--max-records", type=int, default=0)
@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
         with Runtime.load(args.bundle, backend=args.backend) as rt:
             result = evaluate_model(rt, args.data, args.split, args.max_records, predictions=predictions)
-        result["bundle"], result["backend"] = str(args.bundle), args.backend
+            result["backend"] = rt.backend.name
+        result["bundle"] = str(args.bundle)
     else:
         from edgevlm import load_model
 
