@@ -291,7 +291,7 @@ def test_backend_refuses_other_bundles_and_missing_libraries(onnx_bundle, manife
     from edgevlm.runtime import Runtime
     from edgevlm.runtime.manifest import BundleWriter, FileEntry, Manifest
 
-    with pytest.raises(BundleError, match="TensorRT bundles"):
+    with pytest.raises(EdgeVLMError, match="the trt backend cannot read it \\(backend='ort' does"):
         Runtime.load(onnx_bundle, backend="trt")
     with BundleWriter(tmp_path / "fake-trt") as w:  # a TensorRT bundle as to_trt.py lays it out
         for g in trt_plan.GRAPHS:
@@ -301,7 +301,7 @@ def test_backend_refuses_other_bundles_and_missing_libraries(onnx_bundle, manife
         root = w.commit(Manifest("trt", manifest.model, manifest.preprocess, manifest.chat_template,
                                  dict(manifest.tokens), files, target_info={"tensorrt": "10.3.0"}))
     with pytest.raises(EdgeVLMError, match="unknown trt backend option"):
-        Runtime.load(root, backend="trt", threads=2)
+        Runtime.load(root, backend="trt", providers="cuda")  # an ort option; threads is every backend's
     try:
         import tensorrt  # noqa: F401
     except ImportError:
