@@ -159,3 +159,15 @@ def test_verbose_is_taken_by_every_backend(onnx_bundle, model_dir):
     for path in (onnx_bundle, model_dir):
         with Runtime.load(path, threads=1, verbose=True) as rt:
             assert rt.generate(None, "Hello", max_new_tokens=1).token_ids
+
+
+def test_the_cli_passes_its_runtime_flags_to_the_bundles_backend(gguf_bundle, capsys):
+    import json
+
+    from edgevlm.cli import main
+
+    argv = ["run", "--bundle", str(gguf_bundle), "--prompt", "Hello", "--max-new-tokens", "2", "--json"]
+    assert main([*argv, "--threads", "1", "--quant", "f16", "--max-context", "64"]) == 0
+    assert json.loads(capsys.readouterr().out)["timings"]["n_generated"] >= 1
+    assert main([*argv, "--providers", "cuda"]) == 2  # an ort option on a GGUF bundle
+    assert "unknown llamacpp backend option(s) providers; valid: threads" in capsys.readouterr().err
