@@ -186,7 +186,7 @@ def bundle_facts(bundle: Path, case: dict) -> dict:
         sizes[role] = sizes.get(role, 0) + (bundle / f.path).stat().st_size / 2**20
     facts: dict[str, Any] = {"artifact_mb": {k: round(v, 2) for k, v in sizes.items()}}
     if m.target == "gguf":
-        llm = bundle / m.target_info["llm"][case["precision"]]
+        llm = bundle / m.target_info.llm[case["precision"]]
         facts["decode_weight_bytes"] = gguf_read_bytes(llm)
         facts.update(kv_bits=16, vision_precision="f16")
     elif m.target == "onnx":

@@ -254,7 +254,7 @@ def _export_refusal(case: dict) -> str | None:
     name, spec = case["integrator"], case["export"]
     if not name or not spec or name not in INTEGRATORS:
         return None
-    target = {"trt": "tensorrt"}.get(spec["target"], spec["target"])
+    target = spec["target"]
     reason = export_refusal(name, target) if target in EXPORT_TARGETS else None
     return f"integrator {name!r} cannot be exported to {target}: {reason}" if reason else None
 

@@ -183,22 +183,20 @@ class _RawLlama:
 
 
 def measure_llamacpp_raw(case: dict, prepared: dict) -> dict:
-    import json
-
-    from edgevlm.runtime.chat import TEMPLATES
+    from edgevlm.runtime.manifest import read_manifest
     from edgevlm.runtime.tokenizer import TextTokenizer
 
     bundle = Path(prepared["artifact"])
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    info = manifest["target_info"]
+    manifest = read_manifest(bundle, verify=False)
+    info = manifest.target_info
     wl = case["workload"]
     tok = TextTokenizer.from_dir(bundle)  # only to size the question like the other cases; not timed
     question = filler_question(tok.encode, wl["prompt_tokens"])
-    raw = _RawLlama(bundle / info["llm"][case["precision"]], bundle / info["mmproj"], threads_of(case),
-                    int(manifest["model"]["max_positions"]), gpu=accelerator(case) == "gpu")
+    raw = _RawLlama(bundle / info.llm[case["precision"]], bundle / info.mmproj, threads_of(case),
+                    manifest.model.max_positions, gpu=accelerator(case) == "gpu")
     rss_loaded = current_rss_mb()
     marker = raw.M.mtmd_default_marker().decode()
-    text = TEMPLATES[manifest["chat_template"]].prompt_text(image_prompt(question, wl["images"]), first=True)
+    text = manifest.chat_template.prompt_text(image_prompt(question, wl["images"]), first=True)
     with tempfile.TemporaryDirectory() as tmp:
         files = []
         for i in range(wl["images"]):

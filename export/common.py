@@ -3,16 +3,14 @@
 export/ runs by path.)"""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 from edgevlm.runtime.errors import EdgeVLMError
 
 from edgevlm.runtime.manifest import BundleWriter, FileEntry
+from edgevlm.runtime.tokenizer import copy_tokenizer_files
 from edgevlm.model.summary import base_manifest, library_versions, model_summary  # noqa: F401 (exporters' API)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def load_for_export(model: str, cli_overrides: Sequence[str] = (), **overrides: Any):
@@ -43,11 +41,7 @@ def model_source(model: str) -> str | None:
 
 
 def copy_tokenizer(model, writer: BundleWriter) -> list[FileEntry]:
-    """The tokenizer travels with the bundle (``tokenizer.json`` is what the runtime reads)."""
-    entries = []
-    for name in TOKENIZER_FILES:
-        src = Path(model.tokenizer_dir) / name
-        if src.is_file():
-            shutil.copy2(src, writer.path(name))
-            entries.append(FileEntry(name, "tokenizer" if name == "tokenizer.json" else "tokenizer_extra"))
-    return entries
+    """The tokenizer travels with the bundle (the runtime's ``TOKENIZER_FILES``, as in a model dir;
+    ``tokenizer.json`` is what the runtime reads)."""
+    names = copy_tokenizer_files(model.tokenizer_dir, writer.dir)
+    return [FileEntry(n, "tokenizer" if n == "tokenizer.json" else "tokenizer_extra") for n in names]

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgevlm.runtime.chat import TEMPLATES, ChatTemplate
+from edgevlm.runtime.chat import ChatTemplate, get_template
 from edgevlm.runtime.errors import EdgeVLMError
 
 from .gguf_io import to_numpy, write_gguf
@@ -93,7 +93,7 @@ def add_tokenizer(w, model) -> None:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(space_prefix)
-    w.add_chat_template(chat_template_jinja(TEMPLATES[cfg.chat_template]))
+    w.add_chat_template(chat_template_jinja(get_template(cfg.chat_template)))
 
 
 def chat_template_jinja(t: ChatTemplate) -> str:

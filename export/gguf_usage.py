@@ -10,15 +10,14 @@ and a newline at the start of the prompt.
 """
 from __future__ import annotations
 
-from edgevlm.runtime.chat import TEMPLATES
+from edgevlm.runtime.chat import ChatTemplate
 
 MARKER = "<__media__>"  # llama-mtmd-cli's default media marker (mtmd_default_marker)
 
 
-def llama_cpp_usage(chat_template: str, llm: str, mmproj: str) -> dict[str, str]:
+def llama_cpp_usage(t: ChatTemplate, llm: str, mmproj: str) -> dict[str, str]:
     """{"cli", "server", "request"}: shell commands and the chat request body (JSON text) that
     answer as ``Runtime.load(bundle, backend="llamacpp")`` does (greedy: temperature 0)."""
-    t = TEMPLATES[chat_template]
     files = f"-m {llm} --mmproj {mmproj}"
     if t.llama_cpp:
         cli = f'llama-mtmd-cli {files} --image IMAGE.png -p "QUESTION" --temp 0'
@@ -33,15 +32,14 @@ def llama_cpp_usage(chat_template: str, llm: str, mmproj: str) -> dict[str, str]
     return {"cli": cli, "server": f"llama-server {files}", "request": request}
 
 
-def readme(chat_template: str, llm_files: dict[str, str], mmproj: str) -> str:
+def readme(t: ChatTemplate, llm_files: dict[str, str], mmproj: str) -> str:
     """The bundle's README.md: the edgevlm command and llama.cpp's, for the first (default) quant."""
     llm = next(iter(llm_files.values()))
-    u = llama_cpp_usage(chat_template, llm, mmproj)
-    t = TEMPLATES[chat_template]
+    u = llama_cpp_usage(t, llm, mmproj)
     how = ("llama.cpp's tools run it with their default flags (the chat template is llama.cpp's built-in "
            f"`{t.llama_cpp}` format, the image before the question, as the model was trained)."
            if t.llama_cpp else
-           f"Its chat template (`{chat_template}`) has no llama.cpp built-in twin: pass `--jinja` to "
+           f"Its chat template (`{t.name}`) has no llama.cpp built-in twin: pass `--jinja` to "
            f"llama-mtmd-cli (llama-server uses it by default) and start the prompt with `{MARKER}` and "
            "the newline the model was trained with.")
     return f"""# GGUF bundle

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 LEGEND = {
     "onnx": "torch vs ONNX Runtime parity (tests/test_onnx_export.py)",
-    "tensorrt": "every op in TensorRT 10.3's ONNX parser list (tests/test_trt.py); engine parity runs where TensorRT exists",
+    "trt": "TensorRT engines: every op in TensorRT 10.3's ONNX parser list (tests/test_trt.py); engine parity runs where TensorRT exists",
     "gguf": "mmproj embeddings vs torch, cosine >= 0.999 (tests/test_llamacpp_backend.py)",
     "coreml": "conversion + spec checks on Linux (tests/test_coreml.py); predictions on macOS",
 }

@@ -158,13 +158,10 @@ def export_coreml(model, out: str | Path, weights: str = "fp16", max_context: in
         files.append(FileEntry(EMBED_FILE, "embed_tokens"))
         files += copy_tokenizer(model, writer)
         bar.update(1)
-        info = _target_info(model, weights, max_context, compression, embed)
-        info["coremltools"] = ct.__version__
         bar.set_postfix_str("validate")
-        info["validation"] = _validation(model, writer.dir, weights) if validate else {"skipped": "disabled"}
-        if source:
-            info["source"] = source
-        info["export_s"] = round(time.perf_counter() - t0, 1)
+        validation = _validation(model, writer.dir, weights) if validate else {"skipped": "disabled"}
+        info = _target_info(model, weights, max_context, compression, embed, coremltools=ct.__version__,
+                            validation=validation, source=source or "", export_s=round(time.perf_counter() - t0, 1))
         manifest = base_manifest(model, "coreml", files, "edgevlm.export.to_coreml", ("coremltools",), info)
         path = writer.commit(manifest)
         bar.update(1)
@@ -172,20 +169,23 @@ def export_coreml(model, out: str | Path, weights: str = "fp16", max_context: in
     return path
 
 
-def _target_info(model, weights: str, max_context: int, compression: dict, embed: dict) -> dict[str, Any]:
+def _target_info(model, weights: str, max_context: int, compression: dict, embed: dict, **facts: Any):
+    """The manifest's ``CoremlInfo``; ``facts``: coremltools, validation, source, export_s."""
+    from edgevlm.runtime.target_info import CoremlEmbeddings, CoremlInfo
+
     from .coreml_decoder import MASK_MIN, DecoderDims
     from .coreml_vision import vision_io_spec
 
     dims = DecoderDims.of(model.llm, max_context)
-    return {
-        "deployment": DEPLOYMENT, "weights": weights, "max_context": max_context,
-        "packages": {"vision_encoder": {"path": PACKAGES["vision_encoder"], **vision_io_spec(model)},
-                     "decoder": {"path": PACKAGES["decoder"], **dims.io_spec()}},
-        "compression": compression, "embed_tokens": embed,
-        CAUSAL_MASK: {"visible": 0.0, "hidden": MASK_MIN, "position": "P = last dim - T"},
-        "kv_cache": {"layout": ["layer", "batch", "num_kv_heads", "max_context", "head_dim"],
-                     "dtype": "float16", "states": [KEY_CACHE, VALUE_CACHE]},
-    }
+    return CoremlInfo(
+        deployment=dict(DEPLOYMENT), weights=weights, max_context=max_context,
+        packages={"vision_encoder": {"path": PACKAGES["vision_encoder"], **vision_io_spec(model)},
+                  "decoder": {"path": PACKAGES["decoder"], **dims.io_spec()}},
+        compression=compression, embed_tokens=CoremlEmbeddings(**embed),
+        causal_mask={"visible": 0.0, "hidden": MASK_MIN, "position": "P = last dim - T"},
+        kv_cache={"layout": ["layer", "batch", "num_kv_heads", "max_context", "head_dim"],
+                  "dtype": "float16", "states": [KEY_CACHE, VALUE_CACHE]},
+        **facts)
 
 
 def tolerances(weights: str) -> dict[str, float]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from edgevlm.export.token_check import PROMPTS, check_prompt_count
+from edgevlm.export.token_check import add_argument as add_token_check_argument
+
 DEFAULT_QUANTS = ("q4_k_m", "f16")  # the first is the bundle's default_quant
-TOKEN_CHECK_PROMPTS = 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,23 +29,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "alone; its llava graph misplaces CLS, see export/gguf_mmproj.py) or keep "
                         "(for a llama.cpp with that fixed) (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="quantiser threads (0: all cores)")
-    p.add_argument("--token-check", type=int, default=TOKEN_CHECK_PROMPTS, metavar="N",
-                   help="held-out prompts each quant type answers beside PyTorch; KL divergence and same-top-token "
-                        "rate go into the manifest (0: skip) (default: %(default)s)")
+    add_token_check_argument(p, per="each quant type")
 
 
 def export_gguf(model, out, quants=DEFAULT_QUANTS, cls: str = "omit", threads: int = 0,
-                source: str | None = None, progress: bool = True, token_check: int = TOKEN_CHECK_PROMPTS) -> Path:
+                source: str | None = None, progress: bool = True, token_check: int = PROMPTS) -> Path:
     """Write the GGUF bundle for ``model`` (an EdgeVLM) to ``out``; returns its path. ``token_check``:
     how many held-out prompts each quant type answers beside PyTorch (0: skip)."""
     from edgevlm.export.common import base_manifest, copy_tokenizer, require_exportable
     from edgevlm.export.gguf_llm import write_llm
+    from edgevlm.runtime.chat import get_template
     from edgevlm.export.gguf_mmproj import projector_type, write_mmproj
     from edgevlm.export.gguf_quant import check_quant_types, llama_cpp_versions, quantize, tensor_types
     from edgevlm.export.gguf_usage import llama_cpp_usage, readme
     from edgevlm.runtime.backends.llamacpp import quiet_llama_logs
     from edgevlm.runtime.gguf_check import check_pair
     from edgevlm.runtime.manifest import BundleWriter, FileEntry
+    from edgevlm.runtime.target_info import GgufInfo, LlamaCppUsage
 
     quants = check_quant_types(quants)
     require_exportable(model, "gguf")  # refuse unsupported integrators before writing anything
@@ -69,22 +71,24 @@ def export_gguf(model, out, quants=DEFAULT_QUANTS, cls: str = "omit", threads: i
             check_pair(w.path(rel), w.path("mmproj-f16.gguf"))  # what the backend checks on load
         files = [FileEntry(rel, "llm") for rel in llm_files.values()]
         files += [FileEntry("mmproj-f16.gguf", "mmproj"), *copy_tokenizer(model, w), FileEntry("README.md", "readme")]
-        w.path("README.md").write_text(readme(model.cfg.chat_template, llm_files, "mmproj-f16.gguf"))
-        info = {"quant_types": quants, "default_quant": quants[0], "llm": llm_files,
-                "mmproj": "mmproj-f16.gguf", "mmproj_type": "f16", **mm_info,
-                "llm_tensors": llm_info["n_tensors"],
-                "tensor_types": {q: tensor_types(w.path(rel)) for q, rel in llm_files.items()},
-                "llama_cpp": llama_cpp_versions(),
-                "llama_cpp_usage": llama_cpp_usage(model.cfg.chat_template, llm_files[quants[0]], "mmproj-f16.gguf")}
-        if source:
-            info["source"] = source
+        template = get_template(model.cfg.chat_template)
+        w.path("README.md").write_text(readme(template, llm_files, "mmproj-f16.gguf"))
+        info = GgufInfo(quant_types=list(quants), default_quant=quants[0], llm=llm_files, mmproj="mmproj-f16.gguf",
+                        mmproj_type="f16", projector_type=mm_info["projector_type"],
+                        vision_layers=mm_info["vision_layers"], cls=mm_info["cls"], mmproj_tensors=mm_info["n_tensors"],
+                        mm_embd=mm_info["mm_embd"], llm_tensors=llm_info["n_tensors"],
+                        tensor_types={q: tensor_types(w.path(rel)) for q, rel in llm_files.items()},
+                        llama_cpp=llama_cpp_versions(),
+                        llama_cpp_usage=LlamaCppUsage(**llama_cpp_usage(template, llm_files[quants[0]],
+                                                                        "mmproj-f16.gguf")),
+                        source=source or "")
         manifest = base_manifest(model, "gguf", files, "edgevlm.export.to_gguf",
                                  libraries=("gguf", "llama_cpp_python"), target_info=info)
         if token_check:
             from .token_check import check_tokens
 
-            manifest.target_info["token_check"] = {q: check_tokens(model, w.dir, manifest, token_check, backend="llamacpp",
-                                                   quant=q, threads=1) for q in quants}
+            info.token_check = {q: check_tokens(model, w.dir, manifest, token_check, backend="llamacpp", quant=q,
+                                                n_threads=1) for q in quants}
         return w.commit(manifest)
 
 
@@ -102,26 +106,24 @@ def _progress(names: list[str], enabled: bool):
 def run(args: argparse.Namespace) -> int:
     from edgevlm.export.common import load_for_export
     from edgevlm.export.gguf_quant import check_quant_types
-    from edgevlm.runtime.errors import EdgeVLMError
     from edgevlm.runtime.manifest import read_manifest
 
     check_quant_types(args.quant)  # before the (slow) model load
+    check_prompt_count(args.token_check)
     model = load_for_export(args.model)
     source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
-    if args.token_check < 0:
-        raise EdgeVLMError(f"--token-check must be >= 0, got {args.token_check}")
     out = export_gguf(model, args.out, args.quant, cls=args.cls, threads=args.threads, source=source,
                       token_check=args.token_check)
     m = read_manifest(out, verify=False)
-    print(f"wrote {out} ({m.target_info['projector_type']} projector, "
-          f"{m.target_info['vision_layers']} ViT layers)")
+    info = m.target_info
+    print(f"wrote {out} ({info.projector_type} projector, {info.vision_layers} ViT layers)")
     for f in m.files:
         if f.role in ("llm", "mmproj"):
             print(f"  {f.path:<22} {f.size / 2**20:8.1f} MiB")
-    for q, types in m.target_info["tensor_types"].items():
+    for q, types in info.tensor_types.items():
         print(f"  {q:<8} tensor types: {', '.join(f'{k} x{v}' for k, v in types.items())}")
-        if (tc := m.target_info.get("token_check", {}).get(q)) is not None:
-            print(f"  {q:<8} vs PyTorch: same top token {tc['same_top_token']:.1%}, mean KL {tc['kl_mean']:.2g}")
+        if (tc := info.token_check.get(q)) is not None:
+            print(f"  {q:<8} vs PyTorch: same top token {tc.same_top_token:.1%}, mean KL {tc.kl_mean:.2g}")
     return 0
 
 

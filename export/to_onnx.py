@@ -22,12 +22,14 @@ from typing import Any, Sequence
 
 from edgevlm.runtime.errors import EdgeVLMError
 
+from edgevlm.export.token_check import PROMPTS, check_prompt_count
+from edgevlm.export.token_check import add_argument as add_token_check_argument
+
 DTYPES = ("fp32", "fp16")
 QUANTIZE = ("none", "int8", "int4")
 ATTENTION = ("auto", "standard", "gqa")
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder")
 INT8_TARGETS = ("portable", "reduce-range", "vnni")  # the keys of onnx_quant.INT8_FORMATS
-TOKEN_CHECK_PROMPTS = 4
 TOKEN_ATOL = {"fp32": 1e-3}  # logit parity the token check enforces; other variants are reported
 
 
@@ -161,7 +163,7 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
                 opset: int | None = None, ort_format: bool = False, calib_data: str | None = None,
                 calib_count: int = 32, source: str | None = None, fp32_graphs: dict | None = None,
                 progress: bool = True, attention: str = "auto", int8_target: str = "portable",
-                token_check: int = TOKEN_CHECK_PROMPTS) -> Path:
+                token_check: int = PROMPTS) -> Path:
     """Write an ONNX bundle to ``out``. ``fp32_graphs`` (from ``export_fp32_graphs``) lets several
     variants share one export; ``attention`` picks the decoder graph (see ``decoder_attention``);
     ``int8_target`` the int8 format (``onnx_quant.INT8_FORMATS``); ``token_check`` how many
@@ -175,7 +177,6 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
     from edgevlm.runtime.manifest import BundleWriter
 
     from .common import base_manifest, copy_tokenizer
-    from .onnx_graphs import OPSET
 
     plan = variant_plan(dtype, quantize)
     attn = decoder_attention(dtype, quantize, attention)
@@ -183,7 +184,6 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
     t0 = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    info: dict[str, Any] = {"opset": opset or OPSET, "dtype": dtype, "quantize": quantize, "graphs": {}}
     bar = tqdm(total=2 + len(GRAPHS) + ort_format, desc="onnx export", disable=not progress)
     with tempfile.TemporaryDirectory(prefix=".onnx-work-", dir=out.parent) as tmp, BundleWriter(out) as writer:
         if fp32_graphs is None:  # the traced decoder is not needed when the GQA one is built instead
@@ -191,23 +191,18 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
             fp32_graphs = export_fp32_graphs(model, Path(tmp), exporter, opset,
                                              GRAPHS if attn == "standard" else GRAPHS[:2])
         bar.update(1)
-        info["exporter"] = fp32_graphs["vision_encoder"]["exporter"]
         sources = {g: fp32_graphs[g] for g in GRAPHS[:2]}
         sources["decoder"] = _gqa_source(model, fp32_graphs, opset) if attn == "gqa" else fp32_graphs["decoder"]
-        info["decoder_exporter"] = sources["decoder"]["exporter"]
-        calib = None
+        calib = calibration = None
         if "int8_static" in plan.values():
-            calib, info["calibration"] = _calibration_split(model, calib_data, calib_count)
-        if int8:
-            info["int8"] = int8.to_dict()
-        files = _write_variants(model, plan, sources, writer, calib, info, bar, attn, int8)
-        if ort_format:
-            bar.set_postfix_str("convert to .ort")
-            files += _write_ort(model, writer, info)
-            bar.update(1)
-        files += copy_tokenizer(model, writer)
-        info.update(_decoder_info(model, plan, dtype, source, attn))
-        info["export_s"] = round(time.perf_counter() - t0, 1)
+            calib, calibration = _calibration_split(model, calib_data, calib_count)
+        graphs, files = _write_variants(model, plan, sources, writer, calib, bar, attn, int8)
+        ort, ort_files = _write_ort(model, writer, bar) if ort_format else (None, [])
+        files += ort_files + copy_tokenizer(model, writer)
+        info = _onnx_info(model, plan, attn, int8, opset=opset, dtype=dtype, quantize=quantize, graphs=graphs,
+                          exporter=fp32_graphs["vision_encoder"]["exporter"], calibration=calibration,
+                          decoder_exporter=sources["decoder"]["exporter"], ort_format=ort, source=source or "",
+                          export_s=round(time.perf_counter() - t0, 1))
         manifest = base_manifest(model, "onnx", files, "edgevlm.export.to_onnx", ("onnx", "onnxruntime", "onnxscript"),
                                  info)
         if token_check:
@@ -215,24 +210,26 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
 
             bar.set_postfix_str("token check")
             atol = TOKEN_ATOL.get(dtype) if quantize == "none" else None
-            manifest.target_info["token_check"] = check_tokens(model, writer.dir, manifest, token_check, atol,
-                                                               threads=1)
+            info.token_check = check_tokens(model, writer.dir, manifest, token_check, atol, threads=1)
         path = writer.commit(manifest)
         bar.update(1)
     bar.close()
     return path
 
 
-def _calibration_split(model, calib_data: str | None, count: int) -> tuple[tuple[list, list], dict]:
+def _calibration_split(model, calib_data: str | None, count: int) -> tuple[tuple[list, list], Any]:
     """(calibration images, 2 held-out images for validation) and the calibration description."""
+    from edgevlm.runtime.target_info import Calibration
+
     pixels, desc = calibration_pixels(model, calib_data, count + 2)
     calib, held_out = (pixels[:count], pixels[count:]) if len(pixels) > count else (pixels, pixels[-2:])
-    return (calib, held_out), {**desc, "n_images": len(calib), "method": "MinMax", "validation_images": len(held_out)}
+    return (calib, held_out), Calibration(desc["source"], len(calib), "MinMax", len(held_out))
 
 
-def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict, bar, attn: str, int8) -> list:
-    """Each graph in its variant, validated against PyTorch; returns the manifest file entries."""
+def _write_variants(model, plan: dict, sources: dict, writer, calib, bar, attn: str, int8) -> tuple[dict, list]:
+    """Each graph in its variant, validated against PyTorch; returns ({graph: OnnxGraph}, file entries)."""
     from edgevlm.runtime.manifest import FileEntry
+    from edgevlm.runtime.target_info import OnnxGraph
 
     from .onnx_graphs import graph_specs
     from .onnx_quant_check import validate_quantized_decoder
@@ -240,7 +237,7 @@ def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict,
     from .onnx_validate import image_cases, validate_graph
 
     specs = graph_specs(model)
-    files = []
+    files, graphs = [], {}
     for graph, variant in plan.items():
         bar.set_postfix_str(f"{graph}: {variant}")
         pixels = calib[0] if calib else None
@@ -255,44 +252,46 @@ def _write_variants(model, plan: dict, sources: dict, writer, calib, info: dict,
             report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases, gqa=gqa,
                                     advice=_advice(variant, int8))
         release_memory()  # the quantiser's and the validation's copies of a multi-GB graph
-        info["graphs"][graph] = {**specs[graph].to_dict(), "variant": variant, "validation": report}
-        if graph == "decoder":
-            info["graphs"][graph]["attention"] = attn
+        graphs[graph] = OnnxGraph(**specs[graph].to_dict(), variant=variant, validation=report,
+                                  attention=attn if graph == "decoder" else "")
         bar.update(1)
-    return files
+    return graphs, files
 
 
-def _write_ort(model, writer, info: dict) -> list:
+def _write_ort(model, writer, bar) -> tuple[Any, list]:
+    """The .ort files and their reduced-operator config: (OrtFormat, file entries)."""
     from edgevlm.runtime.manifest import FileEntry
+    from edgevlm.runtime.target_info import OrtFormat
 
     from .onnx_graphs import graph_specs
     from .onnx_quant import ORT_CONFIG, to_ort_format
 
+    bar.set_postfix_str("convert to .ort")
     specs = graph_specs(model)
     written = to_ort_format([writer.path(specs[g].file) for g in GRAPHS], writer.dir, target_platform="arm")
-    info["ort_format"] = {"target_platform": "arm", "optimization_style": "Fixed", "config": ORT_CONFIG}
-    return [FileEntry(p.name, "ort_config" if p.name == ORT_CONFIG else f"{_graph_of(p, specs)}_ort")
-            for p in written]
+    bar.update(1)
+    return (OrtFormat("arm", "Fixed", ORT_CONFIG),
+            [FileEntry(p.name, "ort_config" if p.name == ORT_CONFIG else f"{_graph_of(p, specs)}_ort")
+             for p in written])
 
 
-def _decoder_info(model, plan: dict, dtype: str, source: str | None, attn: str) -> dict:
+def _onnx_info(model, plan: dict, attn: str, int8, opset: int | None, **facts: Any):
+    """The manifest's ``OnnxInfo``: ``facts`` plus the decoder's KV cache (in place for the GQA
+    graph), the int8/int4 formats and the integrator's TensorRT refusal (to_trt.py runs on boards
+    without torch: it reads the refusal from here)."""
+    from edgevlm.model.integrators import export_refusal
+    from edgevlm.runtime.target_info import Int4Info, Int8Info, KvCache, OnnxInfo
+
+    from .onnx_graphs import OPSET
     from .onnx_quant import INT4_ACCURACY_LEVEL, INT4_BLOCK_SIZE
 
     c = model.cfg.llm
-    # in_place: one buffer [B, H_kv, capacity, Dh] may be bound as both past and present
-    info: dict[str, Any] = {"kv_cache": {"layout": ["batch", "num_kv_heads", "sequence", "head_dim"],
-                                         "num_layers": c.num_hidden_layers, "in_place": attn == "gqa",
-                                         "dtype": "float16" if dtype == "fp16" else "float32"}}
-    if plan["decoder"] == "int4":
-        info["int4"] = {"block_size": INT4_BLOCK_SIZE, "accuracy_level": INT4_ACCURACY_LEVEL, "symmetric": True,
-                        "op": "com.microsoft.MatMulNBits"}
-    if source:
-        info["source"] = source
-    from edgevlm.model.integrators import export_refusal
-
-    # to_trt.py runs on boards without torch: it reads the integrator's TensorRT refusal from here
-    info["tensorrt_refusal"] = export_refusal(model.cfg.integrator.name, "tensorrt")
-    return info
+    kv = KvCache(layout=["batch", "num_kv_heads", "sequence", "head_dim"], num_layers=c.num_hidden_layers,
+                 in_place=attn == "gqa", dtype="float16" if facts["dtype"] == "fp16" else "float32")
+    int4 = (Int4Info(INT4_BLOCK_SIZE, INT4_ACCURACY_LEVEL, True, "com.microsoft.MatMulNBits")
+            if plan["decoder"] == "int4" else None)
+    return OnnxInfo(opset=opset or OPSET, kv_cache=kv, int4=int4, int8=Int8Info(**int8.to_dict()) if int8 else None,
+                    trt_refusal=export_refusal(model.cfg.integrator.name, "trt") or "", **facts)
 
 
 def _tolerance_key(variant: str) -> str:
@@ -317,8 +316,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="int8 format for --quantize int8/int4: portable (u8 x u8, accurate on every CPU, the "
                         "default), reduce-range (u8 x 7-bit s8, every CPU, faster on AVX2), vnni (u8 x s8, "
                         "fastest, accurate only on x86 CPUs with VNNI and on Arm)")
-    p.add_argument("--token-check", type=int, default=TOKEN_CHECK_PROMPTS, metavar="N",
-                   help="held-out prompts the bundle answers beside PyTorch at export (default: %(default)s; 0: skip)")
+    add_token_check_argument(p)
     p.add_argument("--attention", choices=ATTENTION, default="auto",
                    help="decoder attention graph: standard ONNX ops (any runtime) or ONNX Runtime's "
                         "GroupQueryAttention with an in-place KV cache (default auto: gqa when quantised)")
@@ -337,8 +335,7 @@ def run(args: argparse.Namespace) -> int:
     decoder_attention(args.dtype, args.quantize, args.attention)
     if args.calib_count < 1:
         raise EdgeVLMError(f"--calib-count must be >= 1, got {args.calib_count}")
-    if args.token_check < 0:
-        raise EdgeVLMError(f"--token-check must be >= 0, got {args.token_check}")
+    check_prompt_count(args.token_check)
     model = load_for_export(args.model, args.overrides)
     source = model_source(args.model)
     out = export_onnx(model, args.out, args.dtype, args.quantize, args.exporter, args.opset, args.ort_format,

@@ -60,7 +60,7 @@ def prepare(args: argparse.Namespace):
     if manifest.target != "onnx":
         raise EdgeVLMError(f"{bundle}: a {manifest.target!r} bundle; TensorRT engines are built from an ONNX "
                            "bundle (python export/to_onnx.py)")
-    reason = manifest.target_info.get("tensorrt_refusal")
+    reason = manifest.target_info.trt_refusal
     if reason:
         raise EdgeVLMError(f"integrator {manifest.model.integrator!r} cannot be built into TensorRT engines: {reason}")
     if Path(args.out).resolve() == bundle.resolve():
@@ -111,7 +111,8 @@ def _pixels_loader(manifest, calib_data: str | None, count: int):
 
 def export_trt(args: argparse.Namespace, manifest, plan, tc) -> Path:
     """Build the engines of ``plan`` into a staged bundle and commit it with its manifest."""
-    from edgevlm.runtime.manifest import BundleWriter, FileEntry, Manifest
+    from edgevlm.runtime.manifest import BundleWriter, ExporterInfo, FileEntry, Manifest
+    from edgevlm.runtime.target_info import TrtDevice, TrtInfo
 
     from . import trt_build, trt_ops
     from .common import library_versions
@@ -130,14 +131,14 @@ def export_trt(args: argparse.Namespace, manifest, plan, tc) -> Path:
             if f.role.startswith("tokenizer"):
                 shutil.copy2(bundle / f.path, w.path(f.path))
                 files.append(FileEntry(f.path, f.role))
-        info = {"tensorrt": tc.version, "device": {"name": tc.device.name, "sm": tc.device.sm},
-                "precision": plan.precision, "plan": plan.to_dict(), **facts,
-                "source_bundle": str(bundle.resolve()), "source_dtype": manifest.target_info.get("dtype"),
-                "op_list": trt_ops.load_support().describe(), "build_s": round(time.perf_counter() - t0, 1)}
+        info = TrtInfo(tensorrt=tc.version, device=TrtDevice(tc.device.name, tc.device.sm), precision=plan.precision,
+                       source_bundle=str(bundle.resolve()), source_dtype=manifest.target_info.dtype,
+                       plan=plan.to_dict(), engines=facts["engines"], op_list=trt_ops.load_support().describe(),
+                       build_s=round(time.perf_counter() - t0, 1))
         versions = library_versions("tensorrt", "cuda-python", "onnx")
         out = Manifest(target="trt", model=manifest.model, preprocess=manifest.preprocess,
-                       chat_template=manifest.chat_template, tokens=dict(manifest.tokens), files=files,
-                       exporter={"name": "edgevlm.export.to_trt", "versions": versions}, target_info=info)
+                       chat_template=manifest.chat_template, tokens=manifest.tokens, target_info=info, files=files,
+                       exporter=ExporterInfo("edgevlm.export.to_trt", versions))
         return w.commit(out)
 
 

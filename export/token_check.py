@@ -10,6 +10,7 @@ PyTorch's top-1 lead is clear (``fidelity.Comparison.problems``); quantised vari
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,21 @@ from edgevlm.runtime.errors import EdgeVLMError
 
 PROMPT_SEED = 4321  # not the calibration draw (seed 1234)
 STEPS = 8
+PROMPTS = 4  # held-out prompts by default (--token-check N)
+
+
+def add_argument(p: argparse.ArgumentParser, per: str = "the bundle") -> None:
+    """``--token-check N`` for an exporter's CLI (``per``: what answers the prompts)."""
+    p.add_argument("--token-check", type=int, default=PROMPTS, metavar="N",
+                   help=f"held-out prompts {per} answers beside PyTorch at export; KL divergence and same-top-token "
+                        "rate go into the manifest (0: skip) (default: %(default)s)")
+
+
+def check_prompt_count(n: int) -> int:
+    """``n`` if it is a valid ``--token-check``; exporters call this before any slow model load."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise EdgeVLMError(f"--token-check must be an integer >= 0, got {n!r}")
+    return n
 
 
 def held_out_prompts(n: int) -> list[tuple]:
@@ -48,17 +64,18 @@ def compare_heldout(model, target, n_prompts: int, steps: int = STEPS) -> list:
 
 
 def check_tokens(model, bundle_dir: Path, manifest, n_prompts: int, atol: float | None = None,
-                 backend: str = "ort", steps: int = STEPS, **options) -> dict:
+                 backend: str = "ort", steps: int = STEPS, **options):
     """Compare the bundle in ``bundle_dir`` (read through ``manifest``, before it is committed)
-    with ``model`` on ``n_prompts`` held-out prompts. Returns the manifest record; with ``atol``,
-    raises EdgeVLMError where parity breaks."""
+    with ``model`` on ``n_prompts`` held-out prompts. Returns the manifest record (``TokenCheck``);
+    with ``atol``, raises EdgeVLMError where parity breaks."""
     from edgevlm.runtime.backends import get_backend
     from edgevlm.runtime.fidelity import summarise
+    from edgevlm.runtime.target_info import TokenCheck
 
     with get_backend(backend)(Path(bundle_dir), manifest, **options) as target:
         comparisons = compare_heldout(model, target, n_prompts, steps)
-    record = {**summarise(comparisons), "steps": steps, "prompts": f"ShapesVQA test draw, seed {PROMPT_SEED}",
-              "logit_atol": atol}
+    record = TokenCheck(**summarise(comparisons), steps=steps, prompts=f"ShapesVQA test draw, seed {PROMPT_SEED}",
+                        logit_atol=atol)
     for i, c in enumerate(comparisons if atol is not None else []):
         problems = c.problems(atol)
         if problems:

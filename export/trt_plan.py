@@ -136,9 +136,9 @@ def shape_range(graph: str, name: str, dims: list, ranges: dict) -> ShapeRange |
 
 def graph_inputs(root: Path, manifest, graph: str) -> dict[str, list]:
     """Input name -> dims (int or symbolic name), from the manifest or else the .onnx file."""
-    recorded = (manifest.target_info.get("graphs") or {}).get(graph, {}).get("inputs")
-    if recorded:
-        return {k: list(v) for k, v in recorded.items()}
+    recorded = manifest.target_info.graphs.get(graph)
+    if recorded and recorded.inputs:
+        return {k: list(v) for k, v in recorded.inputs.items()}
     import onnx
 
     g = onnx.load(str(Path(root) / manifest.file(graph).path), load_external_data=False).graph
@@ -234,7 +234,7 @@ def _notes(graph: str, precision: str, int8: str | None, dla: bool, manifest) ->
     if dla:
         notes.append("DLA: layers DLA cannot run fall back to the GPU; DLA needs static shapes, so the "
                      "batch is fixed (the runtime pads)")
-    if graph == "decoder" and precision != "fp32" and manifest.target_info.get("dtype", "fp32") == "fp32":
+    if graph == "decoder" and precision != "fp32" and manifest.target_info.dtype == "fp32":
         notes.append("inputs/outputs (KV cache included) stay fp32 as in the ONNX bundle; an ONNX bundle "
                      "exported with --dtype fp16 halves the KV cache")
     return notes
@@ -294,8 +294,8 @@ def _group(shapes: dict[str, ShapeRange]) -> list[tuple[str, ShapeRange]]:
 def format_plan(plan: BuildPlan, manifest, memory: dict[str, int] | None = None) -> str:
     m = manifest.model
     lines = [f"TensorRT build plan (for TensorRT {plan.tensorrt_target}, JetPack 6.1/6.2)",
-             f"  bundle     {plan.bundle}  ({manifest.target_info.get('dtype', '?')} ONNX, opset "
-             f"{manifest.target_info.get('opset', '?')}; {m.preset or '?'}/{m.integrator or '?'}: {m.n_visual_tokens} "
+             f"  bundle     {plan.bundle}  ({manifest.target_info.dtype} ONNX, opset "
+             f"{manifest.target_info.opset}; {m.preset or '?'}/{m.integrator or '?'}: {m.n_visual_tokens} "
              f"visual tokens, {m.num_layers} layers, {m.num_kv_heads}x{m.head_dim} KV heads, vocab {m.vocab_size})",
              f"  out        {plan.out}",
              f"  precision  {plan.precision}   max batch {plan.max_batch}   max seq {plan.max_seq}   workspace "
@@ -319,7 +319,7 @@ def format_plan(plan: BuildPlan, manifest, memory: dict[str, int] | None = None)
 def memory_estimate(manifest, plan: BuildPlan) -> dict[str, int]:
     """Bytes the runtime allocates for its buffers at ``max_seq`` plus the weights (approximate)."""
     m = manifest.model
-    io_bytes = 2 if manifest.target_info.get("dtype") == "fp16" else 4
+    io_bytes = 2 if manifest.target_info.dtype == "fp16" else 4
     kv = 2 * 2 * m.num_layers * m.num_kv_heads * plan.max_seq * m.head_dim * io_bytes  # ping-pong x (K, V)
     logits = plan.max_seq * m.vocab_size * io_bytes  # the decoder returns logits for every prefill position
     wbytes = {"fp32": 4, "fp16": 2, "int8": 2, "fp8": 2}[plan.precision]

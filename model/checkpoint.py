@@ -8,12 +8,11 @@ import tempfile
 from pathlib import Path
 
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.tokenizer import copy_tokenizer_files
 from edgevlm.model.config import VLMConfig
 from edgevlm.model.weights import load_state_strict, read_weights, write_weights
 
 FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json")
 
 
 def is_edgevlm_dir(path: Path) -> bool:
@@ -30,22 +29,16 @@ def save_model(model, out_dir: str | os.PathLike) -> Path:
         meta = {"model_type": "edgevlm", "edgevlm_format": FORMAT_VERSION, **model.cfg.to_dict()}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         write_weights(model.state_dict(), tmp / "model.safetensors", {"format": "pt"})
-        copy_tokenizer_files(model, tmp)
+        src = getattr(model, "tokenizer_dir", None)
+        if src is None:
+            raise EdgeVLMError("model has no tokenizer directory to save")
+        copy_tokenizer_files(src, tmp)  # the runtime's TOKENIZER_FILES: every bundle copies the same
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def copy_tokenizer_files(model, dest: Path) -> None:
-    src = getattr(model, "tokenizer_dir", None)
-    if src is None:
-        raise EdgeVLMError("model has no tokenizer directory to save")
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dest / name)
 
 
 def read_config(path: Path) -> VLMConfig:

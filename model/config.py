@@ -9,6 +9,7 @@ from edgevlm.runtime.chat import DEFAULT_TEMPLATE
 from edgevlm.runtime.configio import apply_overrides, from_dict, to_dict
 from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.preprocess_config import PreprocessConfig
+from edgevlm.runtime.tokenizer import TokenConfig  # the model's tokens and a manifest's: one type
 
 
 MODULES = ("vision_tower", "integrator", "llm")  # top-level EdgeVLM modules (state-dict prefixes)
@@ -64,15 +65,6 @@ class LLMConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
-
-
-@dataclass
-class TokenConfig:
-    bos_id: int = 1
-    eos_id: int = 2
-    unk_id: int = 0
-    pad_id: int = 0  # LLaVA pads with unk
-    image_token: str = "<image>"
 
 
 @dataclass

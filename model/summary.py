@@ -2,10 +2,12 @@
 manifest every target starts from (exporters add their files; the torch backend has none)."""
 from __future__ import annotations
 
+import copy
 import importlib.metadata
-from typing import Any
 
-from edgevlm.runtime.manifest import FileEntry, Manifest, ModelSummary
+from edgevlm.runtime.chat import get_template
+from edgevlm.runtime.manifest import ExporterInfo, FileEntry, Manifest, ModelSummary
+from edgevlm.runtime.target_info import TargetInfo, TorchInfo
 
 
 def model_summary(model) -> ModelSummary:
@@ -31,12 +33,13 @@ def library_versions(*names: str) -> dict[str, str]:
 
 
 def base_manifest(model, target: str, files: list[FileEntry], exporter: str, libraries: tuple[str, ...] = (),
-                  target_info: dict[str, Any] | None = None) -> Manifest:
+                  target_info: TargetInfo | None = None) -> Manifest:
+    """The manifest of ``model`` for ``target``: ``target_info`` is that target's dataclass
+    (``runtime.target_info``); the torch backend's in-memory manifest gets ``TorchInfo``."""
     c = model.cfg
     return Manifest(
-        target=target, model=model_summary(model), preprocess=c.preprocess, chat_template=c.chat_template,
-        tokens={"bos_id": c.tokens.bos_id, "eos_id": c.tokens.eos_id, "pad_id": c.tokens.pad_id,
-                "unk_id": c.tokens.unk_id, "image_token": c.tokens.image_token},
-        files=files, exporter={"name": exporter, "versions": library_versions(*libraries)},
-        target_info=dict(target_info or {}),
+        target=target, model=model_summary(model), preprocess=c.preprocess,
+        chat_template=get_template(c.chat_template), tokens=copy.deepcopy(c.tokens),
+        target_info=target_info if target_info is not None else TorchInfo(),
+        files=files, exporter=ExporterInfo(exporter, library_versions(*libraries)),
     )

@@ -126,11 +126,11 @@ def open_model_dir(root, image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB, prefix_
 
 
 def _open_bundle(root, manifest, **options) -> TorchBackend:
-    """A bundle exported from a model dir records it in target_info['source']; load that."""
+    """A bundle exported from a model dir or preset records it in ``target_info.source``; load that."""
     from .load import load_model
 
     check_options("torch", options, OPTIONS)
-    src = manifest.target_info.get("source") or manifest.exporter.get("source")
+    src = getattr(manifest.target_info, "source", "")  # a TensorRT bundle records only its ONNX bundle
     if not src:
         raise BundleError(f"{root}: bundle does not record its source model; pass the model dir instead")
     return open_model(load_model(src), **options)

@@ -8,12 +8,15 @@ model (or backend) replaces that position with the image's visual tokens.
 A template is data: the text pieces around questions and answers, and where a question's image
 goes. Wherever ``<image>`` appears in a question, the template puts it first, followed by
 ``image_sep`` (LLaVA does the same), so data, the runtime and servers only say *that* a question
-has an image. The GGUF's Jinja chat template (``export/gguf_llm.py``) is built from the same data.
+has an image. The GGUF's Jinja chat template (``export/gguf_llm.py``) is built from the same data, and a
+bundle's manifest stores the template's pieces, so a runtime that does not know its name runs it alike.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+from .errors import EdgeVLMError
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200  # LLaVA's convention: never a real vocabulary id
@@ -84,6 +87,15 @@ TEMPLATES = {
     "plain": ChatTemplate(name="plain"),
 }
 DEFAULT_TEMPLATE = "llamacpp_vicuna"
+
+
+def get_template(name: str) -> ChatTemplate:
+    """The built-in template ``name``; EdgeVLMError listing the valid names for any other. (A bundle
+    stores its template's pieces, so reading one never needs this table.)"""
+    try:
+        return TEMPLATES[name]
+    except (KeyError, TypeError):
+        raise EdgeVLMError(f"unknown chat template {name!r}; valid: {', '.join(TEMPLATES)}") from None
 
 
 def encode_text(encode: Callable[[str], list[int]], text: str) -> list[int]:

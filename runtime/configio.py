@@ -31,15 +31,26 @@ def to_dict(obj: Any) -> Any:
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return from_dict(tp, value, where)
+    if dataclasses.is_dataclass(tp) and not isinstance(value, tp):
+        return from_dict(tp, value, where)  # a mapping, or an error naming ``where``
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
-    if origin is list and isinstance(value, list):
+    if origin in (list, dict) and not isinstance(value, (list, tuple) if origin is list else dict):
+        raise EdgeVLMError(f"config {where}: expected a {'list' if origin is list else 'mapping'}, "
+                           f"got {type(value).__name__}")
+    if origin is list:
         (arg,) = typing.get_args(tp) or (Any,)
         return [_convert(arg, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, arg = typing.get_args(tp) or (Any, Any)
+        return {k: _convert(arg, v, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in typing.get_args(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        if len(args) == 1:  # Optional[X]: checked as X
+            return _convert(args[0], value, where)
+        for arg in args:
             if dataclasses.is_dataclass(arg) and isinstance(value, dict):
                 return from_dict(arg, value, where)
             if typing.get_origin(arg) is tuple and isinstance(value, (list, tuple)):
@@ -76,6 +87,10 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         raise EdgeVLMError(
             f"config {where or cls.__name__}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
         )
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise EdgeVLMError(f"config {where or cls.__name__}: missing key(s) {', '.join(missing)}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeVLMError
+from .target_info import TrtInfo
 
 
 @dataclass(frozen=True)
@@ -27,24 +28,24 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(parts + [0] * (3 - len(parts)))
 
 
-def compatibility(recorded: dict, trt_version: str, device: DeviceInfo) -> tuple[list[str], list[str]]:
+def compatibility(recorded: TrtInfo, trt_version: str, device: DeviceInfo) -> tuple[list[str], list[str]]:
     """(errors, warnings) for running engines built as ``recorded`` (a TensorRT bundle's
-    target_info: "tensorrt", "device": {"name", "sm"}) with this TensorRT and GPU."""
+    target_info: TensorRT version and device) with this TensorRT and GPU."""
     errors, warnings = [], []
-    built_v, built_dev = recorded.get("tensorrt", "?"), recorded.get("device") or {}
+    built_v, built_dev = recorded.tensorrt, recorded.device
     if version_key(built_v) != version_key(trt_version):
         errors.append(f"built with TensorRT {built_v}, this machine has TensorRT {trt_version}")
-    if str(built_dev.get("sm")) != device.sm:
-        errors.append(f"built for {built_dev.get('name', '?')} (SM {built_dev.get('sm', '?')}), this GPU is "
+    if built_dev.sm != device.sm:
+        errors.append(f"built for {built_dev.name or '?'} (SM {built_dev.sm or '?'}), this GPU is "
                       f"{device.name} (SM {device.sm})")
-    elif built_dev.get("name") and built_dev["name"] != device.name:
-        warnings.append(f"engines were built on {built_dev['name']} and run on {device.name} (same SM "
+    elif built_dev.name and built_dev.name != device.name:
+        warnings.append(f"engines were built on {built_dev.name} and run on {device.name} (same SM "
                         f"{device.sm}): they work, but their tactics were tuned for the other GPU")
     return errors, warnings
 
 
-def incompatibility_message(root: Path, recorded: dict, errors: list[str]) -> str:
-    src = recorded.get("source_bundle") or "<the ONNX bundle>"
+def incompatibility_message(root: Path, recorded: TrtInfo, errors: list[str]) -> str:
+    src = recorded.source_bundle or "<the ONNX bundle>"
     return (f"{root}: TensorRT engines run only on the TensorRT version and GPU they were built for: "
             f"{'; '.join(errors)}. Rebuild them on this machine: python export/to_trt.py --bundle {src} "
             f"--out <dir>")

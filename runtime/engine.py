@@ -64,7 +64,7 @@ class Runtime:
             return cls._load_model_dir(root, backend, caching, options)
         manifest = read_manifest(root, verify=verify)
         be = get_backend(backend_for(manifest.target, backend, str(root)))(root, manifest, **options)
-        tok = TextTokenizer.from_dir(root, bos_id=manifest.tokens["bos_id"], eos_id=manifest.tokens["eos_id"])
+        tok = TextTokenizer.from_dir(root, bos_id=manifest.tokens.bos_id, eos_id=manifest.tokens.eos_id)
         return cls(be, tok, manifest, root, **caching)
 
     @classmethod

@@ -2,7 +2,17 @@
 
 Every exporter (ONNX, GGUF, TensorRT, Core ML) writes one, through ``BundleWriter``, into a
 temporary directory that is renamed into place only when complete; every backend opens one with
-``read_manifest``, which refuses unknown format versions and files whose size or sha256 changed.
+``read_manifest``, which refuses other format versions, malformed fields (naming the field) and
+files whose size or sha256 changed.
+
+The manifest is typed throughout: the model summary, the preprocessing, the chat template as its
+pieces (``ChatTemplate``: a bundle runs without the runtime knowing the template's name), the
+special token ids (``TokenConfig``, the model config's own type), the exporter, and the target's
+facts (``target_info``: the ``runtime.target_info`` dataclass of ``target``).
+
+Format versions: 1 stored the template by name and the token ids and target facts as free
+mappings; 2 (this edgevlm) types them. A version-1 bundle is refused with a message to re-export
+it: exporting is one command, and a second reader would keep the free mappings alive.
 """
 from __future__ import annotations
 
@@ -16,11 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chat import ChatTemplate
 from .configio import from_dict, to_dict
-from .errors import BundleError
+from .errors import BundleError, EdgeVLMError
 from .preprocess_config import PreprocessConfig
+from .target_info import BUNDLE_TARGETS, TARGET_INFO, TargetInfo
+from .tokenizer import TokenConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -51,16 +64,31 @@ class ModelSummary:
 
 
 @dataclass
+class ExporterInfo:
+    name: str  # the module that wrote the bundle
+    versions: dict[str, str] = field(default_factory=dict)  # library -> version
+    created: str = ""  # ISO time, set on commit
+
+
+@dataclass
 class Manifest:
-    target: str  # onnx | gguf | trt | coreml
+    target: str  # onnx | gguf | trt | coreml (torch: a model dir, in memory only)
     model: ModelSummary
     preprocess: PreprocessConfig
-    chat_template: str
-    tokens: dict[str, Any]  # bos_id, eos_id, pad_id, unk_id, image_token
+    chat_template: ChatTemplate
+    tokens: TokenConfig
+    target_info: TargetInfo  # the runtime.target_info dataclass of ``target``
     files: list[FileEntry] = field(default_factory=list)
-    exporter: dict[str, Any] = field(default_factory=dict)  # name, edgevlm version, library versions
-    target_info: dict[str, Any] = field(default_factory=dict)  # opset, dtype, quant, engine profiles...
+    exporter: ExporterInfo = field(default_factory=lambda: ExporterInfo(""))
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        want = TARGET_INFO.get(self.target)
+        if want is None:
+            raise BundleError(f"unknown bundle target {self.target!r}; valid: {', '.join(TARGET_INFO)}")
+        if not isinstance(self.target_info, want):
+            raise TypeError(f"a {self.target!r} manifest needs target_info of type {want.__name__}, "
+                            f"got {type(self.target_info).__name__}")
 
     def file(self, role: str) -> FileEntry:
         for f in self.files:
@@ -90,17 +118,37 @@ def read_manifest(bundle: str | os.PathLike, verify: bool = True) -> Manifest:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise BundleError(f"{path}: invalid JSON ({e})") from None
-    version = data.get("format_version") if isinstance(data, dict) else None
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format version {version!r}; this edgevlm reads version "
-                          f"{FORMAT_VERSION} (re-export the bundle with a matching edgevlm)")
-    try:
-        manifest = from_dict(Manifest, data, where=str(path))
-    except (TypeError, ValueError) as e:
-        raise BundleError(f"{path}: malformed manifest ({e})") from None
+    manifest = manifest_from_dict(data, str(path))
     if verify:
         verify_files(root, manifest)
     return manifest
+
+
+def manifest_from_dict(data: Any, where: str = MANIFEST) -> Manifest:
+    """The typed manifest of parsed ``manifest.json`` data; BundleError naming what is wrong."""
+    version = data.get("format_version") if isinstance(data, dict) else None
+    target = data.get("target") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        old = " (its template, token ids and target facts are untyped)" if version == 1 else ""
+        raise BundleError(f"{where}: bundle format version {version!r}{old}; this edgevlm reads version "
+                          f"{FORMAT_VERSION}: re-export the bundle with this edgevlm ({_export_command(target)})")
+    info_cls = TARGET_INFO.get(target) if isinstance(target, str) else None
+    if info_cls is None or target == "torch":
+        raise BundleError(f"{where}: unknown bundle target {target!r}; valid: "
+                          f"{', '.join(t for t in TARGET_INFO if t != 'torch')}")
+    try:
+        info = from_dict(info_cls, data.get("target_info", {}), where="target_info")
+        return from_dict(Manifest, {**data, "target_info": info}, where="")
+    except (EdgeVLMError, TypeError, ValueError) as e:
+        detail = str(e).removeprefix("config ")
+        raise BundleError(f"{where}: malformed manifest: {detail} (re-export the bundle)") from None
+
+
+def _export_command(target: Any) -> str:
+    if target == "trt":
+        return "edgevlm export trt --bundle ONNX_BUNDLE --out DIR, on the device"
+    name = target if target in BUNDLE_TARGETS else "<target>"
+    return f"edgevlm export {name} --model MODEL_DIR --out DIR"
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
@@ -143,7 +191,8 @@ class BundleWriter:
         for f in manifest.files:
             p = self.dir / f.path
             f.size, f.sha256 = p.stat().st_size, sha256_file(p)
-        manifest.exporter.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        if not manifest.exporter.created:
+            manifest.exporter.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         (self.dir / MANIFEST).write_text(json.dumps(to_dict(manifest), indent=2))
         os.chmod(self.dir, 0o755)  # mkdtemp makes it private; a bundle is an ordinary directory
         if self.out.exists():

@@ -19,7 +19,7 @@ from typing import Sequence, TypeVar
 
 import numpy as np
 
-from .chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES, ChatTemplate, encode_turns
+from .chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, ChatTemplate, encode_turns, get_template
 from .preprocess import DEFAULT_MAX_PIXELS, ImageSource, load_image, preprocess_image
 from .preprocess_config import PreprocessConfig
 from .tokenizer import TextTokenizer
@@ -86,7 +86,8 @@ class Processor:
     @classmethod
     def create(cls, tokenizer: TextTokenizer, template: str | ChatTemplate,
                preprocess: PreprocessConfig) -> "Processor":
-        return cls(tokenizer, TEMPLATES[template] if isinstance(template, str) else template, preprocess)
+        """``template``: a ``ChatTemplate`` (a manifest's pieces) or a built-in template's name."""
+        return cls(tokenizer, get_template(template) if isinstance(template, str) else template, preprocess)
 
     def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
         """Ids of a single-turn prompt ready for generation (BOS first; ``<image>`` as -200)."""

@@ -10,13 +10,19 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer
 
+from .chat import IMAGE_TOKEN
 from .errors import BundleError, EdgeVLMError
 
+# The files of a Hugging Face tokenizer folder that travel with a model dir and every bundle
+# (``tokenizer.json`` is what the runtime reads; the rest keeps the folder loadable by transformers).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 _SPECIAL_NAMES = ("bos", "eos", "unk", "pad")
 _REPLACEMENT = "\ufffd"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -52,6 +58,30 @@ def _special_tokens_from_dir(folder: Path) -> dict[str, str]:
             if text is not None:
                 found[name] = text
     return found
+
+
+@dataclass
+class TokenConfig:
+    """The special token ids a model is trained and prompted with: the model config's ``tokens`` and a
+    bundle manifest's ``tokens`` are this one dataclass."""
+
+    bos_id: int = 1
+    eos_id: int = 2
+    unk_id: int = 0
+    pad_id: int = 0  # LLaVA pads with unk
+    image_token: str = IMAGE_TOKEN
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dest: Path) -> list[str]:
+    """Copy the ``TOKENIZER_FILES`` present in ``src`` into ``dest``; returns the names copied."""
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dest) / name)
+            copied.append(name)
+    return copied
 
 
 class TextTokenizer:

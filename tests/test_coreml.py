@@ -164,7 +164,7 @@ def test_compressed_weight_ops_match_the_manifest(bundles, weights):
     expected = {"fp16": ("fp16", "fp16"), "int8": ("int8", "int8"), "int4": ("int8", "int4")}[weights]
     for role, mode in zip(("vision_encoder", "decoder"), expected):
         summary = weight_op_summary(_load(bundles[weights], role).get_spec())
-        facts = info["compression"][role]
+        facts = info.compression[role]
         assert facts["mode"] == mode
         if mode == "fp16":
             assert summary == {}
@@ -248,13 +248,13 @@ def test_manifest_covers_every_package_file(bundles, model):
     for role, package in PACKAGES.items():
         on_disk = sorted(p.relative_to(b).as_posix() for p in (b / package).rglob("*") if p.is_file())
         assert sorted(f.path for f in m.files_with_role(role)) == on_disk and len(on_disk) >= 3
-        assert info["packages"][role]["path"] == package
-    assert m.target == "coreml" and info["weights"] == "int4" and info["max_context"] == MAX_CONTEXT
-    assert info["deployment"]["target"] == "iOS18"
-    assert info["packages"]["decoder"]["states"]["key_cache"][3] == MAX_CONTEXT
+        assert info.packages[role]["path"] == package
+    assert m.target == "coreml" and info.weights == "int4" and info.max_context == MAX_CONTEXT
+    assert info.deployment["target"] == "iOS18" and info.embed_tokens.file == EMBED_FILE
+    assert info.packages["decoder"]["states"]["key_cache"][3] == MAX_CONTEXT
     assert m.file("embed_tokens").path == EMBED_FILE and m.file("tokenizer").path == "tokenizer.json"
     if not can_predict():
-        assert info["validation"] == {"skipped": NO_PREDICT_REASON}
+        assert info.validation == {"skipped": NO_PREDICT_REASON}
     assert not list(b.parent.glob(".*partial*"))
 
 
@@ -277,11 +277,11 @@ def test_embedding_table_is_raw_fp16_after_the_recorded_offset(bundles, model):
     from edgevlm.runtime.manifest import read_manifest
 
     b = bundles["fp16"]
-    info = read_manifest(b).target_info["embed_tokens"]
+    info = read_manifest(b).target_info.embed_tokens
     table = np.load(b / EMBED_FILE)
     ref = model.llm.get_input_embeddings().weight.detach().numpy().astype(np.float16)
-    assert table.dtype == np.float16 and list(table.shape) == info["shape"] and np.array_equal(table, ref)
-    raw = np.frombuffer((b / EMBED_FILE).read_bytes()[info["data_offset"]:], dtype="<f2")  # what Swift mmaps
+    assert table.dtype == np.float16 and list(table.shape) == info.shape and np.array_equal(table, ref)
+    raw = np.frombuffer((b / EMBED_FILE).read_bytes()[info.data_offset:], dtype="<f2")  # what Swift mmaps
     assert np.array_equal(raw.reshape(table.shape), ref)
 
 
@@ -346,8 +346,8 @@ def test_cli_writes_a_bundle(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "wrote" in out.stdout
     info = read_manifest(tmp_path / "b").target_info
-    assert info["weights"] == "int8" and info["max_context"] == 150
-    assert info["packages"]["decoder"]["states"]["key_cache"][0] == 1  # one LLM layer
+    assert info.weights == "int8" and info.max_context == 150
+    assert info.packages["decoder"]["states"]["key_cache"][0] == 1  # one LLM layer
 
 
 def test_cli_bad_max_context_is_one_line_error():

@@ -142,13 +142,13 @@ def test_gguf_manifest_records_the_token_check_per_quant_type(tiny_model, tmp_pa
 
     pytest.importorskip("llama_cpp")
     bundle = export_gguf(tiny_model, tmp_path / "g", ["q8_0", "f16"], token_check=2, progress=False)
-    tc = read_manifest(bundle).target_info["token_check"]
+    tc = read_manifest(bundle).target_info.token_check
     assert set(tc) == {"q8_0", "f16"}
     for rec in tc.values():
-        assert rec["n_sequences"] == 2 and 0.0 <= rec["same_top_token"] <= 1.0 and rec["kl_mean"] >= 0.0
-        assert rec["logit_atol"] is None  # reported, not enforced: llama.cpp drops CLS and runs f16
+        assert rec.n_sequences == 2 and 0.0 <= rec.same_top_token <= 1.0 and rec.kl_mean >= 0.0
+        assert rec.logit_atol is None  # reported, not enforced: llama.cpp drops CLS and runs f16
     skipped = export_gguf(tiny_model, tmp_path / "g0", ["q8_0"], token_check=0, progress=False)
-    assert "token_check" not in read_manifest(skipped).target_info
+    assert read_manifest(skipped).target_info.token_check == {}
 
 
 def test_a_replayed_reference_gives_the_live_comparison(tiny_model):

@@ -41,12 +41,15 @@ def test_bundle_manifest_lists_every_file_with_hashes(bundle):
 
     m = read_manifest(bundle)  # verifies sizes and sha256
     info = m.target_info
-    assert m.target == "gguf"
-    assert info["quant_types"] == ALL_QUANTS and info["default_quant"] == "f16"
-    assert sorted(f.path for f in m.files_with_role("llm")) == sorted(info["llm"].values())
-    assert m.file("mmproj").path == info["mmproj"] == "mmproj-f16.gguf"
+    assert m.target == "gguf" and type(info).__name__ == "GgufInfo"
+    assert info.quant_types == ALL_QUANTS and info.default_quant == "f16"
+    assert sorted(f.path for f in m.files_with_role("llm")) == sorted(info.llm.values())
+    assert m.file("mmproj").path == info.mmproj == "mmproj-f16.gguf"
     assert m.file("tokenizer").path == "tokenizer.json"
-    assert set(info["llama_cpp"]) == {"llama_cpp_python", "llama_cpp"}
+    assert set(info.llama_cpp) == {"llama_cpp_python", "llama_cpp"}
+    assert info.projector_type == "ldpv2" and info.mm_embd == m.model.hidden_size
+    assert set(info.tensor_types) == set(ALL_QUANTS) and info.llama_cpp_usage.cli.startswith("llama-mtmd-cli")
+    assert set(info.token_check) == set(ALL_QUANTS)  # the token check ran for every quant type
     assert not list(bundle.parent.glob(".*partial*"))  # staged in a temp dir, renamed
 
 
@@ -201,13 +204,13 @@ def test_runtime_prompt_ids_are_llama_cpps_tokens_of_the_builtin_rendering(bundl
     on its own, special tokens parsed), is the runtime's prompt ids with the image where the marker is."""
     from llama_cpp import Llama
 
-    from edgevlm.runtime.chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, TEMPLATES
+    from edgevlm.runtime.chat import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
     from edgevlm.runtime.manifest import read_manifest
     from edgevlm.runtime.processor import Processor
     from edgevlm.runtime.tokenizer import TextTokenizer
 
     m = read_manifest(bundle, verify=False)
-    t = TEMPLATES[m.chat_template]
+    t = m.chat_template  # the template's pieces, stored in the manifest
     assert t.llama_cpp, "new models default to a template llama.cpp renders without --jinja"
     llm = Llama(str(bundle / "llm-f16.gguf"), vocab_only=True, verbose=False)
     tok = TextTokenizer.from_dir(bundle)
@@ -216,7 +219,7 @@ def test_runtime_prompt_ids_are_llama_cpps_tokens_of_the_builtin_rendering(bundl
         turns = [(f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1]), *turns[1:]]
         text = _llama_cpp_builtin(template, _messages(t, turns))
         pieces = text.split(IMAGE_TOKEN)
-        want = [m.tokens["bos_id"]]
+        want = [m.tokens.bos_id]
         for i, piece in enumerate(pieces):
             want += ([IMAGE_TOKEN_INDEX] if i else []) + llm.tokenize(piece.encode(), add_bos=False, special=True)
         assert Processor.create(tok, t, m.preprocess).chat_ids(turns) == want, text

@@ -86,9 +86,9 @@ def test_export_refusals_reach_matrix_and_exporters(monkeypatch, tmp_path):
 
     monkeypatch.setitem(INTEGRATORS._items, "refusing_test", _RefusingProjector)  # this test only
     cells = support_matrix.support("refusing_test")
-    assert cells == {"onnx": "no: test reason one", "tensorrt": "yes",
+    assert cells == {"onnx": "no: test reason one", "trt": "yes",
                      "gguf": "no: llama.cpp has no projector type for it", "coreml": "no: test reason two"}
-    assert export_refusal("refusing_test", "tensorrt") is None
+    assert export_refusal("refusing_test", "trt") is None
     with pytest.raises(ValueError, match="unknown export target"):
         export_refusal("refusing_test", "tflite")
     model = load_model("tiny", integrator="refusing_test", **SMALL)

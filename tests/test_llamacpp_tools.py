@@ -77,11 +77,11 @@ def test_bundle_readme_and_manifest_name_both_commands(exported):
     from edgevlm.runtime.manifest import read_manifest
 
     bundle = exported[1]
-    usage = read_manifest(bundle).target_info["llama_cpp_usage"]
-    assert usage["cli"].startswith("llama-mtmd-cli -m llm-f16.gguf --mmproj mmproj-f16.gguf --image")
-    assert "--jinja" not in usage["cli"] and usage["server"] == "llama-server -m llm-f16.gguf --mmproj mmproj-f16.gguf"
+    usage = read_manifest(bundle).target_info.llama_cpp_usage
+    assert usage.cli.startswith("llama-mtmd-cli -m llm-f16.gguf --mmproj mmproj-f16.gguf --image")
+    assert "--jinja" not in usage.cli and usage.server == "llama-server -m llm-f16.gguf --mmproj mmproj-f16.gguf"
     readme = (bundle / "README.md").read_text()
-    assert usage["cli"] in readme and usage["server"] in readme and json.loads(usage["request"])
+    assert usage.cli in readme and usage.server in readme and json.loads(usage.request)
 
 
 def test_mtmd_cli_default_command_answers_as_the_llamacpp_backend(llama_tools, exported, questions,

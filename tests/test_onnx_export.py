@@ -19,7 +19,9 @@ from edgevlm.export import onnx_graphs, onnx_io, onnx_quant, onnx_quant_check  #
 from edgevlm.export.onnx_validate import TOLERANCES, validate_graph  # noqa: E402
 from edgevlm.export.to_onnx import export_fp32_graphs, export_onnx  # noqa: E402
 from edgevlm.runtime.graph_io import INPUT_IDS, PIXEL_VALUES  # noqa: E402
+from edgevlm.runtime.chat import get_template  # noqa: E402
 from edgevlm.runtime.manifest import read_manifest  # noqa: E402
+from edgevlm.runtime.target_info import Int4Info, OnnxInfo  # noqa: E402
 from edgevlm.runtime.errors import EdgeVLMError  # noqa: E402
 from edgevlm.model.integrators import INTEGRATORS, export_refusal  # noqa: E402
 
@@ -82,13 +84,13 @@ def test_axes_are_dynamic(tiny_model, bundles):
 
 def test_fp32_validation_recorded_and_tight(bundles):
     info = read_manifest(bundles["fp32"]).target_info
-    for graph, g in info["graphs"].items():
-        v = g["validation"]
+    for graph, g in info.graphs.items():
+        v = g.validation
         atol, rtol = TOLERANCES["fp32"][graph]["atol"], TOLERANCES["fp32"][graph]["rtol"]
         print(f"{graph}: max |ort - torch| = {v['max_abs_diff']:.3g} (scale {v['ref_scale']:.3g})")
         assert v["max_abs_diff"] <= atol + rtol * v["ref_scale"]
         assert v["max_abs_diff"] < 1e-4
-    assert set(info["graphs"]["decoder"]["validation"]["cases"]) == {"prefill", "decode", "batch2_chunk"}
+    assert set(info.graphs["decoder"].validation["cases"]) == {"prefill", "decode", "batch2_chunk"}
 
 
 def test_manifest_describes_the_bundle(tiny_model, bundles):
@@ -101,14 +103,15 @@ def test_manifest_describes_the_bundle(tiny_model, bundles):
     assert all(len(f.sha256) == 64 and f.size > 0 for f in m.files)
     assert m.model.integrator == tiny_model.cfg.integrator.name
     assert m.model.n_visual_tokens == tiny_model.n_visual_tokens
-    assert m.preprocess == tiny_model.cfg.preprocess and m.chat_template == tiny_model.cfg.chat_template
-    assert m.tokens["eos_id"] == tiny_model.cfg.tokens.eos_id
+    assert m.preprocess == tiny_model.cfg.preprocess and m.chat_template.name == tiny_model.cfg.chat_template
+    assert m.chat_template == get_template(tiny_model.cfg.chat_template)  # the pieces, not only the name
+    assert m.tokens == tiny_model.cfg.tokens
     info = m.target_info
-    assert info["opset"] >= 17 and info["quantize"] == "int4" and info["exporter"].startswith("torch.onnx")
-    assert info["int4"] == {"block_size": 32, "accuracy_level": 4, "symmetric": True,
-                            "op": "com.microsoft.MatMulNBits"}
-    assert info["calibration"]["n_images"] == 8
-    assert {"onnx", "onnxruntime", "torch"} <= set(m.exporter["versions"])
+    assert isinstance(info, OnnxInfo) and info.trt_refusal == ""
+    assert info.opset >= 17 and info.quantize == "int4" and info.exporter.startswith("torch.onnx")
+    assert info.int4 == Int4Info(block_size=32, accuracy_level=4, symmetric=True, op="com.microsoft.MatMulNBits")
+    assert info.calibration.n_images == 8
+    assert {"onnx", "onnxruntime", "torch"} <= set(m.exporter.versions) and m.exporter.created
     assert not [p for p in root.parent.iterdir() if ".partial-" in p.name]
 
 
@@ -128,9 +131,9 @@ def test_variants_have_the_expected_operators(tiny_model, bundles):
     assert dec16.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # the KV cache in fp16
     for name in ("fp16", "int8", "int4"):
         info = read_manifest(bundles[name]).target_info
-        for graph, g in info["graphs"].items():
-            v = g["validation"]
-            print(f"{name} {graph} ({g['variant']}): max |ort - torch| = {v['max_abs_diff']:.3g}, "
+        for graph, g in info.graphs.items():
+            v = g.validation
+            print(f"{name} {graph} ({g.variant}): max |ort - torch| = {v['max_abs_diff']:.3g}, "
                   f"relative L2 {v['max_rel_l2']:.3g}")
             judged = v["kernels"] if graph == "decoder" and name != "fp16" else v  # quantised: vs its fp32 twin
             if name != "fp16" and graph != "embed_tokens":
@@ -140,9 +143,9 @@ def test_variants_have_the_expected_operators(tiny_model, bundles):
 def test_kv_cache_mode_is_recorded(bundles):
     for name, in_place in (("fp32", False), ("fp16", False), ("int8", True), ("int4", True)):
         info = read_manifest(bundles[name]).target_info
-        assert info["kv_cache"]["in_place"] is in_place
-        assert info["graphs"]["decoder"]["attention"] == ("gqa" if in_place else "standard")
-    cases = read_manifest(bundles["int4"]).target_info["graphs"]["decoder"]["validation"]["cases"]
+        assert info.kv_cache.in_place is in_place
+        assert info.graphs["decoder"].attention == ("gqa" if in_place else "standard")
+    cases = read_manifest(bundles["int4"]).target_info.graphs["decoder"].validation["cases"]
     assert {"prefill", "decode", "batch2_decode"} <= set(cases)
 
 
@@ -213,8 +216,8 @@ def test_torchscript_exporter_and_cli(tiny_model, tmp_path, shapes_dir, capsys):
             *(f"{k.replace('__', '.')}={v}" for k, v in SMALL.items())]
     assert main(args) == 0
     m = read_manifest(out)
-    assert m.target_info["exporter"] == "torch.onnx (torchscript)"
-    assert m.target_info["graphs"]["decoder"]["validation"]["cases"]["prefill"]["logits"] < 1
+    assert m.target_info.exporter == "torch.onnx (torchscript)"
+    assert m.target_info.graphs["decoder"].validation["cases"]["prefill"]["logits"] < 1
     assert "wrote" in capsys.readouterr().out
 
 
@@ -256,7 +259,7 @@ def test_large_graphs_keep_weights_in_external_data(fp32_graphs, tmp_path, monke
 
 def test_manifest_json_is_plain_data(bundles):
     data = json.loads((bundles["fp32"] / "manifest.json").read_text())
-    assert data["format_version"] == 1 and data["target"] == "onnx"
+    assert data["format_version"] == 2 and data["target"] == "onnx"
     assert data["target_info"]["graphs"]["decoder"]["outputs"]["logits"] == ["batch", "sequence_length",
                                                                              data["model"]["vocab_size"]]
 
@@ -266,10 +269,10 @@ def test_manifest_json_is_plain_data(bundles):
 
 def test_int8_format_is_recorded(bundles):
     for name in ("int8", "int4"):  # the int4 bundle's vision graph is int8 too
-        fmt = read_manifest(bundles[name]).target_info["int8"]
-        assert fmt["target"] == "portable" and fmt["weight_type"] == "uint8" and not fmt["reduce_range"]
-        assert "every CPU" in fmt["accurate_on"]
-    assert "int8" not in read_manifest(bundles["fp32"]).target_info
+        fmt = read_manifest(bundles[name]).target_info.int8
+        assert fmt.target == "portable" and fmt.weight_type == "uint8" and not fmt.reduce_range
+        assert "every CPU" in fmt.accurate_on
+    assert read_manifest(bundles["fp32"]).target_info.int8 is None
 
 
 def test_int8_targets_of_the_cli_are_the_formats():
@@ -327,11 +330,11 @@ def test_token_check_is_recorded_and_fails_on_a_damaged_bundle(tiny_model, bundl
     from edgevlm.export.token_check import check_tokens
 
     for name in ("fp32", "int8"):
-        tc = read_manifest(bundles[name]).target_info["token_check"]
+        tc = read_manifest(bundles[name]).target_info.token_check
         print(f"{name}: {tc}")
-        assert tc["n_sequences"] == 4 and tc["n_positions"] == 4 * tc["steps"]
-        assert tc["logit_atol"] == (1e-3 if name == "fp32" else None)
-    assert read_manifest(bundles["fp32"]).target_info["token_check"]["max_abs_logit_diff"] < 1e-3
+        assert tc.n_sequences == 4 and tc.n_positions == 4 * tc.steps
+        assert tc.logit_atol == (1e-3 if name == "fp32" else None)
+    assert read_manifest(bundles["fp32"]).target_info.token_check.max_abs_logit_diff < 1e-3
     b = copy_bundle(bundles["fp32"], tmp_path)
     perturb_onnx_weight(b / "decoder_model_merged.onnx", rel=0.05)
     with pytest.raises(EdgeVLMError, match="token check: held-out prompt 0: logits differ"):
@@ -355,7 +358,7 @@ def test_quantised_decoder_is_judged_by_kernels_and_weights(tiny_model, bundles,
     their source (judged). A damaged twin or damaged quantised weights fail the export."""
     from conftest import perturb_onnx_weight
 
-    v = read_manifest(bundles[variant]).target_info["graphs"]["decoder"]["validation"]
+    v = read_manifest(bundles[variant]).target_info.graphs["decoder"].validation
     print(f"{variant} decoder vs fp32 {v['max_rel_l2_all_outputs']:.3g} (twin vs fp32 "
           f"{v['dequantized_vs_fp32_rel_l2']:.3g}), vs its twin "
           f"{v['kernels']['max_rel_l2_all_outputs']:.3g}, weights {v['weights']}")

@@ -40,7 +40,7 @@ def test_runtime_model_and_training_share_the_processor(tiny_model, tmp_path):
     from edgevlm.train.batches import VQADataset
     from edgevlm.train.data.llava import VQARecord
 
-    manifest = base_manifest(tiny_model, "onnx", [], "test")
+    manifest = base_manifest(tiny_model, "torch", [], "test")
     runtime = Processor.create(tiny_model.tokenizer, manifest.chat_template, manifest.preprocess)
     model = tiny_model.processor
     image = Image.new("RGB", (40, 24), (200, 30, 30))

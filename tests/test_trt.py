@@ -29,6 +29,7 @@ from edgevlm.runtime.graph_io import (  # noqa: E402
     ATTENTION_MASK, INPUTS_EMBEDS, LOGITS, PIXEL_VALUES, POSITION_IDS, is_past, past_key, past_names, present_names,
 )
 from edgevlm.runtime.manifest import read_manifest  # noqa: E402
+from edgevlm.runtime.target_info import TrtDevice, TrtInfo  # noqa: E402
 
 from conftest import REPO  # noqa: E402
 
@@ -88,7 +89,7 @@ def test_decoder_profiles_cover_prefill_and_decode(onnx_bundle, manifest):
 
 def test_profiles_from_manifest_equal_profiles_from_the_onnx_files(onnx_bundle, manifest):
     bare = copy.deepcopy(manifest)
-    bare.target_info.pop("graphs")  # force reading the graph inputs from the .onnx files
+    bare.target_info.graphs = {}  # force reading the graph inputs from the .onnx files
     a = plan_for(onnx_bundle, manifest, max_batch=3, max_seq=400).to_dict()
     b = plan_for(onnx_bundle, bare, max_batch=3, max_seq=400).to_dict()
     assert a["engines"] == b["engines"]
@@ -215,9 +216,9 @@ def test_bundle_records_the_integrators_tensorrt_refusal(onnx_bundle, tmp_path):
     from conftest import copy_bundle
 
     m = json.loads((onnx_bundle / "manifest.json").read_text())
-    assert "tensorrt_refusal" in m["target_info"] and m["target_info"]["tensorrt_refusal"] is None
+    assert m["target_info"]["trt_refusal"] == ""
     bundle = copy_bundle(onnx_bundle, tmp_path)
-    m["target_info"]["tensorrt_refusal"] = "needs an op TensorRT lacks"
+    m["target_info"]["trt_refusal"] = "needs an op TensorRT lacks"
     (bundle / "manifest.json").write_text(json.dumps(m))
     out = _cli("--bundle", str(bundle), "--out", str(tmp_path / "trt"), "--dry-run")
     assert out.returncode == 2
@@ -254,7 +255,8 @@ def test_cli_user_errors_are_one_line(onnx_bundle, tmp_path):
 
 
 def test_engine_compatibility_check():
-    built = {"tensorrt": "10.3.0", "device": {"name": "Orin", "sm": "8.7"}, "source_bundle": "/b/onnx"}
+    built = TrtInfo(tensorrt="10.3.0", device=TrtDevice("Orin", "8.7"), precision="fp16", source_bundle="/b/onnx",
+                    source_dtype="fp32")
     orin = cuda_device.DeviceInfo("Orin", "8.7")
     assert cuda_device.compatibility(built, "10.3.0.30", orin) == ([], [])  # the build number does not matter
     errors, _ = cuda_device.compatibility(built, "10.7.0", cuda_device.DeviceInfo("NVIDIA H100 80GB HBM3", "9.0"))
@@ -298,8 +300,11 @@ def test_backend_refuses_other_bundles_and_missing_libraries(onnx_bundle, manife
             w.path(f"{g}.engine").write_bytes(b"not an engine")
         w.path("tokenizer.json").write_bytes((onnx_bundle / "tokenizer.json").read_bytes())
         files = [FileEntry(f"{g}.engine", g) for g in trt_plan.GRAPHS] + [FileEntry("tokenizer.json", "tokenizer")]
+        info = TrtInfo(tensorrt="10.3.0", device=TrtDevice("Orin", "8.7"), precision="fp16",
+                       source_bundle=str(onnx_bundle), source_dtype="fp32")
         root = w.commit(Manifest("trt", manifest.model, manifest.preprocess, manifest.chat_template,
-                                 dict(manifest.tokens), files, target_info={"tensorrt": "10.3.0"}))
+                                 manifest.tokens, info, files))
+    assert read_manifest(root).target_info == info  # written and read back typed
     with pytest.raises(EdgeVLMError, match="unknown trt backend option"):
         Runtime.load(root, backend="trt", providers="cuda")  # an ort option; threads is every backend's
     try:
@@ -338,7 +343,8 @@ def test_fp32_engines_match_onnx_runtime_greedy_tokens(toolchain, onnx_bundle, s
 
     out = _build(onnx_bundle, tmp_path / "trt32", "fp32")
     info = read_manifest(out).target_info
-    assert info["tensorrt"] == toolchain.version and info["device"]["sm"] == toolchain.device.sm
+    assert info.tensorrt == toolchain.version and info.device.sm == toolchain.device.sm
+    assert set(info.engines) == set(trt_plan.GRAPHS) and info.source_dtype == "fp32"
     image = sorted((shapes_dir / "images").iterdir())[0]
     prompt = "What colour is the circle?"
     with Runtime.load(onnx_bundle, backend="ort") as ort_rt, Runtime.load(out, backend="trt") as trt_rt:

@@ -88,7 +88,7 @@ def test_every_integrators_vision_graph_parses_in_tensorrt(integrator, exporter,
     from edgevlm.export import onnx_graphs
     from edgevlm.model.integrators import export_refusal
 
-    reason = export_refusal(integrator, "tensorrt")
+    reason = export_refusal(integrator, "trt")
     if reason:  # no ONNX bundle to build from, or the bundle records the refusal (test below)
         assert export_refusal(integrator, "onnx"), "a TensorRT-only refusal needs its own bundle test"
         return

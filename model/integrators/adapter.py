@@ -48,7 +48,7 @@ class BottleneckAdapter(LLMHookIntegrator):
     export_refusals = {
         "onnx": "the exported decoder graphs (traced and GroupQueryAttention) are the plain LLaMA decoder, "
                 "without the adapter modules",
-        "tensorrt": "engines are built from the ONNX bundle, whose decoder lacks the adapters",
+        "trt": "engines are built from the ONNX bundle, whose decoder lacks the adapters",
         "gguf": "llama.cpp's LLaMA graph has no adapter modules, and nonlinear adapters cannot be merged "
                 "into the weights",
         "coreml": "the Core ML stateful decoder re-implements LLaMA attention without the adapter modules",

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from edgevlm.runtime.errors import EdgeVLMError
+from edgevlm.runtime.target_info import BUNDLE_TARGETS
 
 if TYPE_CHECKING:
     from edgevlm.model.config import IntegratorConfig, LLMConfig
@@ -44,7 +45,7 @@ def build_integrator(cfg: "IntegratorConfig", vision_dim: int, llm_dim: int, gri
         raise EdgeVLMError(f"integrator {cfg.name!r}: bad kwargs {cfg.kwargs}: {e}") from None
 
 
-EXPORT_TARGETS = ("onnx", "tensorrt", "gguf", "coreml")
+EXPORT_TARGETS = BUNDLE_TARGETS  # onnx, trt, gguf, coreml: the manifest's and the CLI's names
 
 
 def export_refusal(name: str, target: str) -> str | None:

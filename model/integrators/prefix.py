@@ -42,7 +42,7 @@ class GatedPrefix(LLMHookIntegrator):
     export_refusals = {
         "onnx": "the exported decoder graphs are the plain LLaMA decoder: no gated prefix attention, no input "
                 "for the image feature",
-        "tensorrt": "engines are built from the ONNX bundle, whose decoder lacks the gated prefix attention",
+        "trt": "engines are built from the ONNX bundle, whose decoder lacks the gated prefix attention",
         "gguf": "llama.cpp's LLaMA graph has no gated prompt attention, and the image reaches the LLM through "
                 "the prompts, not mmproj embeddings",
         "coreml": "the Core ML stateful decoder re-implements LLaMA attention without the gated prefix",

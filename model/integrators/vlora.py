@@ -71,7 +71,7 @@ class VLoRA(LLMHookIntegrator):
     export_refusals = {
         "onnx": "the exported decoder graphs are the plain LLaMA decoder (inputs_embeds + KV cache): "
                 "no input for vlora's per-image weight deltas",
-        "tensorrt": "engines are built from the ONNX bundle, whose decoder has no per-image weight deltas",
+        "trt": "engines are built from the ONNX bundle, whose decoder has no per-image weight deltas",
         "gguf": "llama.cpp only splices mmproj embeddings into the sequence; it cannot apply per-image "
                 "weight deltas (its LoRA adapters are static)",
         "coreml": "the Core ML stateful decoder is the plain LLaMA decoder: no input for per-image weight deltas",

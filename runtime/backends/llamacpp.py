@@ -268,8 +268,8 @@ def bundle_files(root: Path, manifest, quant: str | None) -> tuple[Path, Path, s
     """(LLM path, mmproj path, quant) of a GGUF bundle."""
     if manifest.target != "gguf":
         raise BundleError(f"{root}: a {manifest.target!r} bundle; the llamacpp backend runs GGUF bundles")
-    llms = manifest.target_info.get("llm") or {}
-    quant = (quant or manifest.target_info.get("default_quant") or next(iter(llms), "")).lower()
+    llms = manifest.target_info.llm
+    quant = (quant or manifest.target_info.default_quant or next(iter(llms), "")).lower()
     if quant not in llms:
         raise BundleError(f"{root}: no {quant!r} LLM in this bundle; it has: {', '.join(llms) or 'none'}")
     return root / llms[quant], root / manifest.file("mmproj").path, quant

@@ -94,7 +94,8 @@ def _warn_if_int8_saturates(manifest: Manifest, device: str) -> None:
     """A bundle exported with ``--int8-target vnni`` loses accuracy on x86 CPUs without VNNI."""
     from ..hostcpu import cpu_class, u8s8_saturates
 
-    if manifest.target_info.get("int8", {}).get("target") == "vnni" and device == "cpu" and u8s8_saturates():
+    int8 = manifest.target_info.int8
+    if int8 is not None and int8.target == "vnni" and device == "cpu" and u8s8_saturates():
         warnings.warn(f"this int8 bundle was exported with --int8-target vnni, whose u8 x s8 kernels saturate on "
                       f"this {cpu_class()} CPU (no VNNI): expect several times the int8 error; re-export with "
                       "--int8-target portable", RuntimeWarning, stacklevel=3)
@@ -138,7 +139,7 @@ class OrtBackend(Backend):
         self.kv_dtype = _NP_TYPES[types[self.past_names[0]]]
         self.kv_shape = (1, manifest.model.num_kv_heads, 0, manifest.model.head_dim)  # [B, H_kv, 0, Dh]
         _warn_if_int8_saturates(manifest, self.device)
-        in_place = bool(manifest.target_info.get("kv_cache", {}).get("in_place"))
+        in_place = manifest.target_info.kv_cache.in_place
         self.in_place = in_place and io_binding and self.device == "cpu"
         self._past: list[Any] | None = None  # OrtValues (io_binding) or numpy arrays
         self._buffers: list[np.ndarray] = []  # in-place mode: [1, H_kv, capacity, Dh] each
