@@ -1,10 +1,11 @@
 """Checks every exported graph: ``onnx.checker`` and ONNX Runtime against PyTorch on fresh inputs.
 
 Like optimum's per-model ATOL, each graph and variant has a tolerance. fp32 and fp16 outputs pass
-when ``max|ort - torch| <= atol + rtol * max|torch|``. Quantised graphs are judged by the relative
-L2 error ``||ort - torch|| / ||torch||`` (one outlier position says little about int4 weights; the
-max is still reported), on realistic inputs: real images for the calibrated vision graph, embedding
-rows and a PyTorch-computed past for the decoder. Task-level fidelity is the accuracy tests' job.
+when ``max|ort - torch| <= atol + rtol * max|torch|`` and the relative L2 error
+``||ort - torch|| / ||torch||`` is under its bound. Quantised graphs are judged by the relative L2
+error alone (one outlier position says little about int4 weights; the max is still reported), on
+realistic inputs: real images for the calibrated vision graph, embedding rows and a
+PyTorch-computed past for the decoder. Task-level fidelity is the accuracy tests' job.
 The decoder is checked in both modes it serves: prefill with an empty past and decode with a cache.
 """
 from __future__ import annotations
@@ -16,12 +17,22 @@ import numpy as np
 from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.graph_io import ATTENTION_MASK, INPUTS_EMBEDS, PIXEL_VALUES, POSITION_IDS, past_names
 
-# variant -> graph -> {"atol", "rtol"} (max-abs bound) or {"rel_l2"} (relative L2 bound)
+# variant -> graph -> bounds: {"rel_l2"} (relative L2 error), {"atol", "rtol"} (max |ort - torch| <=
+# atol + rtol * max|torch|), or both. fp32/fp16 bounds are set from benchmarks/export_noise.py runs
+# (docs/int8-portability.md, "How the export checks are set"): the largest correct-export error
+# seen, over thread pairs and both shapes, with at least 5x margin; a damaged export (one weight
+# perturbed 5%, a vision select layer off by one, CLS kept) is 30-10,000x over them.
+#   fp32: <= 3.3e-6 relative here (AMD EPYC, x86-vnni, tiny and 1.7B); 1.4e-4 relative (5.2e-4 on
+#         logits of scale ~3.8) on a Xeon with AMX at 1.7B (issue 37), where 1e-4 + 1e-4 x scale
+#         had failed it: bound 1e-3 relative, 7x over that.
+#   fp16: <= 2.3e-3 relative, 1.7e-3 rel. L2 (1.7B decoder): 1e-3 + 2e-2 x scale, rel. L2 1e-2.
 TOLERANCES: dict[str, dict[str, dict[str, float]]] = {
-    "fp32": {"vision_encoder": {"atol": 1e-4, "rtol": 1e-4}, "embed_tokens": {"atol": 1e-6, "rtol": 0.0},
-             "decoder": {"atol": 1e-4, "rtol": 1e-4}},
-    "fp16": {"vision_encoder": {"atol": 1e-3, "rtol": 2e-2}, "embed_tokens": {"atol": 1e-3, "rtol": 1e-3},
-             "decoder": {"atol": 1e-3, "rtol": 2e-2}},
+    "fp32": {"vision_encoder": {"atol": 1e-4, "rtol": 1e-3, "rel_l2": 1e-3},
+             "embed_tokens": {"atol": 1e-6, "rtol": 0.0},
+             "decoder": {"atol": 1e-4, "rtol": 1e-3, "rel_l2": 1e-3}},
+    "fp16": {"vision_encoder": {"atol": 1e-3, "rtol": 2e-2, "rel_l2": 1e-2},
+             "embed_tokens": {"atol": 1e-3, "rtol": 1e-3},
+             "decoder": {"atol": 1e-3, "rtol": 2e-2, "rel_l2": 1e-2}},
     # int8 QDQ vision vs PyTorch: 0.013 measured (tiny, --int8-target portable). The quantised
     # decoders are judged against their fp32 twins (the kernels' error; see onnx_quant_check): int8
     # integer arithmetic is exact there unless a kernel saturates (0 measured on VNNI, tiny and 1.7B)
@@ -129,64 +140,95 @@ def image_cases(pixels) -> list[tuple[str, dict]]:
 
 def validate_graph(model, graph: str, path: str | Path, variant: str = "fp32",
                    cases: list[tuple[str, dict]] | None = None, gqa: bool = False, advice: str = "",
-                   judge: bool = True, reference: str | Path | None = None) -> dict:
+                   judge: bool = True, reference: str | Path | None = None, threads: int = 0,
+                   per_output: bool = False) -> dict:
     """Run ``path`` in ONNX Runtime and the torch module on each case (default:
-    ``validation_cases``); with ``judge``, raise when over tolerance (``advice``, what to try, ends
-    the message); without, only measure. ``reference``: another ONNX graph whose ONNX Runtime
-    outputs stand in for the torch module's.
+    ``validation_cases``); with ``judge``, raise on the first output over tolerance (``advice``,
+    what to try, ends the message); without, only measure and list the failures in the report.
+    ``reference``: another ONNX graph whose ONNX Runtime outputs stand in for the torch module's.
+    ``threads``: ONNX Runtime's intra-op threads (0: all). ``per_output``: each case also keeps
+    every output's ``output_errors`` (for measurements that re-judge them later).
 
-    Returns {"max_abs_diff", "max_abs_diff_first_output", "max_rel_l2", "ref_scale", "tolerance", "cases"}.
+    Returns {"max_abs_diff", "max_abs_diff_first_output", "max_rel_l2", "max_rel_l2_all_outputs",
+    "ref_scale", "tolerance", "cases", "failures"}; each case holds ``case_stats``.
     """
     check_graph(path)
     tol = TOLERANCES[variant][graph]
-    session = cpu_session(path)
-    ref_session = cpu_session(reference) if reference else None
+    session = cpu_session(path, threads)
+    ref_session = cpu_session(reference, threads) if reference else None
     names = [o.name for o in session.get_outputs()]
-    report: dict = {"tolerance": dict(tol), "cases": {}}
-    worst, worst_first, worst_l2, worst_l2_all, scale = 0.0, 0.0, 0.0, 0.0, 0.0
+    report: dict = {"tolerance": dict(tol), "cases": {}, "failures": []}
     for case, inputs in cases or validation_cases(model, graph, gqa):
         ref = ort_outputs(ref_session, inputs) if ref_session else torch_outputs(model, graph, inputs)
         got = ort_outputs(session, inputs)
-        diffs, l2 = {}, {}
+        errors, failed = {}, len(report["failures"])
         for name, r, g in zip(names, ref, got):
             if r.shape != g.shape:
                 raise EdgeVLMError(f"{Path(path).name}: output {name} has shape {g.shape} in ONNX Runtime, "
                                    f"{r.shape} in PyTorch ({case})")
-            diffs[name], l2[name] = _errors(r, g)
-            if judge:
-                _check(tol, r, g, diffs[name], l2[name], f"{Path(path).name} ({variant}): output {name}, case {case!r}",
-                       advice)
-        first = names[0]
-        worst_first, worst_l2 = max(worst_first, diffs[first]), max(worst_l2, l2[first])
-        worst, worst_l2_all = max(worst, *diffs.values()), max(worst_l2_all, *l2.values())
-        scale = max(scale, float(np.abs(ref[0]).max()))
-        report["cases"][case] = {first: diffs[first], f"{first}_rel_l2": l2[first],
-                                 "max_all_outputs": max(diffs.values())}
-    report.update(max_abs_diff=worst, max_abs_diff_first_output=worst_first, max_rel_l2=worst_l2,
-                  max_rel_l2_all_outputs=worst_l2_all, ref_scale=scale)
+            errors[name] = output_errors(r, g)
+            problem = tolerance_problem(tol, errors[name])
+            if problem:
+                where = f"{Path(path).name} ({variant}): output {name}, case {case!r}"
+                report["failures"].append(f"{where}: {problem}")
+                if judge:
+                    from edgevlm.runtime.hostcpu import cpu_class  # read only when reporting a failure
+
+                    raise EdgeVLMError(f"{where}: {problem} (on a {cpu_class()} CPU)"
+                                       f"{'; ' + advice if advice else ''}")
+        report["cases"][case] = {**case_stats(tol, errors[names[0]], errors.values()),
+                                 "passed": len(report["failures"]) == failed}
+        if per_output:
+            report["cases"][case]["outputs"] = errors
+    cs = report["cases"].values()
+    report.update(max_abs_diff=max(c["max_abs_all"] for c in cs), max_abs_diff_first_output=max(c["max_abs"] for c in cs),
+                  max_rel_l2=max(c["rel_l2"] for c in cs), max_rel_l2_all_outputs=max(c["rel_l2_all"] for c in cs),
+                  ref_scale=max(c["ref_scale"] for c in cs))
     return report
 
 
-def _errors(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
-    """(max |got - ref|, ||got - ref|| / ||ref||); zero for empty outputs (an empty KV cache)."""
+def output_errors(ref: np.ndarray, got: np.ndarray) -> dict:
+    """{"max_abs": max |got - ref|, "rel_l2": ||got - ref|| / ||ref||, "scale": max |ref|,
+    "finite"}; zero for empty outputs (an empty KV cache)."""
+    finite = bool(np.isfinite(got).all())
     if not ref.size:
-        return 0.0, 0.0
+        return {"max_abs": 0.0, "rel_l2": 0.0, "scale": 0.0, "finite": finite}
     diff = got - ref
-    return float(np.abs(diff).max()), float(np.linalg.norm(diff) / max(float(np.linalg.norm(ref)), 1e-12))
+    return {"max_abs": float(np.abs(diff).max()), "scale": float(np.abs(ref).max()), "finite": finite,
+            "rel_l2": float(np.linalg.norm(diff) / max(float(np.linalg.norm(ref)), 1e-12))}
 
 
-def _check(tol: dict, ref: np.ndarray, got: np.ndarray, max_abs: float, rel_l2: float, where: str,
-           advice: str = "") -> None:
-    problem = None
-    if not np.isfinite(got).all():
-        problem = "ONNX Runtime produced non-finite values"
-    elif "rel_l2" in tol and rel_l2 > tol["rel_l2"]:
-        problem = f"relative L2 error vs PyTorch {rel_l2:.3g} > tolerance {tol['rel_l2']}"
-    elif "atol" in tol:
-        bound = tol["atol"] + tol["rtol"] * float(np.abs(ref).max() if ref.size else 0.0)
-        if max_abs > bound:
-            problem = f"differs from PyTorch by {max_abs:.3g} > tolerance {bound:.3g}"
-    if problem:
-        from edgevlm.runtime.hostcpu import cpu_class  # read only when reporting a failure
+def case_stats(tol: dict, first: dict, outputs) -> dict:
+    """One case's record: the first output's errors (logits, features), the worst over all outputs,
+    and ``bound_ratio``, the worst output's error over its bound (<= 1 passes)."""
+    outputs = list(outputs)
+    return {"max_abs": first["max_abs"], "rel_l2": first["rel_l2"], "ref_scale": first["scale"],
+            "max_abs_all": max(o["max_abs"] for o in outputs), "rel_l2_all": max(o["rel_l2"] for o in outputs),
+            "max_rel_all": max(o["max_abs"] / o["scale"] if o["scale"] else 0.0 for o in outputs),
+            "bound_ratio": max(bound_ratio(tol, o) for o in outputs), "finite": all(o["finite"] for o in outputs)}
 
-        raise EdgeVLMError(f"{where}: {problem} (on a {cpu_class()} CPU){'; ' + advice if advice else ''}")
+
+def bound_ratio(tol: dict, err: dict) -> float:
+    """An output's error over its bound, the worst of ``tol``'s criteria: relative L2 over
+    ``rel_l2``, max |ort - torch| over ``atol + rtol * max|torch|`` (<= 1 passes; inf: not finite)."""
+    if not err["finite"]:
+        return float("inf")
+    ratios = [0.0]
+    if "rel_l2" in tol:
+        ratios.append(err["rel_l2"] / tol["rel_l2"])
+    if "atol" in tol:
+        ratios.append(err["max_abs"] / (tol["atol"] + tol.get("rtol", 0.0) * err["scale"]))
+    return max(ratios)
+
+
+def tolerance_problem(tol: dict, err: dict) -> str | None:
+    """Why an output's errors (``output_errors``) break ``tol``, or None."""
+    if not err["finite"]:
+        return "ONNX Runtime produced non-finite values"
+    if "rel_l2" in tol and err["rel_l2"] > tol["rel_l2"]:
+        return f"differs from PyTorch by a relative L2 error of {err['rel_l2']:.3g} > tolerance {tol['rel_l2']}"
+    if "atol" in tol:
+        bound = tol["atol"] + tol.get("rtol", 0.0) * err["scale"]
+        if err["max_abs"] > bound:
+            return f"differs from PyTorch by {err['max_abs']:.3g} > tolerance {bound:.3g}"
+    return None

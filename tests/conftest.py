@@ -134,22 +134,10 @@ def assert_clear_tokens(got: list[int], cmp, atol: float) -> None:
 
 
 def perturb_onnx_weight(path: Path, rel: float = 0.05, seed: int = 0) -> str:
-    """Damage an ONNX file in place: Gaussian noise of ``rel`` x its std on the largest 2-D float
-    weight (a MatMul weight, not an embedding table gathered by id). Returns the tensor's name."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
+    """Noise of ``rel`` x its std on the largest MatMul weight of an ONNX file (in place)."""
+    from edgevlm.benchmarks.export_noise import perturb_largest_weight
 
-    proto = onnx.load(str(path))
-    gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}
-    floats = [t for t in proto.graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
-              and t.name not in gathered]
-    t = max(floats, key=lambda t: t.dims[0] * t.dims[1])
-    w = numpy_helper.to_array(t)
-    w = w + np.random.default_rng(seed).standard_normal(w.shape).astype(w.dtype) * rel * w.std()
-    t.CopyFrom(numpy_helper.from_array(w, t.name))
-    onnx.save_model(proto, str(path))
-    return t.name
+    return perturb_largest_weight(path, rel, seed)
 
 
 def perturb_gguf_tensor(path: Path, name_part: str, rel: float = 0.05, seed: int = 0) -> str:
