@@ -30,6 +30,7 @@ QUANTIZE = ("none", "int8", "int4")
 ATTENTION = ("auto", "standard", "gqa")
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder")
 INT8_TARGETS = ("portable", "reduce-range", "vnni")  # the keys of onnx_quant.INT8_FORMATS
+VALIDATE = ("strict", "warn")
 TOKEN_ATOL = {"fp32": 1e-3}  # logit parity the token check enforces; other variants are reported
 
 
@@ -130,20 +131,21 @@ def _make_variant(variant: str, src: Path, dst: Path, pixels: Sequence | None, i
 
 
 def export_fp32_graphs(model, work_dir: Path, exporter: str = "dynamo", opset: int | None = None,
-                       graphs: Sequence[str] = GRAPHS) -> dict[str, dict]:
-    """Export and strictly validate the fp32 graphs (the source of every variant)."""
+                       graphs: Sequence[str] = GRAPHS, judge: bool = True) -> dict[str, dict]:
+    """Export and validate the fp32 graphs (the source of every variant); without ``judge`` a
+    failed check is listed in ``validation_fp32['failures']`` instead of raised."""
     from .onnx_graphs import OPSET, export_graphs
     from .onnx_io import release_memory
     from .onnx_validate import validate_graph
 
     graphs = export_graphs(model, work_dir, exporter, opset or OPSET, tuple(graphs))
     for name, info in graphs.items():
-        info["validation_fp32"] = validate_graph(model, name, info["path"], "fp32")
+        info["validation_fp32"] = validate_graph(model, name, info["path"], "fp32", judge=judge)
         release_memory()
     return graphs
 
 
-def _gqa_source(model, fp32_graphs: dict, opset: int | None) -> dict:
+def _gqa_source(model, fp32_graphs: dict, opset: int | None, judge: bool = True) -> dict:
     """The fp32 GQA decoder beside the exported graphs (built and validated once, then cached in
     ``fp32_graphs``)."""
     from .onnx_graphs import OPSET, build_gqa_decoder
@@ -154,7 +156,7 @@ def _gqa_source(model, fp32_graphs: dict, opset: int | None) -> dict:
         folder.mkdir(exist_ok=True)
         path = folder / "decoder_model_merged.onnx"
         info = {"path": path, **build_gqa_decoder(model, path, opset or OPSET)}
-        info["validation_fp32"] = validate_graph(model, "decoder", path, "fp32", gqa=True)
+        info["validation_fp32"] = validate_graph(model, "decoder", path, "fp32", gqa=True, judge=judge)
         fp32_graphs["decoder_gqa"] = info
     return fp32_graphs["decoder_gqa"]
 
@@ -163,11 +165,13 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
                 opset: int | None = None, ort_format: bool = False, calib_data: str | None = None,
                 calib_count: int = 32, source: str | None = None, fp32_graphs: dict | None = None,
                 progress: bool = True, attention: str = "auto", int8_target: str = "portable",
-                token_check: int = PROMPTS) -> Path:
+                token_check: int = PROMPTS, validate: str = "strict") -> Path:
     """Write an ONNX bundle to ``out``. ``fp32_graphs`` (from ``export_fp32_graphs``) lets several
     variants share one export; ``attention`` picks the decoder graph (see ``decoder_attention``);
     ``int8_target`` the int8 format (``onnx_quant.INT8_FORMATS``); ``token_check`` how many
-    held-out prompts the finished bundle answers beside PyTorch (0: skip)."""
+    held-out prompts the finished bundle answers beside PyTorch (0: skip); ``validate``: "strict"
+    fails the export on the first failed check, "warn" writes the bundle anyway and lists every
+    failed check in its manifest (``failed_checks``) and on stderr."""
     from tqdm.auto import tqdm
 
     from .common import require_exportable
@@ -179,6 +183,7 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
     from .common import base_manifest, copy_tokenizer
 
     plan = variant_plan(dtype, quantize)
+    judge = validate_mode(validate) == "strict"
     attn = decoder_attention(dtype, quantize, attention)
     int8 = int8_format(int8_target) if quantize != "none" else None
     t0 = time.perf_counter()
@@ -189,20 +194,20 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
         if fp32_graphs is None:  # the traced decoder is not needed when the GQA one is built instead
             bar.set_postfix_str("export + validate fp32 graphs")
             fp32_graphs = export_fp32_graphs(model, Path(tmp), exporter, opset,
-                                             GRAPHS if attn == "standard" else GRAPHS[:2])
+                                             GRAPHS if attn == "standard" else GRAPHS[:2], judge)
         bar.update(1)
         sources = {g: fp32_graphs[g] for g in GRAPHS[:2]}
-        sources["decoder"] = _gqa_source(model, fp32_graphs, opset) if attn == "gqa" else fp32_graphs["decoder"]
+        sources["decoder"] = _gqa_source(model, fp32_graphs, opset, judge) if attn == "gqa" else fp32_graphs["decoder"]
         calib = calibration = None
         if "int8_static" in plan.values():
             calib, calibration = _calibration_split(model, calib_data, calib_count)
-        graphs, files = _write_variants(model, plan, sources, writer, calib, bar, attn, int8)
+        graphs, files = _write_variants(model, plan, sources, writer, calib, bar, attn, int8, judge)
         ort, ort_files = _write_ort(model, writer, bar) if ort_format else (None, [])
         files += ort_files + copy_tokenizer(model, writer)
         info = _onnx_info(model, plan, attn, int8, opset=opset, dtype=dtype, quantize=quantize, graphs=graphs,
                           exporter=fp32_graphs["vision_encoder"]["exporter"], calibration=calibration,
                           decoder_exporter=sources["decoder"]["exporter"], ort_format=ort, source=source or "",
-                          export_s=round(time.perf_counter() - t0, 1))
+                          export_s=round(time.perf_counter() - t0, 1), validate=validate)
         manifest = base_manifest(model, "onnx", files, "edgevlm.export.to_onnx", ("onnx", "onnxruntime", "onnxscript"),
                                  info)
         if token_check:
@@ -210,7 +215,13 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
 
             bar.set_postfix_str("token check")
             atol = TOKEN_ATOL.get(dtype) if quantize == "none" else None
-            info.token_check = check_tokens(model, writer.dir, manifest, token_check, atol, threads=1)
+            try:
+                info.token_check = check_tokens(model, writer.dir, manifest, token_check, atol, threads=1)
+            except EdgeVLMError as e:
+                if judge:
+                    raise
+                info.failed_checks.append(str(e))
+        info.failed_checks[:0] = [f for g in (*sources.values(), *graphs.values()) for f in _failures(g)]
         path = writer.commit(manifest)
         bar.update(1)
     bar.close()
@@ -226,7 +237,20 @@ def _calibration_split(model, calib_data: str | None, count: int) -> tuple[tuple
     return (calib, held_out), Calibration(desc["source"], len(calib), "MinMax", len(held_out))
 
 
-def _write_variants(model, plan: dict, sources: dict, writer, calib, bar, attn: str, int8) -> tuple[dict, list]:
+def validate_mode(validate: str) -> str:
+    if validate not in VALIDATE:
+        raise EdgeVLMError(f"--validate must be one of {', '.join(VALIDATE)}, got {validate!r}")
+    return validate
+
+
+def _failures(graph) -> list[str]:
+    """The failed checks recorded on a source graph (dict) or a bundle graph (OnnxGraph)."""
+    report = graph.get("validation_fp32", {}) if isinstance(graph, dict) else graph.validation
+    return list(report.get("failures", []))
+
+
+def _write_variants(model, plan: dict, sources: dict, writer, calib, bar, attn: str, int8,
+                    judge: bool = True) -> tuple[dict, list]:
     """Each graph in its variant, validated against PyTorch; returns ({graph: OnnxGraph}, file entries)."""
     from edgevlm.runtime.manifest import FileEntry
     from edgevlm.runtime.target_info import OnnxGraph
@@ -247,10 +271,10 @@ def _write_variants(model, plan: dict, sources: dict, writer, calib, bar, attn: 
         gqa = graph == "decoder" and attn == "gqa"
         if variant in ("int4", "int8_dynamic"):  # the decoder: format and kernels told apart
             report = validate_quantized_decoder(model, written[0], Path(sources[graph]["path"]),
-                                                _tolerance_key(variant), gqa, _advice(variant, int8))
+                                                _tolerance_key(variant), gqa, _advice(variant, int8), judge)
         else:
             report = validate_graph(model, graph, written[0], _tolerance_key(variant), cases, gqa=gqa,
-                                    advice=_advice(variant, int8))
+                                    advice=_advice(variant, int8), judge=judge)
         release_memory()  # the quantiser's and the validation's copies of a multi-GB graph
         graphs[graph] = OnnxGraph(**specs[graph].to_dict(), variant=variant, validation=report,
                                   attention=attn if graph == "decoder" else "")
@@ -294,6 +318,19 @@ def _onnx_info(model, plan: dict, attn: str, int8, opset: int | None, **facts: A
                     trt_refusal=export_refusal(model.cfg.integrator.name, "trt") or "", **facts)
 
 
+def warn_failed_checks(bundle: Path) -> None:
+    """One line on stderr when a ``--validate warn`` export kept failed checks."""
+    import sys
+
+    from edgevlm.runtime.manifest import read_manifest
+
+    failed = read_manifest(bundle, verify=False).target_info.failed_checks
+    if failed:
+        print(f"warning: {len(failed)} export check(s) failed and the bundle was kept (--validate warn); they "
+              f"are listed in {Path(bundle) / 'manifest.json'} (target_info.failed_checks); first: {failed[0]}",
+              file=sys.stderr)
+
+
 def _tolerance_key(variant: str) -> str:
     return {"int8_static": "int8", "int8_dynamic": "int8"}.get(variant, variant)
 
@@ -317,6 +354,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default), reduce-range (u8 x 7-bit s8, every CPU, faster on AVX2), vnni (u8 x s8, "
                         "fastest, accurate only on x86 CPUs with VNNI and on Arm)")
     add_token_check_argument(p)
+    p.add_argument("--validate", choices=VALIDATE, default="strict",
+                   help="strict (default): a failed check against PyTorch fails the export; warn: write the "
+                        "bundle anyway, with every failed check listed in its manifest (failed_checks)")
     p.add_argument("--attention", choices=ATTENTION, default="auto",
                    help="decoder attention graph: standard ONNX ops (any runtime) or ONNX Runtime's "
                         "GroupQueryAttention with an in-place KV cache (default auto: gqa when quantised)")
@@ -340,9 +380,10 @@ def run(args: argparse.Namespace) -> int:
     source = model_source(args.model)
     out = export_onnx(model, args.out, args.dtype, args.quantize, args.exporter, args.opset, args.ort_format,
                       args.calib_data, args.calib_count, source=source, attention=args.attention,
-                      int8_target=args.int8_target, token_check=args.token_check)
+                      int8_target=args.int8_target, token_check=args.token_check, validate=args.validate)
     total = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"wrote {out} ({total / 1e6:.1f} MB)")
+    warn_failed_checks(out)
     return 0
 
 

@@ -107,6 +107,8 @@ class OnnxInfo:
     source: str = ""  # the model dir it was exported from ("": a preset)
     export_s: float = 0.0
     token_check: TokenCheck | None = None
+    validate: str = "strict"  # strict: every check passed; warn: written anyway (--validate warn)
+    failed_checks: list[str] = field(default_factory=list)  # what failed under --validate warn
 
 
 # --- GGUF ------------------------------------------------------------------------------------------

@@ -84,3 +84,33 @@ def test_measured_noise_keeps_its_margin_under_the_bounds_in_force(shape):
     for r in rows:
         r["bound_ratio"] = rejudge(r)
     assert not gate(rows, MARGIN), gate(rows, MARGIN)
+
+
+def test_validate_warn_keeps_a_failing_export_and_lists_its_failures(tiny_model, tmp_path, capsys):
+    """A vision graph exported from a tower that selects the wrong layer: strict (the default)
+    refuses it and leaves no bundle; warn writes it with every failed check in the manifest."""
+    from edgevlm.export.to_onnx import export_onnx, warn_failed_checks
+    from edgevlm.runtime import Runtime
+    from edgevlm.runtime.manifest import read_manifest
+
+    with damaged_vision(tiny_model.vision_tower, "select_layer"), torch.no_grad():
+        damaged = export_graphs(tiny_model, tmp_path / "graphs")
+    strict = tmp_path / "strict"
+    with pytest.raises(EdgeVLMError, match=r"vision_encoder\.onnx \(fp32\)"):
+        export_onnx(tiny_model, strict, fp32_graphs=damaged, progress=False, token_check=0)
+    assert not strict.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+    out = export_onnx(tiny_model, tmp_path / "warn", fp32_graphs=damaged, progress=False, token_check=2,
+                      validate="warn")
+    info = read_manifest(out).target_info
+    assert info.validate == "warn"
+    assert any(f.startswith("vision_encoder.onnx (fp32): output image_features") for f in info.failed_checks)
+    assert any(f.startswith("token check: held-out prompt") for f in info.failed_checks)
+    assert info.graphs["decoder"].validation["failures"] == []  # the decoder itself is fine
+    warn_failed_checks(out)
+    assert f"{len(info.failed_checks)} export check(s) failed" in capsys.readouterr().err
+    with Runtime.load(out) as rt:  # the kept bundle is an ordinary bundle
+        assert rt.generate(None, "hello", max_new_tokens=2).token_ids
+
+    with pytest.raises(EdgeVLMError, match="--validate must be one of strict, warn"):
+        export_onnx(tiny_model, tmp_path / "x", fp32_graphs=damaged, progress=False, validate="lenient")
