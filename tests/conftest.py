@@ -103,6 +103,15 @@ def trained_tiny(trained_data, tmp_path_factory) -> Path:
 TRAINED_STEPS = 120
 
 
+def tiny_gguf(model, out: Path, quants: list[str]) -> Path:
+    """A GGUF bundle of ``model`` (skips where gguf or llama-cpp-python is missing)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    from edgevlm.export.to_gguf import export_gguf
+
+    return export_gguf(model.float().eval(), out, quants, progress=False, token_check=0)
+
+
 def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
     """A writable copy of a session-scoped bundle, for tests that damage files."""
     dst = tmp_path / "copy"

@@ -34,12 +34,9 @@ def onnx_bundle(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gguf_bundle(tiny_model, tmp_path_factory):
-    pytest.importorskip("gguf")
-    pytest.importorskip("llama_cpp")
-    from edgevlm.export.to_gguf import export_gguf
+    from conftest import tiny_gguf
 
-    return export_gguf(tiny_model.float().eval(), tmp_path_factory.mktemp("load") / "gguf", ["f16"],
-                       progress=False, token_check=0)
+    return tiny_gguf(tiny_model, tmp_path_factory.mktemp("load") / "gguf", ["f16"])
 
 
 def _image():

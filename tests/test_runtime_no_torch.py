@@ -91,12 +91,9 @@ def test_cli_run_without_torch(bundle, image):
 
 @pytest.fixture(scope="module")
 def gguf_bundle(tiny_model, tmp_path_factory):
-    pytest.importorskip("gguf")
-    pytest.importorskip("llama_cpp")
-    from edgevlm.export.to_gguf import export_gguf
+    from conftest import tiny_gguf
 
-    return export_gguf(tiny_model.float().eval(), tmp_path_factory.mktemp("no_torch_gguf") / "tiny", ["q4_0"],
-                       progress=False, token_check=0)
+    return tiny_gguf(tiny_model, tmp_path_factory.mktemp("no_torch_gguf") / "tiny", ["q4_0"])
 
 
 def test_cli_run_takes_the_backend_from_the_bundle_without_torch(gguf_bundle, bundle, image):
