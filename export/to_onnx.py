@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from edgevlm.runtime.errors import EdgeVLMError
 
+from edgevlm.export.onnx_checks import VALIDATE, check_tokens_recorded, failures_of, validate_mode, warn_failed_checks
 from edgevlm.export.token_check import PROMPTS, check_prompt_count
 from edgevlm.export.token_check import add_argument as add_token_check_argument
 
@@ -30,7 +31,6 @@ QUANTIZE = ("none", "int8", "int4")
 ATTENTION = ("auto", "standard", "gqa")
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder")
 INT8_TARGETS = ("portable", "reduce-range", "vnni")  # the keys of onnx_quant.INT8_FORMATS
-VALIDATE = ("strict", "warn")
 TOKEN_ATOL = {"fp32": 1e-3}  # logit parity the token check enforces; other variants are reported
 
 
@@ -183,7 +183,7 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
     from .common import base_manifest, copy_tokenizer
 
     plan = variant_plan(dtype, quantize)
-    judge = validate_mode(validate) == "strict"
+    judge = validate_mode(validate) == "strict"  # warn: failed checks are listed, not raised
     attn = decoder_attention(dtype, quantize, attention)
     int8 = int8_format(int8_target) if quantize != "none" else None
     t0 = time.perf_counter()
@@ -210,18 +210,11 @@ def export_onnx(model, out: str | Path, dtype: str = "fp32", quantize: str = "no
                           export_s=round(time.perf_counter() - t0, 1), validate=validate)
         manifest = base_manifest(model, "onnx", files, "edgevlm.export.to_onnx", ("onnx", "onnxruntime", "onnxscript"),
                                  info)
+        info.failed_checks = [f for g in (*sources.values(), *graphs.values()) for f in failures_of(g)]
         if token_check:
-            from .token_check import check_tokens
-
             bar.set_postfix_str("token check")
-            atol = TOKEN_ATOL.get(dtype) if quantize == "none" else None
-            try:
-                info.token_check = check_tokens(model, writer.dir, manifest, token_check, atol, threads=1)
-            except EdgeVLMError as e:
-                if judge:
-                    raise
-                info.failed_checks.append(str(e))
-        info.failed_checks[:0] = [f for g in (*sources.values(), *graphs.values()) for f in _failures(g)]
+            check_tokens_recorded(model, writer, manifest, token_check, TOKEN_ATOL.get(dtype) if quantize == "none" else None,
+                          judge)
         path = writer.commit(manifest)
         bar.update(1)
     bar.close()
@@ -235,18 +228,6 @@ def _calibration_split(model, calib_data: str | None, count: int) -> tuple[tuple
     pixels, desc = calibration_pixels(model, calib_data, count + 2)
     calib, held_out = (pixels[:count], pixels[count:]) if len(pixels) > count else (pixels, pixels[-2:])
     return (calib, held_out), Calibration(desc["source"], len(calib), "MinMax", len(held_out))
-
-
-def validate_mode(validate: str) -> str:
-    if validate not in VALIDATE:
-        raise EdgeVLMError(f"--validate must be one of {', '.join(VALIDATE)}, got {validate!r}")
-    return validate
-
-
-def _failures(graph) -> list[str]:
-    """The failed checks recorded on a source graph (dict) or a bundle graph (OnnxGraph)."""
-    report = graph.get("validation_fp32", {}) if isinstance(graph, dict) else graph.validation
-    return list(report.get("failures", []))
 
 
 def _write_variants(model, plan: dict, sources: dict, writer, calib, bar, attn: str, int8,
@@ -316,19 +297,6 @@ def _onnx_info(model, plan: dict, attn: str, int8, opset: int | None, **facts: A
             if plan["decoder"] == "int4" else None)
     return OnnxInfo(opset=opset or OPSET, kv_cache=kv, int4=int4, int8=Int8Info(**int8.to_dict()) if int8 else None,
                     trt_refusal=export_refusal(model.cfg.integrator.name, "trt") or "", **facts)
-
-
-def warn_failed_checks(bundle: Path) -> None:
-    """One line on stderr when a ``--validate warn`` export kept failed checks."""
-    import sys
-
-    from edgevlm.runtime.manifest import read_manifest
-
-    failed = read_manifest(bundle, verify=False).target_info.failed_checks
-    if failed:
-        print(f"warning: {len(failed)} export check(s) failed and the bundle was kept (--validate warn); they "
-              f"are listed in {Path(bundle) / 'manifest.json'} (target_info.failed_checks); first: {failed[0]}",
-              file=sys.stderr)
 
 
 def _tolerance_key(variant: str) -> str:

@@ -89,7 +89,8 @@ def test_measured_noise_keeps_its_margin_under_the_bounds_in_force(shape):
 def test_validate_warn_keeps_a_failing_export_and_lists_its_failures(tiny_model, tmp_path, capsys):
     """A vision graph exported from a tower that selects the wrong layer: strict (the default)
     refuses it and leaves no bundle; warn writes it with every failed check in the manifest."""
-    from edgevlm.export.to_onnx import export_onnx, warn_failed_checks
+    from edgevlm.export.onnx_checks import warn_failed_checks
+    from edgevlm.export.to_onnx import export_onnx
     from edgevlm.runtime import Runtime
     from edgevlm.runtime.manifest import read_manifest
 
