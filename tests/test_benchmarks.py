@@ -80,11 +80,12 @@ def test_bench_command_lists_cases(capsys):
     import argparse
 
     from edgevlm.benchmarks import cli
+    from edgevlm.runtime.subcommands import run_command
 
     parser = argparse.ArgumentParser(prog="edgevlm bench")
     cli.add_arguments(parser)
     args = parser.parse_args(["run", "--matrix", "smoke", "--out", "unused.jsonl", "--list"])
-    assert cli.run(args) == 0
+    assert run_command(args) == 0
     assert "tiny-small/ldpv2/torch/fp32/t1-i1-p16-n8" in capsys.readouterr().out
 
 
