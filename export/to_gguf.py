@@ -88,7 +88,7 @@ def export_gguf(model, out, quants=DEFAULT_QUANTS, cls: str = "omit", threads: i
             from .token_check import check_tokens
 
             info.token_check = {q: check_tokens(model, w.dir, manifest, token_check, backend="llamacpp", quant=q,
-                                                n_threads=1) for q in quants}
+                                                threads=1) for q in quants}
         return w.commit(manifest)
 
 
