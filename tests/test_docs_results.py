@@ -113,7 +113,8 @@ PERF_HEAD = "| case | TTFT ms | vision ms | prefill ms | decode tok/s | "
 @pytest.mark.parametrize("run, header, min_rows", [
     ("quant/quant.jsonl", PERF_HEAD + "fraction", 5),
     ("ttft/ttft.jsonl", PERF_HEAD + "TTFT vs Hugging Face | decode vs", 5),
-    ("ttft/int8_rerun.jsonl", PERF_HEAD + "TTFT vs Hugging Face | fraction", 3)])
+    ("ttft/int8_rerun.jsonl", PERF_HEAD + "TTFT vs Hugging Face | fraction", 3),
+    ("ttft/fresh_epyc.jsonl", PERF_HEAD + "TTFT vs Hugging Face (AMD EPYC)", 5)])
 def test_perf_tables_match_stored_results(run, header, min_rows):
     """docs/perf-1.7b.md's tables are the committed benchmark runs' medians (TTFT, vision, prefill in
     ms; decode tok/s to 3 figures)."""
