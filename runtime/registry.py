@@ -1,9 +1,9 @@
 """A tiny name -> object registry, used for integrators, exporters and backends.
 
 ``modules`` (name -> module path) makes entries lazy: the first ``get`` of such a name imports the
-module, which registers the name (``add``) as it is imported. The registry names the module as a
-string and imports it only when asked, so a low layer can offer an entry that a higher layer
-provides (the runtime's ``torch`` backend lives in the model layer) without depending on it.
+module, which registers the name (``add``) as it is imported. ``provide`` adds a lazy entry later,
+so a higher layer can offer an entry of its own in a low layer's registry without the low layer
+naming it (the ``edgevlm`` package provides the runtime's ``torch`` backend from the model layer).
 """
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ class Registry(Generic[T]):
         if name in self._items:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = obj
+
+    def provide(self, name: str, module: str) -> None:
+        """A lazy entry: ``module`` registers ``name`` when the first ``get`` imports it."""
+        if self.modules.get(name, module) != module:
+            raise ValueError(f"{self.kind} {name!r} is already provided by {self.modules[name]}")
+        self.modules[name] = module
 
     def get(self, name: str) -> T:
         if name not in self._items and name in self.modules:

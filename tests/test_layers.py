@@ -120,16 +120,19 @@ def _above_runtime_strings(path: Path) -> list[str]:
                     if f.startswith("edgevlm."))]
 
 
-def test_the_runtime_names_one_module_above_it_the_torch_backend_and_only_as_a_string():
-    """``Runtime.load(path, backend="torch")`` imports the model layer's backend on first use: the
-    runtime's backend table names that module as a string (no import statement, so the checks above
-    pass), and no other runtime module names anything above the runtime."""
-    from edgevlm.runtime.backends import BACKEND_MODULES
+def test_the_runtime_names_nothing_above_it_and_the_package_provides_the_torch_backend():
+    """``Runtime.load(path, backend="torch")`` imports the model layer's backend on first use. No
+    runtime module names a module above the runtime, not even as a string; the ``edgevlm`` package
+    (imported before any of its subpackages) provides the torch backend to the runtime's registries."""
+    from edgevlm.runtime.backends import BACKEND_MODULES, BACKENDS, MODEL_DIR_BACKENDS
 
     named = {str(p.relative_to(REPO)): found for p in files("runtime") if (found := _above_runtime_strings(p))}
-    assert named == {"runtime/backends/__init__.py": ["edgevlm.model.torch_backend"]}
-    assert {k: v for k, v in BACKEND_MODULES.items() if not v.startswith("edgevlm.runtime.")} == \
-        {"torch": "edgevlm.model.torch_backend"}
+    assert named == {}
+    assert all(v.startswith("edgevlm.runtime.") for v in BACKEND_MODULES.values())
+    assert BACKENDS.modules["torch"] == MODEL_DIR_BACKENDS.modules["torch"] == "edgevlm.model.torch_backend"
+    assert _above_runtime_strings(REPO / "edgevlm" / "__init__.py") == ["edgevlm.model.torch_backend"]
+    with pytest.raises(ValueError, match="already provided by edgevlm.model.torch_backend"):
+        BACKENDS.provide("torch", "somewhere.else")
 
 
 def test_the_torch_backend_loads_from_python_without_the_cli(tmp_path):

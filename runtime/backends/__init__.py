@@ -7,10 +7,11 @@ module that provides each backend, and the first ``get`` imports it (the module 
 A backend module imports its library (onnxruntime, llama_cpp, tensorrt) only when a bundle is
 opened, so importing this package needs neither torch nor any backend library.
 
-The ``torch`` backend (the PyTorch model, the fidelity reference) belongs to the model layer; this
-package names its module as a string and imports it only when ``torch`` is asked for, so
-``Runtime.load(model_dir, backend="torch")`` works from Python while the runtime still depends on
-nothing above it (tests/test_layers.py checks both).
+The ``torch`` backend (the PyTorch model, the fidelity reference) belongs to the model layer. This
+package never names it: the ``edgevlm`` package, above every layer, provides it
+(``provide_backend``) as a module to import on first use, so ``Runtime.load(model_dir,
+backend="torch")`` works from Python while the runtime depends on nothing above it
+(tests/test_layers.py checks both).
 
 The bundle says which backend reads it: ``TARGET_BACKENDS`` maps the manifest's ``target`` to it;
 ``torch`` also opens any bundle that records the model it was exported from.
@@ -21,9 +22,8 @@ from ..errors import BundleError, EdgeVLMError
 from ..registry import Registry
 from .base import COMMON_OPTIONS, Backend
 
-# backend name -> the module that registers it when imported
-BACKEND_MODULES = {"ort": f"{__name__}.ort", "llamacpp": f"{__name__}.llamacpp", "trt": f"{__name__}.trt",
-                   "torch": "edgevlm.model.torch_backend"}  # the model layer's; needs PyTorch
+# this package's backends -> the module that registers each when imported
+BACKEND_MODULES = {"ort": f"{__name__}.ort", "llamacpp": f"{__name__}.llamacpp", "trt": f"{__name__}.trt"}
 MODEL_DIR_BACKEND = "torch"  # the backend of a path without manifest.json (a model dir or preset)
 # a bundle's manifest target -> the backend that reads it (the TensorRT target has had two spellings)
 TARGET_BACKENDS = {"onnx": "ort", "gguf": "llamacpp", "trt": "trt", "tensorrt": "trt"}
@@ -31,10 +31,18 @@ ANY_BUNDLE = ("torch",)  # read every bundle: the PyTorch model it was exported 
 
 _HINT = "torch needs PyTorch (pip install 'edgevlm[train]')"
 BACKENDS: Registry = Registry("backend", hint=_HINT, modules=BACKEND_MODULES)
-MODEL_DIR_BACKENDS: Registry = Registry("backend", hint=_HINT,  # a model dir or preset
-                                        modules={MODEL_DIR_BACKEND: BACKEND_MODULES[MODEL_DIR_BACKEND]})
+MODEL_DIR_BACKENDS: Registry = Registry("backend", hint=_HINT)  # a model dir or preset
 
-__all__ = ["BACKENDS", "MODEL_DIR_BACKENDS", "COMMON_OPTIONS", "Backend", "backend_for", "get_backend"]
+__all__ = ["BACKENDS", "MODEL_DIR_BACKENDS", "COMMON_OPTIONS", "Backend", "backend_for", "get_backend",
+           "provide_backend"]
+
+
+def provide_backend(name: str, module: str, model_dir: bool = False) -> None:
+    """A backend that a layer above the runtime provides: ``module`` registers it when first asked
+    for (in ``MODEL_DIR_BACKENDS`` too with ``model_dir``: it opens model dirs and presets)."""
+    BACKENDS.provide(name, module)
+    if model_dir:
+        MODEL_DIR_BACKENDS.provide(name, module)
 
 
 def get_backend(name: str, registry: Registry = BACKENDS):
