@@ -47,9 +47,8 @@ def measure_graph(model, graph: str, path: Path, variant: str, label: str, gqa: 
         report = validate_graph(model, graph, path, variant, gqa=gqa, judge=False, threads=ort_threads,
                                 per_output=True)
         for case, c in report["cases"].items():
-            row = {"graph": label, "checked_as": graph, "variant": variant, "torch_threads": torch_threads, "ort_threads": ort_threads,
-                   "case": case, **c}
-            rows.append(row)
+            rows.append({"graph": label, "checked_as": graph, "variant": variant, "torch_threads": torch_threads,
+                         "ort_threads": ort_threads, "case": case, **c})
     torch.set_num_threads(saved)
     return rows
 

@@ -16,7 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from edgevlm.benchmarks.export_noise import VISION_DAMAGE, damaged_vision, gate, measure_graph, rejudge  # noqa: E402
+from edgevlm.benchmarks.export_noise import (VISION_DAMAGE, damaged_vision, gate, measure_graph, rejudge,  # noqa: E402
+                                             thread_pairs)
 from edgevlm.export.onnx_graphs import export_graphs  # noqa: E402
 from edgevlm.export.onnx_validate import bound_ratio, validate_graph  # noqa: E402
 from edgevlm.runtime.errors import EdgeVLMError  # noqa: E402
@@ -35,7 +36,7 @@ def test_correct_graphs_pass_with_margin_at_every_thread_count(tiny_model, graph
     rows = []
     for name, info in graphs.items():
         rows += measure_graph(tiny_model, name, info["path"], "fp32", name)
-    assert {(r["torch_threads"], r["ort_threads"]) for r in rows} >= {(1, 1)}
+    assert {(r["torch_threads"], r["ort_threads"]) for r in rows} == set(thread_pairs())
     assert all(r["passed"] for r in rows)
     assert not gate(rows, MARGIN), gate(rows, MARGIN)
 
