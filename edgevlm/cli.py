@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "probe": "edgevlm.train.probe",
     "export": "edgevlm.export.cli",
     "run": "edgevlm.runtime.cli_run",
+    "watch": "edgevlm.runtime.cli_watch",
     "serve": "edgevlm.runtime.serve.cli",
     "bench": "edgevlm.benchmarks.cli",
 }

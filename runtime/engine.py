@@ -107,6 +107,13 @@ class Runtime:
         """``stream`` for prepared inputs (``chat_ids``, ``pixel_values``), with this Runtime's caches."""
         return stream(self.backend, self.tokenizer, prompt_ids, pixels, config, self.caches)
 
+    def watch(self, source: str, prompt: str, **options: Any):
+        """Ask ``prompt`` about the frames of a video file, stream URL or camera: an iterator of
+        per-frame ``WatchResult`` (options and bounds: ``runtime.watch.watch``; needs PyAV)."""
+        from .watch import watch
+
+        return watch(self, source, prompt, **options)
+
     def close(self) -> None:
         self.backend.close()
 

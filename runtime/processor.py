@@ -5,8 +5,9 @@ the chat template and the image preprocessing, so the runtime (``Runtime.process
 model (``EdgeVLM.processor``), training data (``train/batches.py``) and exporters all build the same
 ids and pixels. Around it, the sequence rules every layer shares:
 
-- the single-turn rule (``image_question``): a question asked about an image holds one ``<image>``, in
-  front when the user did not place it (LLaVA's convention; the template then moves it first);
+- the single-turn rule (``image_question``): a question asked about N images holds N ``<image>``, in
+  front when the user did not place them (LLaVA's convention; the template then moves them first);
+  ``Processor.__call__`` takes one image or a list (a question about several frames);
 - each ``<image>`` marker (IMAGE_TOKEN_INDEX in ids) becomes the image's ``n_visual`` positions
   (``spliced_length``, ``expand_at_images``);
 - the splice: ids split into text runs and images in prompt order (``split_at_images``), which a
@@ -68,6 +69,13 @@ def expand_at_images(ids: Sequence[int], values: Sequence[V], n_visual: int, fil
     return out
 
 
+def as_images(image) -> list:
+    """The images of a question: none (None, an empty list), one, or a list/tuple of several."""
+    if image is None:
+        return []
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
 def image_pixels(image: ImageSource, preprocess: PreprocessConfig,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An image (path, bytes, PIL) through the one decoder and ``preprocess`` -> float32 [1, 3, S, S]."""
@@ -89,9 +97,11 @@ class Processor:
         """``template``: a ``ChatTemplate`` (a manifest's pieces) or a built-in template's name."""
         return cls(tokenizer, get_template(template) if isinstance(template, str) else template, preprocess)
 
-    def prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
-        """Ids of a single-turn prompt ready for generation (BOS first; ``<image>`` as -200)."""
-        return self.chat_ids([(image_question(prompt) if with_image else prompt, None)])
+    def prompt_ids(self, prompt: str, with_image: bool | int) -> list[int]:
+        """Ids of a single-turn prompt ready for generation (BOS first; ``<image>`` as -200);
+        ``with_image``: True (one image) or a number of images."""
+        n = int(with_image)
+        return self.chat_ids([(image_question(prompt, n) if n else prompt, None)])
 
     def chat_ids(self, turns: Sequence[tuple[str, str | None]], system: str | None = None) -> list[int]:
         """Prompt ids of a conversation [(question, answer-or-None)]; ``system`` replaces the
@@ -108,7 +118,12 @@ class Processor:
     def pixel_values(self, image: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         return image_pixels(image, self.preprocess, max_pixels)  # [1, 3, S, S]
 
-    def __call__(self, image: ImageSource | None, prompt: str) -> tuple[list[int], np.ndarray | None]:
-        """(prompt ids, pixel values or None) for a question about ``image`` (or text only)."""
-        pixels = None if image is None else self.pixel_values(image)
-        return self.prompt_ids(prompt, image is not None), pixels
+    def __call__(self, image: ImageSource | Sequence[ImageSource] | None,
+                 prompt: str) -> tuple[list[int], np.ndarray | None]:
+        """(prompt ids, pixel values or None) for a question about ``image`` (or text only); a list
+        or tuple of images is one question about all of them, in order (``<image>`` each)."""
+        images = as_images(image)
+        if not images:
+            return self.prompt_ids(prompt, False), None
+        pixels = np.concatenate([self.pixel_values(i) for i in images])  # [B, 3, S, S]
+        return self.prompt_ids(prompt, len(images)), pixels
