@@ -304,7 +304,6 @@ def _bad_cases(image_root) -> dict:
                                        "decompression bomb"),
         "two images": (dict(body=ok(_data_uri(png), _data_uri(png))), 400, "at most 1"),
         "prompt over the context": (dict(body=ok(text="red " * 1100)), 400, r"\d+ tokens .*context is 1024 positions"),
-        "unknown model": (dict(body={**ok(), "model": "gpt-9"}), 404, "gpt-9"),
         "wrong API key": (dict(body=ok(), key="wrong"), 401, "API key"),
         "path outside --image-root": (dict(body=ok(str(image_root.parent / "elsewhere.png"))), 403, "image-root"),
         "parent dir escape": (dict(body=ok("../inside.png")), 403, "image-root"),
@@ -314,7 +313,7 @@ def _bad_cases(image_root) -> dict:
                                                                    _user("hi")]}), 400, "alternate"),
         "ends with the assistant": (dict(body={"model": MODEL, "messages": [
             _user("hi"), {"role": "assistant", "content": "x"}]}), 400, "last message"),
-        "n=2": (dict(body={**ok(), "n": 2}), 400, "n=1"),
+        "n=2": (dict(body={**ok(), "n": 2}), 400, r"^n: "),
     }
 
 
@@ -336,8 +335,8 @@ def test_openai_client_sees_the_errors(ort_server):
     client = ort_server.client()
     with pytest.raises(openai.AuthenticationError):
         ort_server.client(api_key="nope").chat.completions.create(model=MODEL, messages=[_user("hi")])
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="other", messages=[_user("hi")])
+    other = client.chat.completions.create(model="other", messages=[_user("hi")], max_tokens=2)
+    assert other.model == MODEL  # lenient by default, like llama-server (--strict-model: test_serve_api.py)
     with pytest.raises(openai.BadRequestError, match="context"):
         client.chat.completions.create(model=MODEL, messages=[_user("red " * 1100)])
     assert client.chat.completions.create(model=MODEL, messages=[_user("hi")], max_tokens=2).choices

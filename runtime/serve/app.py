@@ -9,15 +9,18 @@ import hmac
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import EdgeVLMError
 from . import responses as fmt
-from .errors import AuthError, ClientGone, error_body, to_http
-from .metrics import Metrics
-from .requests import ChatJob, Limits, check_model, parse_json, prepare_chat
+from .errors import AuthError, ClientGone, error_body, to_http, validation_error
+from .metrics import CONTENT_TYPE, Metrics
+from .requests import ChatJob, Limits, check_model, prepare_chat
+from .schema import SSE_DOC, ChatCompletion, ChatRequest, ErrorBody, Health, ModelList
+from .ui import mount_ui
 from .worker import DONE, ERROR, PIECE, Job, Worker
 
 PATHS = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -29,7 +32,9 @@ class ServeConfig:
     model_name: str
     api_key: str | None = None
     max_queue: int = 16  # requests that may wait behind the running one; more -> 429
+    strict_model: bool = False  # True: a request naming another model gets 404 (default: served anyway)
     limits: Limits = field(default_factory=Limits)
+    ui: bool = True  # the browser playground at / (ui.py; --no-ui: off)
 
 
 class Server:
@@ -39,6 +44,7 @@ class Server:
         self.rt, self.config = rt, config
         self.worker = Worker(config.max_queue)
         self.metrics = Metrics()
+        self.metrics.watch(self.worker, rt.caches)
 
     def authorize(self, request: Request) -> None:
         key = self.config.api_key
@@ -50,7 +56,7 @@ class Server:
 
     def submit(self, spec: ChatJob) -> Job:
         job = Job(lambda: self.rt.stream_ids(spec.prompt_ids, spec.pixels, spec.config),
-                  asyncio.get_running_loop(), self.metrics.observe)
+                  asyncio.get_running_loop(), self.metrics.observe, spec.logprobs)
         self.worker.submit(job)
         return job
 
@@ -77,7 +83,8 @@ class Server:
             yield fmt.chunk(rid, model, {"role": "assistant", "content": ""})
             kind, value = first
             while kind == PIECE:
-                yield fmt.chunk(rid, model, {"content": value})
+                text, lp = value
+                yield fmt.chunk(rid, model, {"content": text}, lp=lp)
                 kind, value = await job.events.get()
             if kind == DONE:
                 yield fmt.chunk(rid, model, {}, fmt.FINISH[value.finish_reason], timings=fmt.timings(value))
@@ -110,7 +117,8 @@ def create_app(rt, config: ServeConfig) -> FastAPI:
         yield
         await run_in_threadpool(server.worker.close)  # cancel in-flight work, join the thread
 
-    app = FastAPI(title="edgevlm", lifespan=lifespan)
+    app = FastAPI(title="edgevlm", summary="An OpenAI-compatible chat API over one edgevlm Runtime.",
+                  lifespan=lifespan)
     app.state.server = server
     app.add_middleware(CountRequests, metrics=server.metrics)
 
@@ -119,46 +127,51 @@ def create_app(rt, config: ServeConfig) -> FastAPI:
         status, body, headers = _error_reply(exc)
         return JSONResponse(body, status_code=status, headers=headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        status, body, headers = validation_error(list(exc.errors()))
+        return JSONResponse(body, status_code=status, headers=headers)
+
     app.add_exception_handler(EdgeVLMError, on_error)
     _routes(app, server)
+    if config.ui:
+        mount_ui(app, server)
     return app
+
+
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 429)}
 
 
 def _routes(app: FastAPI, server: Server) -> None:
     rt, config = server.rt, server.config
+    auth = [Depends(server.authorize)]
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        server.authorize(request)
-        body = parse_json(await request.body())
-        check_model(body, config.model_name)
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=auth,
+              responses={**ERRORS, 200: SSE_DOC})
+    async def chat_completions(body: ChatRequest, request: Request):
+        check_model(body.model, config.model_name, config.strict_model)
         spec = await run_in_threadpool(prepare_chat, body, rt, config.limits)
         job = server.submit(spec)
         rid = fmt.new_id()
         if not spec.stream:
-            return JSONResponse(fmt.completion(rid, config.model_name, await server.result(job, request)))
+            return fmt.completion(rid, config.model_name, await server.result(job, request), spec.logprobs)
         first = await server.next_event(job, request)  # errors before the first token are 4xx/500
         if first[0] == ERROR:
             raise _user_error(first[1])
         return StreamingResponse(server.sse(job, first, rid, spec), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        server.authorize(request)
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "edgevlm"}]}
+    @app.get("/v1/models", response_model=ModelList, dependencies=auth, responses={401: {"model": ErrorBody}})
+    async def models():
+        return {"data": [{"id": config.model_name}]}
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health():
-        return {"status": "ok", "model": config.model_name, "backend": rt.backend.name,
-                "queue_depth": server.worker.queue_depth}
+        return {"model": config.model_name, "backend": rt.backend.name, "queue_depth": server.worker.queue_depth}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
     async def metrics():
-        w = server.worker
-        return PlainTextResponse(server.metrics.render(w.queue_depth, w.busy, rt.caches),
-                                 media_type="text/plain; version=0.0.4")
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
 
 class CountRequests:

@@ -5,7 +5,8 @@ Example:
     curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "tiny-gguf", "messages": [{"role": "user", "content": "Hello"}]}'
 
-Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics (Prometheus).
+Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics (Prometheus),
+GET /openapi.json (the API as data) and /docs. Any model name is served unless --strict-model.
 Requests run one at a time, in order; --max-queue more may wait, the rest get 429. Images come as
 base64 data: URIs, or as paths under --image-root; URLs are never fetched. Needs the [serve] extra.
 """
@@ -22,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(p)  # --backend (default: the bundle's own), --threads, --max-context, ...
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--model-name", default=None, help="the model id clients send (default: the bundle dir's name)")
+    p.add_argument("--model-name", default=None, help="the model id the server reports (default: the bundle dir's name)")
+    p.add_argument("--strict-model", action="store_true",
+                   help="refuse (404) requests naming another model (default: serve them, like llama-server)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the running one")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="largest encoded image accepted")
@@ -30,8 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=1, help="images per conversation (the template takes one)")
     p.add_argument("--image-root", type=Path, default=None, help="allow image paths under this directory")
     p.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="refuse (400) requests asking for more tokens (default: only the context bounds them)")
     p.add_argument("--image-cache-mb", type=float, default=64.0, help="image-embedding cache size (0: off)")
     p.add_argument("--no-prefix-reuse", action="store_true", help="always prefill the whole prompt")
+    p.add_argument("--no-ui", action="store_true", help="no browser playground at / (docs/playground.md)")
 
 
 def build(args: argparse.Namespace):
@@ -51,9 +57,11 @@ def build(args: argparse.Namespace):
                       prefix_reuse=not args.no_prefix_reuse, **runtime_options(args))
     limits = Limits(max_image_bytes=int(args.max_image_mb * (1 << 20)),
                     max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, max_images=args.max_images,
-                    image_root=args.image_root, default_max_tokens=args.max_tokens)
+                    image_root=args.image_root, default_max_tokens=args.max_tokens,
+                    max_tokens_limit=args.max_tokens_limit)
     config = ServeConfig(model_name=args.model_name or Path(args.bundle).resolve().name,
-                         api_key=args.api_key, max_queue=args.max_queue, limits=limits)
+                         api_key=args.api_key, max_queue=args.max_queue, limits=limits, ui=not args.no_ui,
+                         strict_model=args.strict_model)
     return create_app(rt, config), rt
 
 

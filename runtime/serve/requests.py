@@ -1,16 +1,18 @@
-"""A chat-completions request body -> what the runtime needs: prompt ids, pixel values and a
-GenerationConfig. Every problem is a RequestError (or the runtime's ImageError /
-ContextLengthError), raised before the request is queued.
+"""A validated chat-completions request (schema.ChatRequest) -> what the runtime needs: prompt ids,
+pixel values and a GenerationConfig. The types and ranges are the schema's (FastAPI checks them);
+the rules that span fields are here. Every problem is a RequestError naming the field (or the
+runtime's ImageError / ContextLengthError / ConstraintError), raised before the request is queued.
 
-Messages: optional ``system`` messages (their text replaces the template's system prompt), then
+Messages: optional ``system``/``developer`` messages (their text replaces the template's system prompt), then
 ``user`` and ``assistant`` turns alternating, ending with ``user``. A user message's images come
 first in its question (``<image>\\n`` each, LLaVA's layout), then its text parts joined by newlines.
-Sampling: greedy unless ``temperature`` > 0 is given (then ``top_p`` and ``seed`` apply).
+Sampling: greedy unless ``temperature`` > 0 is given (then ``top_p``, ``top_k`` and ``seed`` apply).
+``response_format`` json_object / json_schema become the runtime's Constraint (a token mask in the
+generation loop); ``logprobs``, ``logit_bias`` and the penalties go to its GenerationConfig.
 """
 from __future__ import annotations
 
-import json
-import math
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from ..processor import image_question
 from ..generate import GenerationConfig, fit_max_new_tokens
 from .errors import ModelNotFound, RequestError
 from .images import image_bytes
+from .schema import NO_EFFECT, ChatRequest, Message
+
+log = logging.getLogger("edgevlm.serve")
 
 
 @dataclass
@@ -31,6 +36,7 @@ class Limits:
     max_images: int = 1  # images per conversation the model's template takes
     image_root: Path | None = None
     default_max_tokens: int = 256
+    max_tokens_limit: int | None = None  # a request asking for more gets 400 (None: the context bounds it)
 
 
 @dataclass
@@ -40,6 +46,7 @@ class ChatJob:
     config: GenerationConfig
     stream: bool
     include_usage: bool
+    logprobs: bool = False
 
 
 @dataclass
@@ -49,27 +56,17 @@ class Conversation:
     images: list[str]  # image_url values, in prompt order
 
 
-def parse_json(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(f"the request body is not valid JSON ({e})", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object", None, "invalid_json")
-    return body
-
-
-def check_model(body: dict, model_name: str) -> None:
-    name = body.get("model", model_name)
-    if name != model_name:
+def check_model(name: str | None, model_name: str, strict: bool) -> None:
+    """Lenient by default (like llama-server): any name is served; --strict-model refuses others."""
+    if strict and name is not None and name != model_name:
         raise ModelNotFound(f"model {name!r} is not served here; this server serves {model_name!r}",
                             "model", "model_not_found")
 
 
-def prepare_chat(body: dict, rt, limits: Limits) -> ChatJob:
-    """Validate ``body`` and turn it into a ChatJob for ``rt`` (a Runtime)."""
-    conv = conversation(body.get("messages"))
-    config = generation_config(body, limits)
+def prepare_chat(req: ChatRequest, rt, limits: Limits) -> ChatJob:
+    """Check ``req`` against the model and turn it into a ChatJob for ``rt`` (a Runtime)."""
+    conv = conversation(req.messages)
+    config = generation_config(req, limits, rt.tokenizer.vocab_size)
     if len(conv.images) > limits.max_images:
         raise RequestError(f"the conversation has {len(conv.images)} images but this model's prompt "
                            f"template takes at most {limits.max_images}", "messages", "too_many_images")
@@ -80,31 +77,30 @@ def prepare_chat(body: dict, rt, limits: Limits) -> ChatJob:
     if conv.images:
         raw = [image_bytes(u, limits.max_image_bytes, limits.image_root) for u in conv.images]
         pixels = np.concatenate([rt.pixel_values(b, limits.max_pixels) for b in raw])  # [B, 3, S, S]
-    stream_options = body.get("stream_options") or {}
-    return ChatJob(ids, pixels, config, bool(body.get("stream", False)),
-                   bool(isinstance(stream_options, dict) and stream_options.get("include_usage")))
+    given = {k: getattr(req, k) for k in NO_EFFECT if getattr(req, k) is not None}
+    if given:
+        log.info("chat request with %s", given)
+    usage = bool(req.stream_options and req.stream_options.include_usage)
+    return ChatJob(ids, pixels, config, bool(req.stream), usage, bool(req.logprobs))
 
 
-def conversation(messages) -> Conversation:
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' is required: a non-empty list of {role, content}", "messages")
+def conversation(messages: list[Message]) -> Conversation:
     system, turns, images, question = None, [], [], None
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(f"messages[{i}] must be an object with role system, user or assistant",
-                               "messages")
-        text, urls = _content(m.get("content"), f"messages[{i}]")
-        if m["role"] == "system":
+        text, urls = _content(m.content, f"messages[{i}]")
+        if m.role in ("system", "developer"):
+            if urls:
+                raise RequestError(f"messages[{i}]: {m.role} messages cannot hold images", f"messages[{i}].content")
             system = text if system is None else f"{system}\n{text}"
-        elif m["role"] != ("user" if question is None else "assistant"):
+        elif m.role != ("user" if question is None else "assistant"):
             raise RequestError(f"messages[{i}]: user and assistant messages must alternate, "
                                "starting with user", "messages")
-        elif m["role"] == "user":
+        elif m.role == "user":
             question = image_question(text, len(urls))  # text holds no <image> (checked)
             images = images + urls
         else:
             if urls:
-                raise RequestError(f"messages[{i}]: assistant messages cannot hold images", "messages")
+                raise RequestError(f"messages[{i}]: assistant messages cannot hold images", f"messages[{i}].content")
             turns.append((question, text))
             question = None
     if question is None:
@@ -115,61 +111,73 @@ def conversation(messages) -> Conversation:
 def _content(content, where: str) -> tuple[str, list[str]]:
     """(text, image urls) of a message's content: a string or a list of text / image_url parts."""
     if isinstance(content, str):
-        parts = [{"type": "text", "text": content}]
-    elif isinstance(content, list):
-        parts = content
-    else:
-        raise RequestError(f"{where}.content must be a string or a list of parts", "messages")
-    texts, urls = [], []
-    for j, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str) or not url:
-                raise RequestError(f"{where}.content[{j}].image_url needs a url", "messages")
-            urls.append(url)
-        else:
-            raise RequestError(f"{where}.content[{j}]: parts must be text or image_url", "messages")
-    text = "\n".join(texts)
+        return _text(content, where), []
+    texts = [p.text for p in content if p.type == "text"]
+    urls = [p.image_url if isinstance(p.image_url, str) else p.image_url.url for p in content if p.type == "image_url"]
+    return _text("\n".join(texts), where), urls
+
+
+def _text(text: str, where: str) -> str:
     if IMAGE_TOKEN in text:
         raise RequestError(f"{where}: the text contains {IMAGE_TOKEN}; send images as image_url parts",
-                           "messages")
-    return text, urls
+                           f"{where}.content")
+    return text
 
 
-def _number(body: dict, name: str, default, kind=float):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (kind is int and value != int(value)):
-        raise RequestError(f"{name} must be a{'n integer' if kind is int else ' number'}, got {value!r}", name)
-    return kind(value)
-
-
-def generation_config(body: dict, limits: Limits) -> GenerationConfig:
-    if _number(body, "n", 1, int) != 1:
-        raise RequestError("only n=1 is supported", "n")
-    max_tokens = _number(body, "max_completion_tokens", None, int)
-    max_tokens = _number(body, "max_tokens", limits.default_max_tokens if max_tokens is None else max_tokens, int)
-    temperature = _number(body, "temperature", 0.0)
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError("stop must be a non-empty string or a list of up to 4 of them", "stop")
-    if max_tokens < 1:
-        raise RequestError(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
-    if temperature < 0:
-        raise RequestError(f"temperature must be >= 0, got {temperature}", "temperature")
-    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=temperature > 0,
-                              temperature=temperature if temperature > 0 else 1.0,
-                              top_p=_number(body, "top_p", 1.0), seed=_number(body, "seed", 0, int),
-                              stop=tuple(stop))
+def generation_config(req: ChatRequest, limits: Limits, vocab_size: int) -> GenerationConfig:
+    asked, cap = req.max_tokens or req.max_completion_tokens, limits.max_tokens_limit
+    if cap is not None and asked is not None and asked > cap:
+        field = "max_tokens" if req.max_tokens else "max_completion_tokens"
+        raise RequestError(f"{field} is {asked}, over this server's limit of {cap} (--max-tokens-limit)", field)
+    max_tokens = asked or min(limits.default_max_tokens, cap or limits.default_max_tokens)
+    temperature = req.temperature or 0.0
+    stop = () if req.stop is None else (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    sampling = dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                    top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed or 0,
+                    repetition_penalty=req.repetition_penalty or 1.0)
+    # the decode side's newer fields are passed only when asked for
+    if req.logit_bias:
+        sampling["logit_bias"] = _logit_bias(req.logit_bias, vocab_size)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            sampling[name] = getattr(req, name)
+    extra = {}
+    if req.top_logprobs and not req.logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+    if req.logprobs:
+        extra.update(logprobs=True, top_logprobs=req.top_logprobs or 0)
+    constraint = _constraint(req.response_format)
+    if constraint is not None:
+        extra["constraint"] = constraint
+    config = GenerationConfig(max_new_tokens=max_tokens, stop=stop, **extra, **sampling)
     try:
         config.validate()
-    except EdgeVLMError as e:  # the runtime's own checks (top_p range...): a 400 naming the field
-        raise RequestError(str(e), "top_p" if "top_p" in str(e) else None) from None
+    except EdgeVLMError as e:  # the runtime's own checks: a 400 naming the field where it can
+        field = next((f for f in ("top_p", "top_k", "temperature", "logit_bias", "top_logprobs") if f in str(e)), None)
+        raise RequestError(str(e), field) from None
     return config
+
+
+def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise RequestError(f"logit_bias keys must be token ids in 0..{vocab_size - 1} (as strings), got {key!r}",
+                               "logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
+def _constraint(fmt):
+    """response_format -> the runtime's Constraint (None for text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    from ..constrain import Constraint
+    from ..errors import ConstraintError
+
+    try:
+        if fmt.type == "json_object" or fmt.json_schema.json_schema is None:
+            return Constraint.json_object()
+        return Constraint.json_schema(fmt.json_schema.json_schema, strict=bool(fmt.json_schema.strict))
+    except ConstraintError as e:
+        raise RequestError(f"response_format: {e}", "response_format", "invalid_schema") from None

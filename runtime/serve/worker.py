@@ -19,8 +19,9 @@ DONE, PIECE, ERROR = "done", "piece", "error"
 
 class Job:
     def __init__(self, start: Callable[[], Any], loop: asyncio.AbstractEventLoop,
-                 on_done: Callable[[Any], None] = lambda result: None):
+                 on_done: Callable[[Any], None] = lambda result: None, logprobs: bool = False):
         self._start = start  # () -> a Stream (runtime.generate.Stream)
+        self._logprobs = logprobs  # PIECE events carry (text, the tokens' TokenLogprob entries or None)
         self._loop = loop
         self._on_done = on_done  # called on the worker thread with the GenerationResult
         self.events: asyncio.Queue = asyncio.Queue()
@@ -41,11 +42,17 @@ class Job:
             if self._cancelled.is_set():
                 self._stream.cancel()
             for piece in self._stream:
-                self._post(PIECE, piece)
+                self._post(PIECE, (piece, self._take_logprobs()))
+            rest = self._take_logprobs()  # tokens whose text was held back (a stop string's start)
+            if rest:
+                self._post(PIECE, ("", rest))
             self._on_done(self._stream.result)  # even when nobody reads the events any more
             self._post(DONE, self._stream.result)
         except Exception as e:  # user errors become 4xx, anything else 500, in the app
             self._post(ERROR, e)
+
+    def _take_logprobs(self):
+        return self._stream.take_logprobs() if self._logprobs else None
 
     def _post(self, kind: str, value: Any) -> None:
         try:
