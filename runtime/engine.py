@@ -6,6 +6,7 @@ the one generation loop.
     r = rt.generate("photo.jpg", "What colour is the car?", max_new_tokens=32)
     r.text, r.token_ids, r.timings
     for piece in rt.stream(image, prompt): ...
+    rt.generate(image, "How many?", json_schema={...}, logprobs=True, top_logprobs=3)   # see generation_config
     Runtime.load("runs/tiny/final")              # a model dir or preset: the PyTorch model (torch)
     Runtime.load("bundles/tiny-gguf", threads=2, max_context=1024)   # options: see Runtime.load
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from .backends import MODEL_DIR_BACKEND, MODEL_DIR_BACKENDS, backend_for, get_backend
 from .cache import DEFAULT_IMAGE_CACHE_MB, Caches, ImageCache, PrefixCache
+from .constrain import constraint_from
 from .generate import GenerationConfig, GenerationResult, Stream, generate, stream
 from .errors import BundleError, EdgeVLMError
 from .manifest import MANIFEST, Manifest, read_manifest
@@ -94,13 +96,14 @@ class Runtime:
         return self.processor.pixel_values(image, max_pixels)  # [1, 3, S, S]
 
     def generate(self, image=None, prompt: str = "", max_new_tokens: int = 32, **gen: Any) -> GenerationResult:
+        """Answer ``prompt`` (about ``image``); ``gen``: see ``generation_config``."""
+        config = generation_config(max_new_tokens, **gen)
         ids, pixels = self.processor(image, prompt)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, **gen)
         return generate(self.backend, self.tokenizer, ids, pixels, config, self.caches)
 
     def stream(self, image=None, prompt: str = "", max_new_tokens: int = 32, **gen: Any) -> Stream:
+        config = generation_config(max_new_tokens, **gen)
         ids, pixels = self.processor(image, prompt)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, **gen)
         return stream(self.backend, self.tokenizer, ids, pixels, config, self.caches)
 
     def stream_ids(self, prompt_ids, pixels: np.ndarray | None, config: GenerationConfig) -> Stream:
@@ -122,3 +125,14 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def generation_config(max_new_tokens: int = 32, json_schema: dict | str | None = None, json_object: bool = False,
+                      regex: str | None = None, choices=None, strict: bool = True, **gen: Any) -> GenerationConfig:
+    """``GenerationConfig`` from ``Runtime.generate``'s keywords: at most one of ``json_schema`` (dict or
+    JSON text; ``strict``), ``json_object``, ``regex``, ``choices`` (runtime.constrain); ``logprobs``,
+    ``top_logprobs``, ``stop``, ``ignore_eos``; and the SamplingConfig fields (``do_sample``,
+    ``temperature``, ``top_k``, ``top_p``, ``seed``, ``repetition_penalty``, ``logit_bias``,
+    ``presence_penalty``, ``frequency_penalty``)."""
+    constraint = constraint_from(json_schema, json_object, regex, choices, strict)
+    return GenerationConfig(max_new_tokens=max_new_tokens, constraint=constraint, **gen)

@@ -18,3 +18,7 @@ class ImageError(EdgeVLMError):
 
 class ContextLengthError(EdgeVLMError):
     """The prompt (plus visual tokens) does not fit the model's context."""
+
+
+class ConstraintError(EdgeVLMError):
+    """A JSON schema, regex or choice list for constrained decoding cannot be compiled."""

@@ -7,16 +7,20 @@ Context policy: the prompt (visual + text tokens) must leave room for at least o
 
 ``token_ids`` are all selected tokens (the final EOS or the token that completed a stop string
 included); ``text`` is their decoded text without special tokens, cut before a stop string.
-Stop strings are matched on text that later tokens cannot change (see IncrementalDetokenizer):
-the text of an open run of byte-fallback tokens -- ``<0x0A>`` for "\n" in Llama vocabularies --
-becomes final one token later, so such a stop may cost one extra decode step.
-Timings exclude the time a streaming consumer spends between pieces.
+Stop strings: runtime.stopstrings. Timings exclude the time a streaming consumer spends between pieces.
 
 Caches (``runtime.cache``, passed by ``Runtime``): an ``ImageCache`` skips the vision encoder for
 an image seen before; a ``PrefixCache`` lets a backend with ``supports_prefix`` keep the KV cache
 of the positions the new sequence shares with the previous one and prefill only the rest.
 ``GenerationResult.cache`` reports both. ``Stream.cancel()`` (from any thread) ends a streaming
 run before its next decode step, with ``finish_reason`` ``"cancelled"``.
+
+Constrained decoding (``GenerationConfig.constraint``, runtime.constrain): each step's logits are
+adjusted (penalties, ``logit_bias``), masked to the tokens the grammar allows, then sampled. EOS is
+allowed only where the grammar is complete; once nothing but EOS can follow, the run ends at once
+with that EOS (no decode step for it), ``finish_reason`` ``"eos"``, even with ``ignore_eos``.
+A run that reaches ``max_new_tokens`` first ends with ``"length"`` and its text is incomplete.
+Stop strings still cut the text. ``logprobs``: runtime.logprobs.
 """
 from __future__ import annotations
 
@@ -30,10 +34,13 @@ import numpy as np
 from .backends.base import Backend
 from .cache import CacheReport, Caches, ImageCache, PrefixCache, image_key, position_keys, prefill
 from .chat import IMAGE_TOKEN_INDEX
+from .constrain import Constraint, ConstraintState
 from .errors import ContextLengthError, EdgeVLMError
+from .logprobs import LogprobRecorder, TokenLogprob, check_top_logprobs
 from .processor import count_images, split_at_images
 from .sampling import Sampler, SamplingConfig
-from .tokenizer import IncrementalDetokenizer, TextTokenizer
+from .stopstrings import TextState, held_back_length  # noqa: F401  (held_back_length: re-exported)
+from .tokenizer import TextTokenizer
 
 
 @dataclass(init=False)
@@ -44,13 +51,18 @@ class GenerationConfig:
     max_new_tokens: int = 32
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
-    ignore_eos: bool = False  # for benchmarks: always generate max_new_tokens
+    ignore_eos: bool = False  # for benchmarks: always generate max_new_tokens (not under a constraint)
+    constraint: Constraint | None = None  # runtime.constrain: JSON schema, JSON object, regex, choices
+    logprobs: bool = False  # GenerationResult.logprobs / Stream.take_logprobs
+    top_logprobs: int = 0  # 0..20 most likely alternatives per token (needs logprobs)
 
     def __init__(self, max_new_tokens: int = 32, sampling: SamplingConfig | None = None,
-                 stop: str | Sequence[str] = (), ignore_eos: bool = False, **sampling_fields):
+                 stop: str | Sequence[str] = (), ignore_eos: bool = False, constraint: Constraint | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0, **sampling_fields):
         if sampling is not None and sampling_fields:
             raise TypeError(f"GenerationConfig: pass sampling= or {', '.join(sampling_fields)}, not both")
         self.max_new_tokens, self.ignore_eos = max_new_tokens, ignore_eos
+        self.constraint, self.logprobs, self.top_logprobs = constraint, logprobs, top_logprobs
         self.sampling = SamplingConfig(**sampling_fields) if sampling is None else sampling
         self.stop = (stop,) if isinstance(stop, str) else tuple(stop)
 
@@ -59,6 +71,9 @@ class GenerationConfig:
             raise EdgeVLMError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise EdgeVLMError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise EdgeVLMError(f"constraint must be a runtime.constrain.Constraint, got {type(self.constraint).__name__}")
+        check_top_logprobs(self.logprobs, self.top_logprobs)
         self.sampling.validate()
 
 
@@ -84,6 +99,7 @@ class GenerationResult:
     timings: Timings = field(default_factory=Timings)
     finish_reason: str = "length"  # "eos" | "stop" | "length" | "cancelled" (Stream.cancel)
     cache: CacheReport = field(default_factory=CacheReport)
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry when requested
 
 
 def generate(
@@ -96,7 +112,7 @@ def generate(
 ) -> GenerationResult:
     """Run the loop to the end and return text, ids, timings and why it stopped."""
     config = config or GenerationConfig()
-    gen = _run(backend, tokenizer, list(prompt_ids), pixel_values, config, False, caches or Caches(), None)
+    gen = _run(backend, tokenizer, list(prompt_ids), pixel_values, config, False, caches or Caches(), None, [])
     try:
         while True:
             next(gen)
@@ -107,10 +123,19 @@ def generate(
 class Stream(Iterator[str]):
     """Iterator over text pieces; ``result`` holds the GenerationResult once it is exhausted."""
 
-    def __init__(self, gen: Generator[str, None, GenerationResult], cancelled: threading.Event):
+    def __init__(self, gen: Generator[str, None, GenerationResult], cancelled: threading.Event,
+                 logprobs: list[TokenLogprob] | None = None):
         self._gen = gen
         self._cancelled = cancelled
+        self._logprobs = [] if logprobs is None else logprobs
+        self._taken = 0
         self.result: GenerationResult | None = None
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """Logprob entries of the tokens chosen since the previous call (empty unless requested)."""
+        out = self._logprobs[self._taken:]
+        self._taken += len(out)
+        return out
 
     def __iter__(self) -> "Stream":
         return self
@@ -145,9 +170,9 @@ def stream(
     config = config or GenerationConfig()
     prompt_ids = list(prompt_ids)
     _check_inputs(prompt_ids, pixel_values, config)  # fail at the call, not at the first next()
-    cancelled = threading.Event()
-    gen = _run(backend, tokenizer, prompt_ids, pixel_values, config, True, caches or Caches(), cancelled)
-    return Stream(gen, cancelled)
+    cancelled, entries = threading.Event(), []
+    gen = _run(backend, tokenizer, prompt_ids, pixel_values, config, True, caches or Caches(), cancelled, entries)
+    return Stream(gen, cancelled, entries)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -245,51 +270,6 @@ def _prepare(
     return split_segments(prompt_ids, visual), max_new, keys
 
 
-# --- text and stop strings ----------------------------------------------------------------------
-
-
-def held_back_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-class _TextState:
-    """Incremental text with stop strings: nothing that may begin a stop string is emitted early."""
-
-    def __init__(self, tokenizer: TextTokenizer, stops: Sequence[str]):
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.stops = tuple(stops)
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add a token; return (new text to emit, whether a stop string was completed)."""
-        self.detok.update(token_id)
-        return self._emit(final=False)
-
-    def finish(self) -> tuple[str, bool]:
-        """No more tokens: emit the rest (held-back text may still complete a stop string)."""
-        self.detok.finalize()
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> tuple[str, bool]:
-        d = self.detok
-        start = len(d.emitted)  # an unseen stop can only begin in the held-back tail
-        hits = [i for i in (d.stable.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            return d.take(min(hits)), True
-        keep = 0 if final else held_back_length(d.stable, self.stops)
-        return d.take(len(d.stable) - keep), False
-
-    @property
-    def text(self) -> str:
-        return self.detok.emitted
-
-
 # --- the loop -----------------------------------------------------------------------------------
 
 
@@ -302,6 +282,7 @@ def _run(
     streaming: bool,
     caches: Caches,
     cancelled: threading.Event | None,
+    entries: list[TokenLogprob],
 ) -> Generator[str, None, GenerationResult]:
     t0 = time.perf_counter()
     tm, report = Timings(), CacheReport()
@@ -311,9 +292,11 @@ def _run(
         t = time.perf_counter()
         logits = prefill(backend, segments, keys, prefix, report)
         tm.prefill_ms = (time.perf_counter() - t) * 1e3
-        state = _TextState(tokenizer, config.stop) if (streaming or config.stop) else None
+        state = TextState(tokenizer, config.stop) if (streaming or config.stop) else None
+        guide = config.constraint.start(tokenizer) if config.constraint is not None else None
+        recorder = LogprobRecorder(tokenizer, config.top_logprobs, entries) if config.logprobs else None
         loop = _decode(backend, tokenizer, logits, prompt_ids, config, max_new, state, streaming,
-                       prefix, cancelled)
+                       prefix, cancelled, guide, recorder)
         generated, finish, t_first, paused = yield from loop
     except Exception:
         if prefix is not None:
@@ -335,7 +318,7 @@ def _run(
         tm.decode_tok_s = (len(generated) - 1) / max(t_end - t_first - paused, 1e-9)
     tm.total_ms = (t_end - t0 - paused) * 1e3
     return GenerationResult(text=text, token_ids=generated, timings=tm, finish_reason=finish,
-                            cache=report)
+                            cache=report, logprobs=entries if config.logprobs else None)
 
 
 def _decode(
@@ -345,26 +328,35 @@ def _decode(
     prompt_ids: list[int],
     config: GenerationConfig,
     max_new: int,
-    state: _TextState | None,
+    state: TextState | None,
     streaming: bool,
     prefix: PrefixCache | None,
     cancelled: threading.Event | None,
+    guide: ConstraintState | None,
+    recorder: LogprobRecorder | None,
 ) -> Generator[str, None, tuple[list[int], str, float, float]]:
-    """Sample, stop rules, decode steps; returns (generated ids, finish reason, time of the first
-    token, seconds spent paused at yields)."""
+    """Adjust, mask, sample, stop rules, decode steps; returns (generated ids, finish reason, time
+    of the first token, seconds spent paused at yields)."""
     sampler = Sampler(config.sampling)
     context = [i for i in prompt_ids if i >= 0]  # for the repetition penalty
     generated: list[int] = []
     finish, paused, t_first = "length", 0.0, 0.0
     for step in range(max_new):
-        token = sampler(logits, context)
+        x = sampler.adjust(logits, context, generated)
+        if guide is not None:
+            x = guide.mask(x)
+        token = sampler.pick(x)
+        if recorder is not None:
+            recorder.record(x, token)
         generated.append(token)
         context.append(token)
         if step == 0:
             t_first = time.perf_counter()
-        if token == tokenizer.eos_id and not config.ignore_eos:
+        if token == tokenizer.eos_id and (guide is not None or not config.ignore_eos):
             finish = "eos"
             break
+        if guide is not None:
+            guide.advance(token)
         if state is not None:
             piece, stopped = state.push(token)
             if piece and streaming:
@@ -374,6 +366,12 @@ def _decode(
             if stopped:
                 finish = "stop"
                 break
+        if guide is not None and guide.done and step + 1 < max_new:
+            generated.append(tokenizer.eos_id)  # the only token the grammar allows: no decode step
+            if recorder is not None:
+                recorder.record_forced(tokenizer.eos_id)
+            finish = "eos"
+            break
         if step + 1 < max_new:
             if cancelled is not None and cancelled.is_set():
                 finish = "cancelled"

@@ -1,12 +1,14 @@
 """Next-token selection over a logits vector [V], in numpy: greedy or seeded sampling.
 
-Order of operations (as in Hugging Face generation): repetition penalty, then (sampling only)
-temperature, top-k, top-p, then a draw from the softmax with a seeded ``np.random.Generator``.
+Order of operations: ``adjust_logits`` -- repetition penalty (Hugging Face's, over prompt and output),
+presence and frequency penalties (OpenAI's, over the generated tokens only), ``logit_bias`` -- then
+the loop's constraint mask (runtime.constrain), then ``pick``: greedy, or (sampling) temperature,
+top-k, top-p and a draw from the softmax with a seeded ``np.random.Generator``.
 Greedy picks the argmax; ties go to the lowest id.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +26,9 @@ class SamplingConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit; -100 bans
+    presence_penalty: float = 0.0  # subtracted once from each token already generated (-2..2)
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens (-2..2)
 
     def validate(self) -> None:
         if self.do_sample and not self.temperature > 0:
@@ -34,6 +39,14 @@ class SamplingConfig:
             raise EdgeVLMError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise EdgeVLMError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise EdgeVLMError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        for tid, bias in dict(self.logit_bias).items():
+            if isinstance(tid, bool) or not isinstance(tid, (int, np.integer)) or tid < 0:
+                raise EdgeVLMError(f"logit_bias keys must be token ids (ints >= 0), got {tid!r}")
+            if not -100.0 <= float(bias) <= 100.0:
+                raise EdgeVLMError(f"logit_bias values must be in [-100, 100], got {bias} for token {tid}")
 
 
 def apply_repetition_penalty(
@@ -48,6 +61,43 @@ def apply_repetition_penalty(
     vals = out[ids]
     out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
     return out
+
+
+def apply_presence_frequency(
+    logits: np.ndarray, generated: Sequence[int], presence: float, frequency: float
+) -> np.ndarray:
+    """OpenAI's penalties: ``logit[j] -= count[j] * frequency + (count[j] > 0) * presence``, with
+    ``count`` over the generated tokens (not the prompt)."""
+    if (presence == 0.0 and frequency == 0.0) or len(generated) == 0:
+        return logits
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    keep = ids < logits.shape[-1]
+    ids, counts = ids[keep], counts[keep]
+    out = logits.copy()
+    out[ids] -= (counts * frequency + presence).astype(np.float32)
+    return out
+
+
+def apply_logit_bias(logits: np.ndarray, bias: dict[int, float]) -> np.ndarray:
+    """Add ``bias[id]`` to each named logit; an id outside the vocabulary is an EdgeVLMError."""
+    if not bias:
+        return logits
+    ids = np.fromiter((int(i) for i in bias), dtype=np.int64, count=len(bias))
+    if ids.max() >= logits.shape[-1]:
+        raise EdgeVLMError(f"logit_bias names token id {int(ids.max())} but the vocabulary has "
+                           f"{logits.shape[-1]} tokens (ids 0..{logits.shape[-1] - 1})")
+    out = logits.copy()
+    out[ids] += np.fromiter((float(v) for v in bias.values()), dtype=np.float32, count=len(bias))
+    return out
+
+
+def adjust_logits(
+    logits: np.ndarray, cfg: SamplingConfig, context: Sequence[int] = (), generated: Sequence[int] = ()
+) -> np.ndarray:
+    """Penalties and bias, before any mask or sampling filter (float32 [V]; NaN logits refused)."""
+    x = apply_repetition_penalty(_check_logits(logits), context, cfg.repetition_penalty)
+    x = apply_presence_frequency(x, generated, cfg.presence_penalty, cfg.frequency_penalty)
+    return apply_logit_bias(x, cfg.logit_bias)
 
 
 def top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
@@ -95,9 +145,17 @@ def select_token(
     cfg: SamplingConfig,
     rng: np.random.Generator | None = None,
     context: Sequence[int] = (),
+    generated: Sequence[int] = (),
 ) -> int:
-    """The next token id from ``logits`` [V]. ``context``: ids already in the sequence."""
-    x = apply_repetition_penalty(_check_logits(logits), context, cfg.repetition_penalty)
+    """The next token id from ``logits`` [V]. ``context``: ids already in the sequence (prompt and
+    output); ``generated``: the output's ids alone (presence/frequency penalties)."""
+    return pick(adjust_logits(logits, cfg, context, generated), cfg, rng)
+
+
+def pick(x: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator | None = None) -> int:
+    """Greedy or sampled choice from adjusted (and possibly masked: -inf) logits ``x`` [V]."""
+    if not np.isfinite(x).any():
+        raise EdgeVLMError("every token is banned (logit_bias and the constraint leave none)")
     if not cfg.do_sample:
         return int(np.argmax(x))  # first maximum: ties go to the lowest id
     if rng is None:
@@ -119,5 +177,11 @@ class Sampler:
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
 
-    def __call__(self, logits: np.ndarray, context: Sequence[int] = ()) -> int:
-        return select_token(logits, self.cfg, self.rng, context)
+    def __call__(self, logits: np.ndarray, context: Sequence[int] = (), generated: Sequence[int] = ()) -> int:
+        return select_token(logits, self.cfg, self.rng, context, generated)
+
+    def adjust(self, logits: np.ndarray, context: Sequence[int], generated: Sequence[int]) -> np.ndarray:
+        return adjust_logits(logits, self.cfg, context, generated)
+
+    def pick(self, x: np.ndarray) -> int:
+        return pick(x, self.cfg, self.rng)
