@@ -6,6 +6,10 @@ logical cores included. The SIMD features, read from /proc/cpuinfo (Linux x86 an
 elsewhere), decide which kernels ONNX Runtime and llama.cpp pick, and so whether an int8 format is
 accurate here: 8-bit u8 x s8 dot products on x86 without VNNI (AVX2, AVX-512 before VNNI) add
 pairs of products in saturating 16-bit registers (VPMADDUBSW) and can clip.
+
+Arm64 classes (the kernels MLAS and ggml pick; docs/arm64.md): ``arm64-neon`` (Armv8.0 NEON only:
+Cortex-A57, Jetson Nano/TX2), ``arm64-dotprod`` (``asimddp``: Cortex-A76/A78AE, Neoverse-N1, Orin,
+most phones), ``arm64-i8mm`` (``i8mm`` or ``sve``: Armv8.6+/Armv9 cores, Jetson Thor class).
 """
 from __future__ import annotations
 
@@ -52,11 +56,12 @@ def cpu_flags() -> list[str]:
 
 
 def cpu_class(flags: list[str] | None = None) -> str:
-    """``x86-vnni`` | ``x86-avx512`` (no VNNI) | ``x86-avx2`` | ``x86`` | ``arm64`` | the machine name."""
+    """``x86-vnni`` | ``x86-avx512`` (no VNNI) | ``x86-avx2`` | ``x86`` | ``arm64-i8mm`` |
+    ``arm64-dotprod`` | ``arm64-neon`` | ``arm64`` (no feature list, e.g. macOS) | the machine name."""
     flags = cpu_flags() if flags is None else flags
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
-        return "arm64"
+        return arm_class(flags)
     if machine not in ("x86_64", "amd64"):
         return machine or "unknown"
     if any(f in flags for f in VNNI_FLAGS):
@@ -64,6 +69,15 @@ def cpu_class(flags: list[str] | None = None) -> str:
     if "avx512f" in flags:
         return "x86-avx512"
     return "x86-avx2" if "avx2" in flags else "x86"
+
+
+def arm_class(flags: list[str]) -> str:
+    """The Arm64 class of an aarch64 CPU reporting ``flags`` (see the module docstring)."""
+    if "i8mm" in flags or "sve" in flags:
+        return "arm64-i8mm"
+    if "asimddp" in flags:
+        return "arm64-dotprod"
+    return "arm64-neon" if "asimd" in flags else "arm64"
 
 
 def u8s8_saturates(flags: list[str] | None = None) -> bool:

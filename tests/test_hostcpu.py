@@ -11,7 +11,11 @@ from edgevlm.runtime import hostcpu
     ("x86_64", ["avx2", "avx512f", "avx512bw"], "x86-avx512", True),
     ("x86_64", ["avx2", "avx512f", "avx512_vnni"], "x86-vnni", False),
     ("x86_64", ["avx2", "avx_vnni"], "x86-vnni", False),  # Alder Lake and later: VNNI without AVX-512
-    ("aarch64", ["asimd", "asimddp"], "arm64", False),
+    # Arm classes from /proc/cpuinfo Features (the files tests/arm64/cpuinfo.py writes for qemu's models)
+    ("aarch64", ["asimd"], "arm64-neon", False),  # cortex-a57
+    ("aarch64", ["asimd", "asimddp"], "arm64-dotprod", False),  # neoverse-n1, cortex-a76
+    ("aarch64", ["asimd", "asimddp", "i8mm", "sve"], "arm64-i8mm", False),  # qemu max
+    ("aarch64", [], "arm64", False),  # no feature list (macOS)
 ])
 def test_cpu_class(monkeypatch, machine, flags, cls, saturates):
     monkeypatch.setattr(platform, "machine", lambda: machine)
