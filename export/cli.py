@@ -1,7 +1,7 @@
-"""Export a model to a deployment bundle: onnx | gguf | trt | coreml.
+"""Export a model to a deployment bundle: onnx | gguf | trt | coreml | executorch.
 
 Each target is a script too: python export/to_onnx.py, export/to_gguf.py, export/to_trt.py,
-export/to_coreml.py (same arguments as ``edgevlm export <target>``).
+export/to_coreml.py, export/to_executorch.py (same arguments as ``edgevlm export <target>``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from edgevlm.runtime.subcommands import add_subcommands
 
 # target -> module with add_arguments(parser) and run(args); modules keep heavy imports inside run()
 EXPORTERS: Registry[str] = Registry("export target")
-for _target in ("onnx", "gguf", "trt", "coreml"):
+for _target in ("onnx", "gguf", "trt", "coreml", "executorch"):
     EXPORTERS.add(_target, f"edgevlm.export.to_{_target}")
 
 

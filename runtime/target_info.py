@@ -193,6 +193,31 @@ class CoremlInfo:
     export_s: float = 0.0
 
 
+# --- ExecuTorch ------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ExecutorchInfo:
+    """A ``.pte`` for ExecuTorch's multimodal runner (export/to_executorch.py, docs/executorch.md)."""
+
+    pte: str  # the program file
+    tokenizer: str  # the file the runner's tokenizer loader reads (HF tokenizer.json)
+    quantize: str  # fp32 | 8da4w | int8 (the text decoder's linears)
+    quantization: dict[str, Any]  # the torchao recipe and what it covered
+    max_seq_len: int  # the static KV cache's positions (constant method get_max_seq_len)
+    methods: dict[str, dict[str, Any]]  # method -> input/output layout
+    constant_methods: dict[str, Any]
+    kv_cache: KvCache
+    executorch: str  # the version that wrote it
+    validation: dict[str, Any] = field(default_factory=dict)  # per method, vs PyTorch
+    lowering: dict[str, Any] = field(default_factory=dict)  # export/lowering times, XNNPACK delegates
+    source: str = ""
+    export_s: float = 0.0
+    token_check: TokenCheck | None = None
+    validate: str = "strict"
+    failed_checks: list[str] = field(default_factory=list)
+
+
 @dataclass
 class TorchInfo:
     """A model dir or preset opened by the torch backend (in memory only: never written)."""
@@ -200,7 +225,7 @@ class TorchInfo:
     source: str = ""
 
 
-TargetInfo = Union[OnnxInfo, GgufInfo, TrtInfo, CoremlInfo, TorchInfo]
+TargetInfo = Union[OnnxInfo, GgufInfo, TrtInfo, CoremlInfo, ExecutorchInfo, TorchInfo]
 TARGET_INFO: dict[str, type] = {"onnx": OnnxInfo, "gguf": GgufInfo, "trt": TrtInfo, "coreml": CoremlInfo,
-                                "torch": TorchInfo}
-BUNDLE_TARGETS = ("onnx", "trt", "gguf", "coreml")  # what exporters write (torch is a model dir)
+                                "executorch": ExecutorchInfo, "torch": TorchInfo}
+BUNDLE_TARGETS = ("onnx", "trt", "gguf", "coreml", "executorch")  # what exporters write (torch is a model dir)

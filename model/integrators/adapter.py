@@ -52,6 +52,8 @@ class BottleneckAdapter(LLMHookIntegrator):
         "gguf": "llama.cpp's LLaMA graph has no adapter modules, and nonlinear adapters cannot be merged "
                 "into the weights",
         "coreml": "the Core ML stateful decoder re-implements LLaMA attention without the adapter modules",
+        "executorch": "the .pte's text_decoder re-implements LLaMA attention over a static KV cache without "
+                      "the adapter modules",
     }
 
     def __init__(self, vision_dim: int, llm_dim: int, grid: int, llm: LLMConfig, rank: int = 64,

@@ -46,6 +46,8 @@ class GatedPrefix(LLMHookIntegrator):
         "gguf": "llama.cpp's LLaMA graph has no gated prompt attention, and the image reaches the LLM through "
                 "the prompts, not mmproj embeddings",
         "coreml": "the Core ML stateful decoder re-implements LLaMA attention without the gated prefix",
+        "executorch": "the .pte's text_decoder re-implements LLaMA attention over a static KV cache without "
+                      "the gated prefix",
     }
 
     def __init__(self, vision_dim: int, llm_dim: int, grid: int, llm: LLMConfig, prompt_len: int = 10,

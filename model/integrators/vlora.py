@@ -75,6 +75,8 @@ class VLoRA(LLMHookIntegrator):
         "gguf": "llama.cpp only splices mmproj embeddings into the sequence; it cannot apply per-image "
                 "weight deltas (its LoRA adapters are static)",
         "coreml": "the Core ML stateful decoder is the plain LLaMA decoder: no input for per-image weight deltas",
+        "executorch": "the .pte's text_decoder is the plain LLaMA decoder over a static KV cache: no input "
+                      "for per-image weight deltas",
     }
 
     def __init__(self, vision_dim: int, llm_dim: int, grid: int, llm: LLMConfig, dim: int = 512,

@@ -23,10 +23,11 @@ from ..registry import Registry
 from .base import COMMON_OPTIONS, Backend
 
 # this package's backends -> the module that registers each when imported
-BACKEND_MODULES = {"ort": f"{__name__}.ort", "llamacpp": f"{__name__}.llamacpp", "trt": f"{__name__}.trt"}
+BACKEND_MODULES = {"ort": f"{__name__}.ort", "llamacpp": f"{__name__}.llamacpp", "trt": f"{__name__}.trt",
+                   "executorch": f"{__name__}.executorch"}
 MODEL_DIR_BACKEND = "torch"  # the backend of a path without manifest.json (a model dir or preset)
 # a bundle's manifest target -> the backend that reads it (the TensorRT target has had two spellings)
-TARGET_BACKENDS = {"onnx": "ort", "gguf": "llamacpp", "trt": "trt", "tensorrt": "trt"}
+TARGET_BACKENDS = {"onnx": "ort", "gguf": "llamacpp", "trt": "trt", "tensorrt": "trt", "executorch": "executorch"}
 ANY_BUNDLE = ("torch",)  # read every bundle: the PyTorch model it was exported from, the reference
 
 _HINT = "torch needs PyTorch (pip install 'edgevlm[train]')"
