@@ -1,0 +1,359 @@
+"""The browser playground at ``/`` (issue 38) in a real headless Chromium (Debian's package, driven by
+Playwright; no browser download) against real ``edgevlm serve`` apps (uvicorn on 127.0.0.1, an ONNX
+bundle of the small tiny model): the page's streamed answer equals the API's answer for the request
+the page sent, a follow-up turn works, a corrupt image shows the server's own error message, JSON
+mode sends ``response_format``, watch mode answers each camera frame without queueing, ``--api-key``
+guards the page and ``--no-ui`` removes it. A screenshot is kept in test-artifacts/.
+
+Chromium is found on PATH; where it is absent and this runs as root with apt-get (a fresh CI machine),
+the session installs Debian's ``chromium`` (about a minute); elsewhere these tests skip, saying so.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+from itertools import accumulate
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")  # the bundle is exported here
+pytest.importorskip("onnxruntime")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from conftest import REPO, SMALL  # noqa: E402
+
+MODEL = "tiny-playground"
+KEY = "playground-key"
+MAX_TOKENS = 24
+WAIT_MS = 60_000  # for any one thing to appear in the page: nothing may hang
+ARTIFACTS = Path(os.environ.get("EDGEVLM_TEST_ARTIFACTS", REPO / "test-artifacts"))
+CHAT = "/v1/chat/completions"
+DONE = "#log li.assistant[data-state=done]"
+
+
+def chromium() -> str:
+    """The system Chromium; Debian's package is installed first where it is missing and we may."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        pytest.skip("no chromium on PATH, and not root with apt-get to install it: apt-get install chromium")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"],
+                ["apt-get", "install", "-y", "-q", "-o", "DPkg::Lock::Timeout=600", "chromium"]):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+        if p.returncode != 0:
+            pytest.skip(f"chromium could not be installed ({' '.join(cmd)} exited {p.returncode}): "
+                        f"{p.stderr.strip()[-300:]}")
+    found = shutil.which("chromium")
+    assert found, "apt-get installed chromium but it is not on PATH"
+    return found
+
+
+# --- servers and the browser ---------------------------------------------------------------------
+
+
+class Served:
+    """``edgevlm serve`` arguments built as the CLI builds them, served by uvicorn in a thread."""
+
+    def __init__(self, argv: list[str]):
+        from edgevlm.cli import build_parser
+        from edgevlm.runtime.serve.background import BackgroundServer
+        from edgevlm.runtime.serve.cli import build
+
+        args = build_parser("serve").parse_args(["serve", *argv])
+        self.app, self.rt = build(args)
+        self.background = BackgroundServer(self.app).start()
+        self.url = self.background.url
+
+    def answer(self, body: dict, key: str | None = None) -> httpx.Response:
+        """The API's (non-streamed) reply to ``body``."""
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(f"{self.url}{CHAT}", json=body, headers=headers, timeout=WAIT_MS / 1000)
+
+    def pieces(self, body: dict) -> list[str]:
+        """The non-empty text pieces the API streams for ``body``, in order."""
+        out = []
+        with httpx.stream("POST", f"{self.url}{CHAT}", json={**body, "stream": True},
+                          timeout=WAIT_MS / 1000) as r:
+            for line in r.iter_lines():
+                choices = json.loads(line[len("data: "):]).get("choices") if line.startswith("data: {") else None
+                text = choices[0]["delta"].get("content") if choices else None
+                if text:
+                    out.append(text)
+        return out
+
+    def stop(self) -> None:
+        self.background.stop()
+        self.rt.close()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from edgevlm import load_model
+    from edgevlm.export.to_onnx import export_onnx
+
+    model = load_model("tiny", **SMALL).float().eval()
+    return export_onnx(model, tmp_path_factory.mktemp("playground") / "b", exporter="torchscript",
+                       token_check=0, progress=False)
+
+
+def serve(bundle: Path, *extra: str):
+    served = Served(["--bundle", str(bundle), "--model-name", MODEL, "--threads", "1", *extra])
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    yield from serve(bundle)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium()
+    with sync_api.sync_playwright() as p:
+        # a fake camera (a moving test pattern) that needs no permission prompt
+        b = p.chromium.launch(executable_path=executable, args=["--use-fake-device-for-media-stream",
+                                                                 "--use-fake-ui-for-media-stream"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    """A fresh page; fails its test on any script error or request to another origin."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    errors, foreign = [], []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: r.url.startswith(("http://127.0.0.1:", "data:", "blob:")) or foreign.append(r.url))
+    yield page
+    context.close()
+    assert not errors, f"script errors in the page: {errors}"
+    assert not foreign, f"the page reached outside its server: {foreign}"
+
+
+def png(path: Path, seed: int = 0) -> Path:
+    """Two flat shapes (the random model answers such an image in text; noise gets it to emit
+    byte tokens, which the server holds back until they form characters)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (240, 180), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    x, y = rng.integers(10, 60, 2)
+    draw.ellipse((x, y, x + 70, y + 70), fill=(220, 40, 40))
+    draw.rectangle((130, 60, 200, 130), fill=(40, 90, 220))
+    image.save(path)
+    return path
+
+
+def data_uri(path: Path, media: str = "image/png") -> str:
+    return f"data:{media};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def open_page(page, url: str, max_tokens: int = MAX_TOKENS) -> None:
+    page.goto(f"{url}/")
+    page.wait_for_selector("#model:has-text('backend')")  # /v1/models and /health answered
+    page.fill("#max-tokens", str(max_tokens))
+
+
+def ask(page, question: str, press_enter: bool = True) -> dict:
+    """Ask ``question`` in the page; the JSON body the page sent to the API."""
+    page.fill("#question", question)
+    with page.expect_request(lambda r: r.url.endswith(CHAT)) as sent:
+        if press_enter:
+            page.press("#question", "Enter")
+        else:
+            page.click("#send")
+    return sent.value.post_data_json
+
+
+def poll(page, expression: str) -> None:
+    """Wait until ``expression`` is true in the page (Playwright's wait_for_function evaluates
+    strings, which the page's Content-Security-Policy forbids)."""
+    for _ in range(WAIT_MS // 50):
+        if page.evaluate(expression):
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError(f"{expression} still false after {WAIT_MS} ms")
+
+
+def record_answers(page) -> None:
+    """Keep every text the last assistant message shows, in order (window.answerTexts)."""
+    page.evaluate("""() => {
+        window.answerTexts = [];
+        new MutationObserver(() => {
+            const last = document.querySelector('#log li.assistant:last-child .text');
+            const texts = window.answerTexts;
+            if (last && last.textContent !== texts[texts.length - 1]) texts.push(last.textContent);
+        }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
+    }""")
+
+
+def assistant_texts(page) -> list[str]:
+    return page.eval_on_selector_all("#log li.assistant .text", "ps => ps.map(p => p.textContent)")
+
+
+def save_screenshot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    print(f"\n  screenshot: {path}")
+    return path
+
+
+# --- the page -----------------------------------------------------------------------------------
+
+
+def test_page_streams_the_api_answer_and_a_follow_up(server, page, tmp_path):
+    image = png(tmp_path / "shapes.png")
+    open_page(page, server.url)
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("#preview:not([hidden])")
+    record_answers(page)
+
+    body = ask(page, "What is in the image?")
+    page.wait_for_selector(DONE)
+    # the page sends the file's own bytes, greedy, streamed
+    assert body["messages"] == [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(image)}},
+        {"type": "text", "text": "What is in the image?"}]}]
+    assert body["stream"] is True and body["temperature"] == 0 and body["max_tokens"] == MAX_TOKENS
+    reply = server.answer(body).json()
+    first = reply["choices"][0]["message"]["content"]
+    assert first and assistant_texts(page) == [first]
+    # it was shown piece by piece, as the API streams it
+    pieces = server.pieces(body)
+    assert len(pieces) > 1 and [t for t in page.evaluate("window.answerTexts") if t] == list(accumulate(pieces))
+    timings = page.text_content("#timings")
+    assert f"{reply['usage']['completion_tokens']} tokens" in timings and "TTFT" in timings
+
+    body = ask(page, "And what colour is it?", press_enter=False)  # the follow-up, about the same image
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+    assert body["messages"][1]["content"] == first and "image_url" not in str(body["messages"][2])
+    page.wait_for_selector(f"{DONE} >> nth=1")
+    second = server.answer(body).json()["choices"][0]["message"]["content"]
+    assert assistant_texts(page) == [first, second]
+    assert "image from cache" in page.text_content("#timings")  # the server's image cache served it
+    save_screenshot(page, "playground.png")
+
+    page.click("#new-chat")  # a new conversation starts without the old turns
+    assert assistant_texts(page) == []
+    body = ask(page, "What is in the image?")
+    assert len(body["messages"]) == 1
+    page.wait_for_selector(DONE)
+    assert assistant_texts(page) == [first]
+
+
+def test_a_corrupt_image_shows_the_servers_error(server, page, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    open_page(page, server.url)
+    page.set_input_files("#file", str(broken))
+    body = ask(page, "What is in the image?")
+    reply = server.answer(body)
+    assert reply.status_code == 400
+    message = reply.json()["error"]["message"]
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.text_content("#error") == message
+    # nothing was answered: no messages left, the question is back in the box for another try
+    assert assistant_texts(page) == [] and page.input_value("#question") == "What is in the image?"
+
+
+def test_json_mode_sends_response_format(server, page, tmp_path):
+    open_page(page, server.url)
+    page.set_input_files("#file", str(png(tmp_path / "a.png", seed=3)))
+    page.check("#json-mode")
+    body = ask(page, "Describe the image as JSON.")
+    assert body["response_format"] == {"type": "json_object"}
+    page.wait_for_selector(DONE)
+    assert assistant_texts(page) == [server.answer(body).json()["choices"][0]["message"]["content"]]
+    page.uncheck("#json-mode")
+    assert "response_format" not in ask(page, "And in words?")
+    page.wait_for_selector(f"{DONE} >> nth=1")
+
+
+def test_watch_mode_answers_each_frame_without_queueing(server, page):
+    open_page(page, server.url, max_tokens=8)
+    page.click("#camera-start")  # Chromium's fake camera
+    poll(page, "document.getElementById('video').videoWidth > 0")
+    in_flight, most = [0], [0]
+
+    def started(r):
+        if r.url.endswith(CHAT):
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+
+    def ended(r):
+        if r.url.endswith(CHAT):
+            in_flight[0] -= 1
+
+    page.on("request", started)
+    page.on("requestfinished", ended)
+    page.on("requestfailed", ended)
+    page.fill("#watch-interval", "0.1")  # ticks come faster than answers: frames are skipped, not queued
+    page.click("#watch-start")
+    page.wait_for_selector("#watch-log li[data-state=done] >> nth=2")
+    page.click("#watch-stop")
+    page.wait_for_selector("#watch-log li[data-state=streaming]", state="detached")
+    assert most[0] == 1  # never two requests at once
+    entries = page.eval_on_selector_all("#watch-log li[data-state=done]", """lis => lis.map(li => (
+        {frame: li.querySelector('img').src, text: li.querySelector('.text').textContent}))""")
+    assert len({e["frame"] for e in entries}) == len(entries) >= 3  # a new frame each time
+    for e in entries[:3]:  # each answer is the API's answer about the frame shown beside it
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": e["frame"]}},
+                                                          {"type": "text", "text": "What do you see?"}]}],
+                "max_tokens": 8, "temperature": 0}
+        assert e["text"] == server.answer(body).json()["choices"][0]["message"]["content"]
+    save_screenshot(page, "playground-watch.png")
+
+
+# --- --api-key and --no-ui ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed(bundle):
+    yield from serve(bundle, "--api-key", KEY)
+
+
+def test_the_api_key_guards_the_page(keyed, page):
+    for path in ("/", "/static/app.js"):
+        assert httpx.get(f"{keyed.url}{path}").status_code == 401
+        assert httpx.get(f"{keyed.url}{path}", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    page.goto(f"{keyed.url}/")
+    assert page.locator("#ask").count() == 0 and page.locator("#key").count() == 1  # a sign-in form only
+    page.fill("#key", "not-the-key")
+    page.press("#key", "Enter")
+    page.wait_for_selector("#login-error")
+    assert page.locator("#ask").count() == 0
+    page.fill("#key", KEY)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#model:has-text('backend')")  # /v1/models and /health answered
+    page.fill("#max-tokens", str(MAX_TOKENS))
+    body = ask(page, "Hello?")  # no image: a text question, sent with the key
+    page.wait_for_selector(DONE)
+    assert assistant_texts(page) == [keyed.answer(body, key=KEY).json()["choices"][0]["message"]["content"]]
+    assert keyed.answer(body).status_code == 401  # the API itself still wants the key
+
+
+@pytest.fixture(scope="module")
+def headless(bundle):
+    yield from serve(bundle, "--no-ui")
+
+
+def test_no_ui_leaves_only_the_api(headless):
+    assert httpx.get(f"{headless.url}/").status_code == 404
+    assert httpx.get(f"{headless.url}/static/app.js").status_code == 404
+    assert httpx.get(f"{headless.url}/v1/models").json()["data"][0]["id"] == MODEL
