@@ -69,7 +69,7 @@ def validation_error(errors: list[dict]) -> tuple[int, dict, dict]:
 
     e = _deepest(errors) if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
     loc = [part for part in e.get("loc", ()) if part != "body"]
-    param = _param(loc)
+    param = loc[0] if loc and loc[0] in REFUSED else _param(loc)
     kind = e.get("type", "")
     if kind == "json_invalid":
         return 400, error_body(f"the request body is not valid JSON ({e.get('msg')})", "invalid_request_error",
