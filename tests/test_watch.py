@@ -143,3 +143,89 @@ def test_cli_prints_one_json_line_per_answer(bundle, clip, capsys):
     rows = [json.loads(x) for x in lines]
     assert [r["index"] for r in rows] == [0, 5, 10] and all(isinstance(r["answer"], str) for r in rows)
     assert {"time_s", "wall_time", "dropped", "timings", "frames", "asked"} <= set(rows[0])
+
+
+# --- the server: video_url parts and several images, through the real openai client -----------------
+
+KEY, MODEL = "watch-key", "tiny-watch"
+
+
+@pytest.fixture(scope="module")
+def server(bundle, clip):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from edgevlm.cli import build_parser
+    from edgevlm.runtime.serve.background import BackgroundServer
+    from edgevlm.runtime.serve.cli import build
+
+    args = build_parser("serve").parse_args(["serve", "--bundle", str(bundle), "--model-name", MODEL, "--api-key", KEY,
+                                             "--image-root", str(clip[0].parent), "--threads", "1",
+                                             "--max-video-frames", "40"])
+    app, rt = build(args)
+    bg = BackgroundServer(app).start()
+    yield bg.url
+    bg.stop()
+    rt.close()
+
+
+def _client(url):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def _data_uri(data: bytes, media: str) -> str:
+    import base64
+
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+def _ask(client, question: str, *parts: dict):
+    return client.chat.completions.create(
+        model=MODEL, max_tokens=TOKENS, messages=[{"role": "user", "content": [*parts, {"type": "text", "text": question}]}])
+
+
+def test_server_answers_about_a_video_as_its_sampled_frames(server, rt, clip):
+    client = _client(server)
+    frames = decoded(clip)
+    sampled = [Image.fromarray(frames[i]) for i in np.round(np.linspace(0, len(frames) - 1, 4)).astype(int)]
+    expected = rt.generate(sampled, clip[1], max_new_tokens=TOKENS).text
+    by_data = _ask(client, clip[1], {"type": "video_url", "video_url": {"url": _data_uri(clip[0].read_bytes(),
+                                                                                         "video/x-matroska")}})
+    by_path = _ask(client, clip[1], {"type": "video_url", "video_url": {"url": clip[0].name}})
+    assert by_data.choices[0].message.content == expected == by_path.choices[0].message.content
+    assert by_data.usage.prompt_tokens > 4 * 144  # four frames' visual tokens
+    # several image_url parts in one conversation: the limit follows the model's context, not 1
+    two = [Image.fromarray(frames[0]), Image.fromarray(frames[10])]
+    pngs = []
+    for img in two:
+        import io
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        pngs.append({"type": "image_url", "image_url": {"url": _data_uri(buf.getvalue(), "image/png")}})
+    got = _ask(client, clip[1], *pngs).choices[0].message.content
+    assert got == rt.generate(two, clip[1], max_new_tokens=TOKENS).text
+
+
+def test_server_refuses_bad_video_clearly_and_keeps_serving(server, clip, tmp_path):
+    openai = pytest.importorskip("openai")
+    client = _client(server)
+    data = clip[0].read_bytes()
+    long_clip = clip[0].parent / "long.mkv"
+    write_video(str(long_clip), 5.0, FPS, HOLD, side=32, codec="ffv1")  # 50 frames > --max-video-frames 40
+    cases = [
+        (_data_uri(np.random.default_rng(0).bytes(5000), "video/mp4"), "not a readable video"),
+        (_data_uri(data[: len(data) // 3], "video/x-matroska"), "decod|truncated|readable"),
+        (_data_uri(b"\x89PNG....", "image/png"), "is not a video"),
+        ("https://example.com/clip.mp4", "not fetched"),
+        (long_clip.name, "50 frames, over the server's limit of 40"),
+        ("../outside.mp4", "outside the server's --image-root"),
+    ]
+    for url, message in cases:
+        with pytest.raises(openai.APIStatusError) as e:
+            _ask(client, "What changed?", {"type": "video_url", "video_url": {"url": url}})
+        assert 400 <= e.value.status_code < 500, url[:40]
+        assert __import__("re").search(message, e.value.body["message"]), (url[:40], e.value.body["message"])
+    video = {"type": "video_url", "video_url": {"url": clip[0].name}}
+    with pytest.raises(openai.BadRequestError, match="at most 6"):  # 2 videos = 8 frames > 6 that fit 1024
+        _ask(client, "What changed?", video, video)
+    assert _ask(client, "What changed?", video).choices[0].message.content is not None  # still serving

@@ -30,7 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait behind the running one")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="largest encoded image accepted")
     p.add_argument("--max-pixels", type=int, default=None, help="largest decoded image (decompression-bomb guard)")
-    p.add_argument("--max-images", type=int, default=1, help="images per conversation (the template takes one)")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="images per conversation, video frames included (default: as many as the model's context "
+                        "takes, 128 positions kept for text)")
+    p.add_argument("--video-frames", type=int, default=4, help="frames a video_url part is sampled to")
+    p.add_argument("--max-video-mb", type=float, default=64.0, help="largest encoded video accepted")
+    p.add_argument("--max-video-frames", type=int, default=18000, help="longest video accepted, in frames")
     p.add_argument("--image-root", type=Path, default=None, help="allow image paths under this directory")
     p.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--max-tokens-limit", type=int, default=None,
@@ -48,17 +53,23 @@ def build(args: argparse.Namespace):
     from ..preprocess import DEFAULT_MAX_PIXELS
     from .app import ServeConfig, create_app
     from .requests import Limits
+    from .video import images_that_fit
 
-    if args.max_queue < 0 or args.max_image_mb <= 0 or args.max_images < 0:
+    if args.max_queue < 0 or args.max_image_mb <= 0 or (args.max_images or 0) < 0:
         raise EdgeVLMError("--max-queue must be >= 0, --max-image-mb > 0 and --max-images >= 0")
+    if args.video_frames < 1 or args.max_video_mb <= 0 or args.max_video_frames < 1:
+        raise EdgeVLMError("--video-frames, --max-video-mb and --max-video-frames must be > 0")
     if args.image_root is not None and not args.image_root.is_dir():
         raise EdgeVLMError(f"--image-root {args.image_root}: not a directory")
     rt = Runtime.load(args.bundle, backend=args.backend, image_cache_mb=args.image_cache_mb,
                       prefix_reuse=not args.no_prefix_reuse, **runtime_options(args))
+    fit = images_that_fit(rt.backend.n_ctx, rt.manifest.model.n_visual_tokens)
     limits = Limits(max_image_bytes=int(args.max_image_mb * (1 << 20)),
-                    max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, max_images=args.max_images,
+                    max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+                    max_images=fit if args.max_images is None else args.max_images,
                     image_root=args.image_root, default_max_tokens=args.max_tokens,
-                    max_tokens_limit=args.max_tokens_limit)
+                    max_tokens_limit=args.max_tokens_limit, video_frames=args.video_frames,
+                    max_video_bytes=int(args.max_video_mb * (1 << 20)), max_video_frames=args.max_video_frames)
     config = ServeConfig(model_name=args.model_name or Path(args.bundle).resolve().name,
                          api_key=args.api_key, max_queue=args.max_queue, limits=limits, ui=not args.no_ui,
                          strict_model=args.strict_model)

@@ -23,7 +23,7 @@ from ..errors import EdgeVLMError
 from ..processor import image_question
 from ..generate import GenerationConfig, fit_max_new_tokens
 from .errors import ModelNotFound, RequestError
-from .images import image_bytes
+from .video import DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_VIDEO_FRAMES, media_pixels, video_refs
 from .schema import NO_EFFECT, ChatRequest, Message
 
 log = logging.getLogger("edgevlm.serve")
@@ -33,10 +33,13 @@ log = logging.getLogger("edgevlm.serve")
 class Limits:
     max_image_bytes: int = 20 << 20
     max_pixels: int = 64_000_000
-    max_images: int = 1  # images per conversation the model's template takes
+    max_images: int = 1  # images per conversation (video frames included) the model's context takes
     image_root: Path | None = None
     default_max_tokens: int = 256
     max_tokens_limit: int | None = None  # a request asking for more gets 400 (None: the context bounds it)
+    video_frames: int = DEFAULT_VIDEO_FRAMES  # frames a video_url part is sampled to
+    max_video_bytes: int = 64 << 20
+    max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES  # frames a video may have (longer: 400)
 
 
 @dataclass
@@ -53,7 +56,7 @@ class ChatJob:
 class Conversation:
     turns: list[tuple[str, str | None]]
     system: str | None
-    images: list[str]  # image_url values, in prompt order
+    images: list  # image_url values (str) and video frames (serve.video.VideoFrameRef), in prompt order
 
 
 def check_model(name: str | None, model_name: str, strict: bool) -> None:
@@ -65,18 +68,21 @@ def check_model(name: str | None, model_name: str, strict: bool) -> None:
 
 def prepare_chat(req: ChatRequest, rt, limits: Limits) -> ChatJob:
     """Check ``req`` against the model and turn it into a ChatJob for ``rt`` (a Runtime)."""
-    conv = conversation(req.messages)
+    conv = conversation(req.messages, limits.video_frames)
     config = generation_config(req, limits, rt.tokenizer.vocab_size)
     if len(conv.images) > limits.max_images:
-        raise RequestError(f"the conversation has {len(conv.images)} images but this model's prompt "
-                           f"template takes at most {limits.max_images}", "messages", "too_many_images")
+        videos = " (each video_url counts as its --video-frames sampled frames)" \
+            if any(not isinstance(m, str) for m in conv.images) else ""
+        raise RequestError(f"the conversation has {len(conv.images)} images{videos} but this server takes at "
+                           f"most {limits.max_images} (--max-images; the model's context of {rt.backend.n_ctx} "
+                           f"positions, {rt.manifest.model.n_visual_tokens} per image)", "messages",
+                           "too_many_images")
     ids = rt.chat_ids(conv.turns, conv.system)
     n_visual = len(conv.images) * rt.manifest.model.n_visual_tokens
     fit_max_new_tokens(n_visual, len(ids) - len(conv.images), 1, rt.backend.n_ctx)  # 400 naming both
     pixels = None
     if conv.images:
-        raw = [image_bytes(u, limits.max_image_bytes, limits.image_root) for u in conv.images]
-        pixels = np.concatenate([rt.pixel_values(b, limits.max_pixels) for b in raw])  # [B, 3, S, S]
+        pixels = media_pixels(conv.images, rt, limits)  # [B, 3, S, S]; videos sampled to frames
     given = {k: getattr(req, k) for k in NO_EFFECT if getattr(req, k) is not None}
     if given:
         log.info("chat request with %s", given)
@@ -84,10 +90,10 @@ def prepare_chat(req: ChatRequest, rt, limits: Limits) -> ChatJob:
     return ChatJob(ids, pixels, config, bool(req.stream), usage, bool(req.logprobs))
 
 
-def conversation(messages: list[Message]) -> Conversation:
+def conversation(messages: list[Message], video_frames: int = DEFAULT_VIDEO_FRAMES) -> Conversation:
     system, turns, images, question = None, [], [], None
     for i, m in enumerate(messages):
-        text, urls = _content(m.content, f"messages[{i}]")
+        text, urls = _content(m.content, f"messages[{i}]", video_frames)
         if m.role in ("system", "developer"):
             if urls:
                 raise RequestError(f"messages[{i}]: {m.role} messages cannot hold images", f"messages[{i}].content")
@@ -108,12 +114,18 @@ def conversation(messages: list[Message]) -> Conversation:
     return Conversation(turns + [(question, None)], system, images)
 
 
-def _content(content, where: str) -> tuple[str, list[str]]:
-    """(text, image urls) of a message's content: a string or a list of text / image_url parts."""
+def _content(content, where: str, video_frames: int = DEFAULT_VIDEO_FRAMES) -> tuple[str, list]:
+    """(text, images) of a message's content: a string or a list of text / image_url / video_url parts;
+    a video is ``video_frames`` images (serve.video.VideoFrameRef), in part order with the images."""
     if isinstance(content, str):
         return _text(content, where), []
     texts = [p.text for p in content if p.type == "text"]
-    urls = [p.image_url if isinstance(p.image_url, str) else p.image_url.url for p in content if p.type == "image_url"]
+    urls: list = []
+    for p in content:
+        if p.type == "image_url":
+            urls.append(p.image_url if isinstance(p.image_url, str) else p.image_url.url)
+        elif p.type == "video_url":
+            urls += video_refs(p.video_url if isinstance(p.video_url, str) else p.video_url.url, video_frames)
     return _text("\n".join(texts), where), urls
 
 

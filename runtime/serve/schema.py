@@ -45,7 +45,17 @@ class ImagePart(Strict):
     image_url: Union[ImageURL, Annotated[str, Field(min_length=1)]]
 
 
-Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoURL(Strict):
+    url: str = Field(min_length=1, description="a base64 data: URI (data:video/mp4;base64,...), or a path under "
+                     "--image-root; sampled to --video-frames frames (runtime/serve/video.py)")
+
+
+class VideoPart(Strict):
+    type: Literal["video_url"]
+    video_url: Union[VideoURL, Annotated[str, Field(min_length=1)]]
+
+
+Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class Message(Strict):
