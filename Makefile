@@ -75,6 +75,10 @@ demo: install
 	$(BIN)/python benchmarks/run.py --matrix smoke --out $(RUN)/bench/smoke.jsonl --no-resume
 	$(BIN)/python benchmarks/report.py $(RUN)/bench/smoke.jsonl --out report/
 	@echo "data: $(DATA)  model: $(RUN)/final  eval: $(RUN)/eval_test.json  bundles: $(BUNDLES)/  benchmark report: report/report.md"
+	@# a 4 s ShapesVQA clip whose circle changes colour every second, watched by the ONNX bundle: one JSON line per second
+	$(BIN)/python -m edgevlm.train.data.shapes_video --out $(RUN)/watch.mp4 --item 5 --seconds 4 --fps 5 --hold 1
+	$(BIN)/edgevlm watch --bundle $(BUNDLES)/tiny-onnx-int4 --source $(RUN)/watch.mp4 --prompt "What colour is the circle?" \
+		--every 1 --max-new-tokens 8
 
 test: install
 	$(BIN)/python -m pytest tests
