@@ -3,6 +3,9 @@
 Example:
     edgevlm run --bundle bundles/tiny-int4 --image photo.jpg --prompt "What colour is the car?" --stream
 
+Constrained answers (docs/structured-output.md): --json-schema FILE | --json-object | --regex RE |
+--choices yes,no; with --json, --logprobs N adds each token's logprob and N alternatives.
+
 Prints the answer, then one line of timings (vision, prefill, time to first token, decode speed).
 The bundle's manifest picks the backend (onnx: ort, gguf: llamacpp, trt: trt); --bundle may also be
 a model dir or preset, run by the PyTorch reference (torch backend).
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,13 +61,37 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_mutually_exclusive_group()  # constrained decoding: docs/structured-output.md
+    g.add_argument("--json-schema", metavar="FILE", help="answer as JSON valid under this JSON schema file")
+    g.add_argument("--json-object", action="store_true", help="answer as one JSON object")
+    g.add_argument("--regex", metavar="RE", help="answer fully matching this regular expression")
+    g.add_argument("--choices", metavar="A,B,..", help="answer with exactly one of these comma-separated options")
+    p.add_argument("--logprobs", type=int, metavar="N", default=None,
+                   help="with --json: each token's logprob and its N (0..20) most likely alternatives")
+
+
+def constraint_of(args: argparse.Namespace):
+    """The Constraint named by the flags (None: free text); a bad file or schema is an EdgeVLMError."""
+    from .constrain import constraint_from
+    from .errors import ConstraintError
+
+    schema = None
+    if getattr(args, "json_schema", None):
+        try:
+            schema = Path(args.json_schema).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConstraintError(f"--json-schema: cannot read {args.json_schema} ({e.strerror})") from None
+    choices = [c.strip() for c in args.choices.split(",")] if getattr(args, "choices", None) else None
+    return constraint_from(schema, getattr(args, "json_object", False), getattr(args, "regex", None), choices)
 
 
 def answer(target, args: argparse.Namespace, stream: bool):
     """Run ``target.generate``/``target.stream`` (a Runtime or a torch model) with the CLI's decoding
     flags, printing the text (piece by piece when streaming); returns the GenerationResult."""
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+               top_k=args.top_k, top_p=args.top_p, seed=args.seed, constraint=constraint_of(args))
+    if getattr(args, "logprobs", None) is not None:
+        gen.update(logprobs=True, top_logprobs=args.logprobs)
     if not stream:
         return target.generate(image=args.image, prompt=args.prompt, **gen)
     pieces = target.stream(image=args.image, prompt=args.prompt, **gen)
@@ -78,8 +107,11 @@ def run(args: argparse.Namespace) -> int:
     with Runtime.load(args.bundle, backend=args.backend, **runtime_options(args)) as rt:
         result = answer(rt, args, stream=args.stream and not args.json)
     if args.json:
-        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-                          "timings": result.timings.to_dict()}))
+        out = {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+               "timings": result.timings.to_dict()}
+        if result.logprobs is not None:
+            out["logprobs"] = [asdict(e) for e in result.logprobs]
+        print(json.dumps(out))
         return 0
     if not args.stream:
         print(result.text)

@@ -55,7 +55,7 @@ class Constraint:
     """What the output must match. Build with the constructors; equal constraints share one compile."""
 
     kind: str
-    source: str  # canonical text: the schema as sorted JSON, the regex, or the options as a JSON list
+    source: str  # canonical text: the schema as JSON (its key order kept), the regex, or the options as a JSON list
     strict: bool = True
 
     def __post_init__(self):
@@ -74,7 +74,7 @@ class Constraint:
                 raise ConstraintError(f"the JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
             raise ConstraintError(f"a JSON schema must be an object, got {type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema, sort_keys=True), bool(strict))
+        return cls("json_schema", json.dumps(schema), bool(strict))  # key order kept: it is the output's order
 
     @classmethod
     def json_object(cls) -> "Constraint":
@@ -105,12 +105,16 @@ class Constraint:
 
 
 def constraint_from(json_schema: dict | str | None = None, json_object: bool = False, regex: str | None = None,
-                    choices: Sequence[str] | None = None, strict: bool = True) -> Constraint | None:
+                    choices: Sequence[str] | None = None, strict: bool = True,
+                    constraint: Constraint | None = None) -> Constraint | None:
     """The one Constraint named by ``Runtime.generate``'s keyword arguments (None: unconstrained)."""
     given = {k: v for k, v in dict(json_schema=json_schema, json_object=json_object or None, regex=regex,
-                                   choices=choices).items() if v is not None}
+                                   choices=choices, constraint=constraint).items() if v is not None}
     if len(given) > 1:
-        raise ConstraintError(f"pass at most one of json_schema, json_object, regex, choices (got {', '.join(given)})")
+        raise ConstraintError(f"pass at most one of json_schema, json_object, regex, choices, constraint "
+                              f"(got {', '.join(given)})")
+    if constraint is not None:
+        return constraint
     if json_schema is not None:
         return Constraint.json_schema(json_schema, strict)
     if json_object:

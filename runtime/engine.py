@@ -128,11 +128,12 @@ class Runtime:
 
 
 def generation_config(max_new_tokens: int = 32, json_schema: dict | str | None = None, json_object: bool = False,
-                      regex: str | None = None, choices=None, strict: bool = True, **gen: Any) -> GenerationConfig:
+                      regex: str | None = None, choices=None, strict: bool = True, constraint=None,
+                      **gen: Any) -> GenerationConfig:
     """``GenerationConfig`` from ``Runtime.generate``'s keywords: at most one of ``json_schema`` (dict or
-    JSON text; ``strict``), ``json_object``, ``regex``, ``choices`` (runtime.constrain); ``logprobs``,
+    JSON text; ``strict``), ``json_object``, ``regex``, ``choices``, ``constraint`` (runtime.constrain); ``logprobs``,
     ``top_logprobs``, ``stop``, ``ignore_eos``; and the SamplingConfig fields (``do_sample``,
     ``temperature``, ``top_k``, ``top_p``, ``seed``, ``repetition_penalty``, ``logit_bias``,
     ``presence_penalty``, ``frequency_penalty``)."""
-    constraint = constraint_from(json_schema, json_object, regex, choices, strict)
+    constraint = constraint_from(json_schema, json_object, regex, choices, strict, constraint)
     return GenerationConfig(max_new_tokens=max_new_tokens, constraint=constraint, **gen)

@@ -253,3 +253,21 @@ def test_presence_and_frequency_penalties_shift_the_reported_distribution(ort_rt
         assert len(common) >= 3
         shift = [got[i] - want[i] for i in common]  # equal up to the renormalisation constant
         assert max(shift) - min(shift) < 1e-4, (step, shift)
+
+
+def test_cli_run_with_a_schema_file_and_choices(onnx_bundle, tmp_path, capsys):
+    from edgevlm.cli import main
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    args = ["run", "--bundle", str(onnx_bundle), "--prompt", PROMPT, "--threads", "1", "--max-new-tokens", "80"]
+    assert main([*args, "--json-schema", str(schema), "--json", "--logprobs", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(validate(out["text"])) == list(SCHEMA["properties"])  # the schema's key order
+    assert len(out["logprobs"]) == len(out["token_ids"])
+    assert {len(e["top"]) for e in out["logprobs"]} == {1, 2}  # 1 where the schema allows one token only
+    assert main([*args, "--choices", "yes,no"]) == 0
+    assert capsys.readouterr().out.strip() in ("yes", "no")
+    (tmp_path / "bad.json").write_text('{"type": "nope"}')
+    assert main([*args, "--json-schema", str(tmp_path / "bad.json")]) == 2
+    assert "nope" in capsys.readouterr().err
