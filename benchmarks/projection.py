@@ -280,6 +280,28 @@ def device_projections(records: list[dict], devices: dict, calib: dict) -> list[
     return rows
 
 
+VIDEO_PROMPT_TOKENS, VIDEO_ANSWER_TOKENS = 16, 8  # a standing question and a short answer per frame
+
+
+def video_projection(devices: dict, calib: dict | None = None, preset: str = REFERENCE[0],
+                     precision: str = REFERENCE[1]) -> list[dict]:
+    """Projected ``edgevlm watch`` rate per target device: each answer runs one frame through the vision
+    tower, prefills the prompt and decodes ``VIDEO_ANSWER_TOKENS`` (no frame skipped as unchanged, no cache
+    hit: the slowest steady state). Labelled projected; nothing here is measured."""
+    from edgevlm.benchmarks.flops import preset_shape
+
+    costs = stage_costs(preset_shape(preset), precision, n_text=VIDEO_PROMPT_TOKENS, n_new=VIDEO_ANSWER_TOKENS)
+    rows = []
+    for dev in (d for d in devices.values() if not d.get("measured")):
+        _, eng = engine_of(dev)
+        p = project(costs, dev, efficiency=(calib or {}).get("llamacpp") if eng["class"] == "cpu" else None)
+        answer_ms = p["ttft_ms"] + (VIDEO_ANSWER_TOKENS - 1) / p["decode_tok_s"] * 1e3
+        rows.append({"config": f"video: {preset} {precision}, 1 frame + {VIDEO_ANSWER_TOKENS} tokens per answer",
+                     "device": dev["name"], "engine": p["engine"], "answer_ms": answer_ms,
+                     "answers_per_s": 1e3 / answer_ms, "label": "projected"})
+    return rows
+
+
 def _format_rows(rows: list[dict], ref: str) -> str:
     lines = []
     for r in rows:
@@ -319,6 +341,9 @@ def run(args: argparse.Namespace) -> int:
         r = project(costs, dev)
         print(f"{name:<28} {r['engine']:<4} ttft {r['ttft_ms']:8.0f} ms  decode {r['decode_tok_s']:7.1f} tok/s  "
               f"memory {r['memory']['needed_mb']} MB -> {r['memory']['verdict']}")
+    for v in video_projection(devices, None, args.preset, args.precision):
+        print(f"{v['device']:<28} {v['engine']:<4} video (edgevlm watch) {v['answers_per_s']:6.2f} answers/s, "
+              f"{v['answer_ms']:.0f} ms per answer (projected)")
     return 0
 
 

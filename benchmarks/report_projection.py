@@ -71,13 +71,17 @@ def _published_blocks(rows: list[dict], basis: str) -> list[Block]:
 
 
 def _device_rows(ok: list[dict], devices: dict, calib: dict) -> tuple[list[dict], Block]:
-    from edgevlm.benchmarks.projection import device_projections
+    from edgevlm.benchmarks import projection as pj
 
-    rows = device_projections(ok, devices, calib)
+    rows = pj.device_projections(ok, devices, calib)
     targets = list(dict.fromkeys(r["device"] for r in rows))
     table = []
     for config in dict.fromkeys(r["config"] for r in rows):
         cells = {r["device"]: r for r in rows if r["config"] == config}
         table.append([config] + [f"{fmt(c['ttft_ms'])} / {fmt(c['decode_tok_s'])} / {c['verdict']}"
                                  for c in (cells[d] for d in targets)])
+    if rows:  # the video row (edgevlm watch): answers per second, projected (docs/video.md)
+        video = {v["device"]: v for v in pj.video_projection(devices, calib)}
+        table.append([next(iter(video.values()))["config"] + " (answers/s, projected)"]
+                     + [f"{fmt(video[d]['answers_per_s'])} answers/s" if d in video else "-" for d in targets])
     return rows, ("table", ["configuration"] + targets, table)

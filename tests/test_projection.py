@@ -111,3 +111,13 @@ def test_published_validation_has_finite_ratios(devices):
     for r in rows:
         ratios = [v["ratio"] for v in r.values() if isinstance(v, dict) and "ratio" in v]
         assert ratios and all(math.isfinite(x) and x > 0 for x in ratios), r
+
+
+def test_video_row_is_projected_and_follows_the_device(devices):
+    rows = {r["device"]: r for r in pj.video_projection(devices)}
+    nano, agx = rows[devices["jetson-orin-nano-8gb"]["name"]], rows[devices["jetson-agx-orin-64gb"]["name"]]
+    assert all(r["label"] == "projected" and r["answers_per_s"] == pytest.approx(1e3 / r["answer_ms"]) for r in rows.values())
+    assert agx["answers_per_s"] > nano["answers_per_s"] > 0
+    one = pj.project(stage_costs(preset_shape("mobilevlm-1.7b"), "q4_k_m", n_text=16, n_new=8),
+                     devices["jetson-orin-nano-8gb"])
+    assert nano["answer_ms"] > one["ttft_ms"]  # a frame's answer costs its TTFT plus the decode steps
