@@ -33,7 +33,8 @@ from PIL import Image
 
 from .errors import ContextLengthError, EdgeVLMError
 from .generate import GenerationConfig, generate
-from .video import DEFAULT_MAX_SIDE, DEFAULT_TIMEOUT_S, Frame, LiveFrames, exact_frames, source_kind
+from .video import (DEFAULT_MAX_SIDE, DEFAULT_TIMEOUT_S, Frame, LiveFrames, VideoError, exact_frames,
+                    source_kind)
 
 THUMB_SIDE = 32  # the change measure's RGB thumbnail side, pixels
 TIMING_KEYS = ("vision_ms", "prefill_ms", "ttft_ms", "decode_tok_s", "total_ms")
@@ -101,7 +102,10 @@ def _frames(source: str, every_s: float | None, realtime: bool | None, max_side:
             if every_s:
                 time.sleep(max(0.0, next_at - time.monotonic()))
                 next_at = time.monotonic() + every_s
-            got = reader.take(timeout=timeout_s)
+            try:
+                got = reader.take(timeout=timeout_s)
+            except TimeoutError:
+                raise VideoError(f"{source}: no new frame for {timeout_s:g} s (the stream stalled)") from None
             if got is None:
                 return
             yield got
