@@ -279,7 +279,11 @@ def test_json_mode_sends_response_format(server, page, tmp_path):
     body = ask(page, "Describe the image as JSON.")
     assert body["response_format"] == {"type": "json_object"}
     page.wait_for_selector(DONE)
-    assert assistant_texts(page) == [server.answer(body).json()["choices"][0]["message"]["content"]]
+    shown = assistant_texts(page)
+    assert shown == [server.answer(body).json()["choices"][0]["message"]["content"]]
+    # the server honours it: a JSON object begins, where the same question without it answers in text
+    plain = {k: v for k, v in body.items() if k != "response_format"}
+    assert shown[0].startswith("{") and not server.answer(plain).json()["choices"][0]["message"]["content"].startswith("{")
     page.uncheck("#json-mode")
     assert "response_format" not in ask(page, "And in words?")
     page.wait_for_selector(f"{DONE} >> nth=1")
