@@ -149,6 +149,19 @@ def test_choices_regex_and_json_object(rt):
         assert isinstance(json.loads(r.text), dict)
 
 
+def test_length_before_the_grammar_completes_and_ignore_eos(ort_rt):
+    short = ort_rt.generate(prompt=PROMPT, max_new_tokens=5, json_schema=SCHEMA)
+    assert short.finish_reason == "length" and len(short.token_ids) == 5
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(short.text)  # documented: a cut-off run's text is incomplete
+    # the grammar decides where EOS goes: ignore_eos cannot run past a complete answer
+    r = ort_rt.generate(prompt=PROMPT, max_new_tokens=20, choices=["yes", "no"], ignore_eos=True)
+    assert r.finish_reason == "eos" and r.text in ("yes", "no") and len(r.token_ids) < 20
+    # a stop string still cuts the text
+    r = ort_rt.generate(prompt=PROMPT, max_new_tokens=80, json_schema=SCHEMA, stop='"colour"')
+    assert r.finish_reason == "stop" and r.text.startswith('{"count": ') and '"colour"' not in r.text
+
+
 def test_streamed_pieces_and_logprobs_match_the_whole_run(rt):
     kw = dict(prompt=PROMPT, max_new_tokens=80, json_schema=SCHEMA, do_sample=True, seed=7, logprobs=True,
               top_logprobs=2)

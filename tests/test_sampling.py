@@ -1,4 +1,5 @@
-"""Next-token selection: greedy, seeded sampling, top-k/top-p, repetition penalty."""
+"""Next-token selection: greedy, seeded sampling, top-k/top-p, repetition penalty, presence/frequency
+penalties and logit_bias (on real backends too: test_constrain.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,11 @@ from edgevlm.runtime.chat import IMAGE_TOKEN_INDEX
 from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.sampling import (
     SamplingConfig,
+    adjust_logits,
+    apply_logit_bias,
+    apply_presence_frequency,
     apply_repetition_penalty,
+    pick,
     select_token,
     top_k_mask,
     top_p_mask,
@@ -70,6 +75,11 @@ def test_repetition_penalty_direction():
         dict(top_p=0.0),
         dict(top_k=-1),
         dict(repetition_penalty=0),
+        dict(presence_penalty=2.5),
+        dict(frequency_penalty=-3),
+        dict(logit_bias={-1: 1.0}),
+        dict(logit_bias={"5": 1.0}),
+        dict(logit_bias={5: 101}),
     ],
 )
 def test_bad_sampling_settings_are_user_errors(kw):
@@ -93,3 +103,32 @@ def test_generation_config_holds_a_sampling_config():
         GenerationConfig(sampling=SamplingConfig(), seed=1)
     with pytest.raises(TypeError):
         GenerationConfig(temprature=0.5)
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    """logit[j] -= count[j] * frequency + (count[j] > 0) * presence, counted over the output only."""
+    logits = np.zeros(5, np.float32)
+    out = apply_presence_frequency(logits, [1, 1, 3, 9], presence=0.5, frequency=1.0)  # 9: past the vocab
+    assert out.tolist() == [0.0, -2.5, 0.0, -1.5, 0.0] and not logits.any()
+    assert apply_presence_frequency(logits, [1], 0.0, 0.0) is logits
+    cfg = SamplingConfig(presence_penalty=-1.0, repetition_penalty=1.0)  # negative: encourage repeats
+    assert adjust_logits(np.array([1.0, 0.5], np.float32), cfg, context=[0], generated=[1]).tolist() == [1.0, 1.5]
+    assert select_token(np.array([1.0, 0.5], np.float32), cfg, generated=[1]) == 1
+
+
+def test_logit_bias_adds_and_bans():
+    logits = np.array([2.0, 1.0, 0.0], np.float32)
+    assert apply_logit_bias(logits, {0: -100.0, 2: 0.5}).tolist() == [-98.0, 1.0, 0.5]
+    assert select_token(logits, SamplingConfig(logit_bias={0: -100})) == 1
+    rng = np.random.default_rng(0)
+    cfg = SamplingConfig(do_sample=True, logit_bias={0: -100, 1: -100})
+    assert {select_token(logits, cfg, rng) for _ in range(200)} == {2}
+    with pytest.raises(EdgeVLMError, match="vocabulary has 3"):
+        apply_logit_bias(logits, {3: 1.0})
+
+
+def test_pick_refuses_when_nothing_is_allowed():
+    with pytest.raises(EdgeVLMError, match="banned"):
+        pick(np.full(3, -np.inf, np.float32), SamplingConfig())
+    assert pick(np.array([-np.inf, 0.0, -np.inf], np.float32), SamplingConfig(do_sample=True, top_k=2),
+                np.random.default_rng(0)) == 1
