@@ -1,4 +1,4 @@
-"""The training loop: stages in order, each resumable, DDP-aware, logged."""
+"""The training loop: stages in order, each resumable, DDP/FSDP-aware, logged."""
 from __future__ import annotations
 
 import contextlib
@@ -13,16 +13,19 @@ from tqdm.auto import tqdm
 
 from edgevlm.train import distributed
 from edgevlm.runtime.memory import peak_rss_mb, reset_peak_rss
+from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.processor import Processor
 from edgevlm.train.batches import VQADataset, collate
 from edgevlm.train.data.llava import load_llava_records
 from edgevlm.train.engines import make_engine
-from edgevlm.train.lora import group_lr, merge_lora, set_trainable
+from edgevlm.train.lora import set_trainable
 from edgevlm.model.checkpoint import save_model
 from edgevlm.model.load import load_model
 from edgevlm.train.plan import BatchPlan, PlanSampler, lr_factor
-from edgevlm.train.recipe import StageConfig, TrainConfig
-from edgevlm.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from edgevlm.train.recipe import StageConfig, TrainConfig, stage_strategy
+from edgevlm.train.state import latest_checkpoint
+
+STOPPED = object()  # train_stage's result when stop_at_step ended it
 
 
 def run(cfg: TrainConfig, resume: bool = False, stop_at_step: int = 0) -> Path:
@@ -31,7 +34,14 @@ def run(cfg: TrainConfig, resume: bool = False, stop_at_step: int = 0) -> Path:
     ``stop_at_step`` (tests): leave the run after that many optimizer steps of the first unfinished
     stage, as if killed right after a checkpoint.
     """
-    info = distributed.setup()
+    info = distributed.setup(need_group=any(stage_strategy(s, cfg) == "fsdp" for s in cfg.stages))
+    try:
+        return _run_stages(cfg, info, resume, stop_at_step)
+    finally:
+        distributed.teardown(info)
+
+
+def _run_stages(cfg: TrainConfig, info, resume: bool, stop_at_step: int) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
@@ -43,12 +53,13 @@ def run(cfg: TrainConfig, resume: bool = False, stop_at_step: int = 0) -> Path:
             model = load_model(stage_out)
             continue
         model = train_stage(model, stage, cfg, info, out / stage.name, resume, stop_at_step)
-        if model is None:
+        if model is STOPPED:
             return out / stage.name  # stopped early on purpose
         if info.is_main:
             save_model(model, stage_out)
         distributed.barrier(info)
-    distributed.teardown(info)
+        if model is None:  # FSDP: rank 0 consolidated the model; the others read it back
+            model = load_model(stage_out)
     return out / "final"
 
 
@@ -61,21 +72,25 @@ def train_stage(model, stage: StageConfig, cfg: TrainConfig, info, stage_dir: Pa
     if template != "plain":
         model.cfg.chat_template = template  # saved with the model: the runtime prompts as trained
     processor = Processor.create(model.tokenizer, template, model.cfg.preprocess)
+    if stage_strategy(stage, cfg) == "fsdp" and any(r.image_path is None for r in records):
+        # a rank whose micro-batch has no image would skip the vision tower's collectives and hang
+        raise EdgeVLMError(f"stage {stage.name}: strategy fsdp needs an image in every record "
+                           f"({sum(r.image_path is None for r in records)} are text-only); use strategy ddp")
     ds = VQADataset(records, processor, stage.max_length, model.n_visual_tokens, stage.qa_mode)
     model.train()
     groups = set_trainable(model, stage)
+    n_train = {name: sum(p.numel() for p in ps) for name, ps in groups}
+    names_of = {id(p): n for n, p in model.named_parameters()}
     model.to(info.device)
-    optim = torch.optim.AdamW([{"params": p, "lr": group_lr(n, stage), "name": n} for n, p in groups if p],
-                              weight_decay=stage.weight_decay)
+    engine = make_engine(model, [(g, [names_of[id(p)] for p in ps]) for g, ps in groups], cfg, stage, info)
+    optim = engine.optimizer
     base_lrs = [g["lr"] for g in optim.param_groups]
     plan = BatchPlan(len(ds), stage.batch_size, cfg.seed, info.rank, info.world)
     total = stage.max_steps or math.ceil(stage.epochs * plan.per_epoch / stage.grad_accum)
     step = 0
     ckpt = latest_checkpoint(stage_dir / "checkpoints") if resume else None
     if ckpt is not None:
-        step = load_checkpoint(ckpt, model, optim)
-    n_train = {name: sum(p.numel() for p in ps) for name, ps in groups}
-    engine = make_engine(model, optim, cfg, stage, info)
+        step = engine.load_checkpoint(ckpt)
     log = _Logger(stage_dir, stage, info, total, n_train, data.n_skipped)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=PlanSampler(plan, step * stage.grad_accum,
                                          total * stage.grad_accum), collate_fn=collate, num_workers=1)
@@ -87,17 +102,12 @@ def train_stage(model, stage: StageConfig, cfg: TrainConfig, info, stage_dir: Pa
         step += 1
         log.step(step, loss, n, optim.param_groups[0]["lr"], ids)
         if (stage.save_every and step % stage.save_every == 0) or step == total:
-            if info.is_main:
-                save_checkpoint(stage_dir / "checkpoints", step, model, optim)
-            distributed.barrier(info)
+            engine.save_checkpoint(stage_dir / "checkpoints", step)
         if stop_at_step and step >= stop_at_step and step < total:
             log.close(model)
-            return None
+            return STOPPED
     log.close(model)
-    merge_lora(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.cpu().eval()
+    return engine.final_model()
 
 
 def _optimizer_step(engine, micro, stage: StageConfig, info, cfg: TrainConfig):
@@ -116,7 +126,7 @@ def _optimizer_step(engine, micro, stage: StageConfig, info, cfg: TrainConfig):
         n += len(batch["ids"])
         ids += batch["ids"]
     engine.step()
-    return total_loss, n, ids
+    return distributed.mean(total_loss, info), n, ids  # the loss of the global batch (mean over ranks)
 
 
 def _to(tensors: list[torch.Tensor] | None, device) -> list[torch.Tensor] | None:
@@ -165,7 +175,8 @@ class _Logger:
             digest = hashlib.sha256()
             for name, p in sorted(model.named_parameters()):
                 if p.requires_grad:
-                    digest.update(name.encode() + p.detach().cpu().float().numpy().tobytes())
+                    full = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP: a DTensor shard
+                    digest.update(name.encode() + full.detach().cpu().float().numpy().tobytes())
             self.rank_f.write(json.dumps({"trainable_sha256": digest.hexdigest()}) + "\n")
             self.rank_f.close()
         gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

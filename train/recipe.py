@@ -29,6 +29,18 @@ class LoraConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) options of a stage with ``strategy: fsdp``."""
+
+    cpu_offload: bool = False  # sharded parameters, gradients and optimizer state live in CPU memory
+    activation_checkpointing: bool = False  # recompute each LLM/vision block in backward
+    reshard_after_forward: bool = True  # False: keep gathered blocks until backward (ZeRO-2-like)
+
+
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+
+
+@dataclass
 class StageConfig:
     name: str = "instruct"
     data: str = ""  # LLaVA-format JSON
@@ -56,6 +68,11 @@ class StageConfig:
     log_every: int = 10
     skip_bad_records: bool = False
     max_records: int = 0  # >0: use only the first N records (smoke runs)
+    # how ranks share the work: auto (DDP under torchrun, DeepSpeed when the recipe names a config),
+    # ddp (every rank holds the whole model), fsdp (parameters, gradients and optimizer state sharded
+    # across ranks; train/fsdp.py), deepspeed (untested: needs CUDA)
+    strategy: str = "auto"
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
 
 @dataclass
@@ -69,8 +86,15 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    deepspeed: str = ""  # path to a DeepSpeed JSON config (multi-GPU)
+    deepspeed: str = ""  # path to a DeepSpeed JSON config (multi-GPU; untested, see docs/training.md)
     threads: int = 0  # torch CPU threads (0: torch default)
+
+
+def stage_strategy(stage: StageConfig, cfg: TrainConfig) -> str:
+    """The stage's resolved strategy: ddp (plain PyTorch when single-process), fsdp or deepspeed."""
+    if stage.strategy == "auto":
+        return "deepspeed" if cfg.deepspeed else "ddp"
+    return stage.strategy
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> TrainConfig:
@@ -99,8 +123,14 @@ def validate(cfg: TrainConfig) -> None:
             raise EdgeVLMError(f"stage {s.name}: template {s.template!r}; valid: {', '.join(TEMPLATES)}")
         if s.qa_mode not in ("conversation", "independent"):
             raise EdgeVLMError(f"stage {s.name}: qa_mode {s.qa_mode!r}; use conversation or independent")
+        if s.strategy not in STRATEGIES:
+            raise EdgeVLMError(f"stage {s.name}: strategy {s.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        if s.strategy == "deepspeed" and not cfg.deepspeed:
+            raise EdgeVLMError(f"stage {s.name}: strategy deepspeed needs the recipe's deepspeed=CONFIG.json")
     bad = [m for m in cfg.fresh if m not in MODULES]
     if bad:
         raise EdgeVLMError(f"fresh: unknown module(s) {bad}; valid: {', '.join(MODULES)}")
+    if cfg.deepspeed and any(s.strategy not in ("auto", "deepspeed") for s in cfg.stages):
+        raise EdgeVLMError("deepspeed=CONFIG applies to every stage; drop it or the stages' strategy")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise EdgeVLMError(f"precision {cfg.precision!r}: use auto, fp32 or bf16")

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from edgevlm.runtime.errors import EdgeVLMError
+
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -44,6 +46,8 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model, optimizer) -> int:
     """Restore into an already-built model (same trainable set) and optimizer; returns the step."""
+    if json.loads((path / "state.json").read_text()).get("format") == "dcp":
+        raise EdgeVLMError(f"{path} is a sharded (fsdp) checkpoint; resume it with stages.N.strategy=fsdp")
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     for name, value in weights.items():
