@@ -37,8 +37,9 @@ def colour_index(t: float, hold_s: float, n_colours: int) -> int:
 
 
 def write_video(out: str, seconds: float = 4.0, fps: int = 5, hold_s: float = 1.0, item: int = 0,
-                side: int = REF_SIDE, codec: str = "mpeg4", seed: int = 0) -> dict:
-    """Write the video; returns what it shows (question, colours, frame count, the hold)."""
+                side: int = REF_SIDE, codec: str = "mpeg4", seed: int = 0, ticker: bool = False) -> dict:
+    """Write the video; returns what it shows (question, colours, frame count, the hold).
+    ``ticker``: a small corner block changes grey level every frame, so no two frames are alike."""
     import av
 
     question, images, colours = scene_frames(item, side, seed=seed)
@@ -51,6 +52,9 @@ def write_video(out: str, seconds: float = 4.0, fps: int = 5, hold_s: float = 1.
             stream.options = {"qscale": "2"}  # near-lossless: static frames decode (almost) alike
         for i in range(n_frames):
             img = images[colour_index(i / fps, hold_s, len(images))]
+            if ticker:
+                img = img.copy()
+                img[:8, :8] = (i * 37) % 256
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
