@@ -284,3 +284,23 @@ def test_cli_run_with_a_schema_file_and_choices(onnx_bundle, tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"type": "nope"}')
     assert main([*args, "--json-schema", str(tmp_path / "bad.json")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_docs_overhead_table_is_the_stored_run():
+    """docs/structured-output.md's cost table quotes benchmarks/results/constrain_overhead/ort_int4_1.7b.jsonl."""
+    from docs_text import DOCS, RESULTS, close, table
+
+    rows = [json.loads(line) for line in
+            (RESULTS / "constrain_overhead" / "ort_int4_1.7b.jsonl").read_text().splitlines()]
+    by_kind = {r["kind"]: r for r in rows}
+    step_ms = by_kind["decode"]["decode_step_ms"]
+    shown = table((DOCS / "structured-output.md").read_text(), "| constraint | tokens (runs) |")
+    assert sorted(r[0].split()[0] for r in shown) == sorted(set(by_kind) - {"decode"})
+    for cells in shown:
+        r = by_kind[cells[0].split()[0]]
+        mean, p50, p90 = cells[2].split(" / ")
+        assert close(mean, r["mask_us_mean"]) and close(p50, r["mask_us_p50"]) and close(p90, r["mask_us_p90"])
+        assert close(cells[3], r["first_start_ms"]) and cells[1].startswith(f"{r['tokens']} ({r['runs']})")
+        assert close(cells[4].rstrip("%"), 100 * r["mask_us_mean"] / (step_ms * 1e3))
+        assert close(cells[5].rstrip("%"), 100 * r["mask_us_mean"] / 52.9e3) and float(cells[5].rstrip("%")) < 5
+    assert f"({step_ms:.1f} ms)" in (DOCS / "structured-output.md").read_text()
