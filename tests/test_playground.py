@@ -361,3 +361,18 @@ def test_no_ui_leaves_only_the_api(headless):
     assert httpx.get(f"{headless.url}/").status_code == 404
     assert httpx.get(f"{headless.url}/static/app.js").status_code == 404
     assert httpx.get(f"{headless.url}/v1/models").json()["data"][0]["id"] == MODEL
+
+
+def test_the_wheel_ships_the_page(tmp_path):
+    """The static files are package data: an installed (non-editable) edgevlm serves the page too."""
+    import sys
+    import zipfile
+
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        str(REPO), "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (wheel,) = tmp_path.glob("edgevlm-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    static = REPO / "runtime" / "serve" / "static"
+    assert {f"edgevlm/runtime/serve/static/{f.name}" for f in static.iterdir()} <= names
+    assert {"index.html", "app.js", "style.css"} <= {f.name for f in static.iterdir()}
