@@ -30,7 +30,7 @@ BUNDLES ?= bundles
 IMAGE  := $(DATA)/images/test_000000.png
 ASK    := "How many shapes are there?"
 
-.PHONY: install demo test data train eval bundles clean
+.PHONY: install demo test data train eval bundles clean arm64-env test-arm64
 
 install: $(VENV)/.installed
 
@@ -82,6 +82,18 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest tests
+
+# Arm64 under qemu-user (docs/arm64.md): the environment (Debian qemu + arm64 Python, aarch64 wheels;
+# no root) and llama.cpp cross-compiled for armv8-a and armv8.2-a+dotprod (needs, as root:
+# apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu; ~15-20 min per level, cached)
+arm64-env: install
+	$(BIN)/python tests/arm64/build_env.py
+	$(BIN)/python tests/arm64/cross_llamacpp.py
+
+# every runtime kernel (ONNX fp32/fp16/int8 formats/int4, GGUF f16/q8_0/q4_k_m) on every Arm class
+# vs x86, the damaged-bundle check and the on-target benchmark flow
+test-arm64: arm64-env
+	EDGEVLM_ARM64_FULL=1 $(BIN)/python -m pytest tests/arm64 tests/test_arm64_smoke.py -s
 
 clean:
 	rm -rf $(RUN) $(DATA) $(BUNDLES)

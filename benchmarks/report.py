@@ -48,6 +48,8 @@ def spread(rec: dict, metric: str) -> str:
 
 def label(rec: dict, full: bool = False) -> str:
     base = f"{rec['model']['label']}/{rec['integrator'] or 'own'} {rec['backend']} {rec['precision']}"
+    if rec.get("measured_on") == "target":  # edgevlm bench-target on the device (runtime/bench_target.py)
+        base += f" @{rec.get('device', 'target')}"
     w = rec["workload"]
     return base + (f" t{w['threads']} i{w['images']} p{w['prompt_tokens']} n{w['new_tokens']}" if full else "")
 
@@ -66,7 +68,9 @@ def environment_blocks(envs: list[dict]) -> list[Block]:
         libs = ", ".join(f"{k} {v}" for k, v in sorted(e.get("libraries", {}).items()))
         gemm = " / ".join(f"{e[k]} GFLOP/s {name}" for k, name in (("gemm_fp32_gflops", "fp32"), ("gemm_bf16_gflops", "bf16"))
                           if e.get(k)) or "-"
-        rows.append([e["env_id"], e.get("time_utc", ""), summary_line(e), gemm, libs])
+        host = summary_line(e) if e.get("measured_on") != "target" else \
+            f"target device ({e.get('cpu_class')}): " + summary_line(e).split("; read bandwidth")[0]
+        rows.append([e["env_id"], e.get("time_utc", ""), host + (f" [{e['note']}]" if e.get("note") else ""), gemm, libs])
     blocks: list[Block] = [("h2", "Environment"), ("table", ["env", "started", "host", "GEMM rate", "libraries"], rows)]
     busy = [e for e in envs if (e.get("load_avg_1m") or 0) > 0.5 * (e.get("cores", {}).get("usable") or 1)]
     if busy:
@@ -225,6 +229,9 @@ def build(paths: list[str], studies: list[str] = ()) -> list[Block]:
               "processes (warm-up runs, then timed runs with fixed seeds and a fixed number of new tokens). "
               "Sections titled 'Projected' are model estimates for hardware we did not run on; fidelity sections "
               "compare outputs, not times.")]
+    if any(e.get("measured_on") == "target" for e in envs):
+        blocks.append(("p", "Rows marked @<CPU class> were measured on the target device itself (`edgevlm "
+                            "bench-target`, the lean runtime install), not projected; the others on the host."))
     blocks += environment_blocks(envs) + status_blocks(cases)
     if ok:
         blocks += latency_blocks(ok, full) + throughput_blocks(ok, full) + pareto_blocks(ok)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "watch": "edgevlm.runtime.cli_watch",
     "serve": "edgevlm.runtime.serve.cli",
     "bench": "edgevlm.benchmarks.cli",
+    "bench-target": "edgevlm.runtime.bench_target",
 }
 
 

@@ -30,7 +30,10 @@ def add_subcommands(parser: argparse.ArgumentParser, table: Mapping[str, str], d
     present in this checkout are left out. ``only``: import just that subcommand's module."""
     sub = parser.add_subparsers(dest=dest, metavar=metavar, required=True)
     for name, module_name in table.items():
-        if importlib.util.find_spec(module_name) is None:
+        try:
+            if importlib.util.find_spec(module_name) is None:
+                continue
+        except ModuleNotFoundError:  # its parent package is not installed (e.g. a device without benchmarks/)
             continue
         if only is not None and name != only:
             sub.add_parser(name, help=summary(module_name))

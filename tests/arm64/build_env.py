@@ -47,12 +47,15 @@ STAMP = ".complete"
 
 
 def _requirements() -> list[str]:
-    """install_requires + the [ort] extra of setup.cfg (re-read each build: extras change)."""
+    """install_requires + the [ort] and [llamacpp] extras of setup.cfg (re-read each build: extras
+    change), less llama-cpp-python (no aarch64 wheel: its Python part comes from the sdist)."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
-    lines = cfg["options"]["install_requires"].splitlines() + cfg["options.extras_require"]["ort"].splitlines()
+    extras = cfg["options.extras_require"]
+    lines = cfg["options"]["install_requires"].splitlines() + extras["ort"].splitlines() + extras["llamacpp"].splitlines()
     reqs = [ln.split("#")[0].strip() for ln in lines]
-    return [r for r in reqs if r] + list(LLAMACPP_PY_DEPS)
+    reqs = [r for r in reqs if r and not r.lower().replace("_", "-").startswith("llama-cpp-python")]
+    return list(dict.fromkeys(reqs)) + list(LLAMACPP_PY_DEPS)
 
 
 def env_key() -> str:

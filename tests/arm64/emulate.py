@@ -13,8 +13,8 @@ arm64-dotprod  neoverse-n1      Armv8.2 + dot product: Orin's A78AE class, most 
 arm64-i8mm     max              Armv8.6+/Armv9 i8mm + SVE: newest phones, Jetson Thor class
 =============  ===============  ==========================================================
 
-The guest sees only the torch-free runtime: ``edgevlm`` with ``edgevlm.runtime`` (a shim of links to
-this checkout, no model/export/benchmarks layer), the aarch64 wheels, and for llama.cpp the
+The guest sees the package as a lean install has it (a shim of links to this checkout, without
+``benchmarks``; no torch in the environment), the aarch64 wheels, and for llama.cpp the
 cross-built libraries of the class's Arm level. Emulation measures correctness, never speed.
 """
 from __future__ import annotations
@@ -62,11 +62,13 @@ def cpuinfo_text(cls: ArmClass, cores: int) -> str:
 
 
 def shim(tmp: Path) -> Path:
-    """A PYTHONPATH entry with ``edgevlm`` = this checkout's edgevlm/__init__.py + runtime/ only."""
+    """A PYTHONPATH entry with ``edgevlm`` as installed from this checkout, less ``benchmarks`` (the
+    device side never imports it; torch is not in the environment at all)."""
     pkg = tmp / "edgevlm"
     pkg.mkdir(parents=True, exist_ok=True)
-    for name, target in (("__init__.py", REPO / "edgevlm" / "__init__.py"), ("cli.py", REPO / "edgevlm" / "cli.py"),
-                         ("runtime", REPO / "runtime")):
+    links = [("__init__.py", REPO / "edgevlm" / "__init__.py"), ("cli.py", REPO / "edgevlm" / "cli.py")]
+    links += [(d, REPO / d) for d in ("runtime", "model", "train", "export")]
+    for name, target in links:
         if not (pkg / name).exists():
             (pkg / name).symlink_to(target)
     return tmp

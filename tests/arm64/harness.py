@@ -79,4 +79,18 @@ def report(backend: str, cls: str, results: dict) -> dict:
     return misses
 
 
+def record(cls: str, backend: str, results: dict) -> None:
+    """Append the metrics to ``$EDGEVLM_ARM64_RECORD`` (a JSONL file) when it is set (docs/arm64.md)."""
+    import json
+
+    path = os.environ.get("EDGEVLM_ARM64_RECORD")
+    if not path:
+        return
+    with open(path, "a") as f:
+        for name, m in results.items():
+            keep = {k: v for k, v in m.items() if k != "comparisons"}
+            f.write(json.dumps({"arm_class": cls, "qemu_cpu": emulate.CLASSES[cls].qemu_cpu, "backend": backend,
+                                "precision": name, "misses": parity.goal_misses(backend, name, m), **keep}) + "\n")
+
+
 __all__ = ["emulate", "parity", "cases", "arm_vs_x86", "report", "env_for_tests", "llama_lib_for_tests", "FULL_ENV"]
