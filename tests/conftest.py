@@ -160,3 +160,27 @@ def perturb_gguf_tensor(path: Path, name_part: str, rel: float = 0.05, seed: int
     t.data[...] = (w + np.random.default_rng(seed).standard_normal(w.shape) * rel * w.std()).astype(t.data.dtype)
     reader.data.flush()  # the reader's np.memmap of the file
     return t.name
+
+
+# --- edgevlm serve (test_serve*.py): the small model's bundles, exported once per session ---------------
+
+
+@pytest.fixture(scope="session")
+def serve_model():
+    importorskip_torch()
+    from edgevlm import load_model
+
+    return load_model("tiny", **SMALL).float().eval()
+
+
+@pytest.fixture(scope="session")
+def serve_onnx_bundle(serve_model, tmp_path_factory) -> Path:
+    from edgevlm.export.to_onnx import export_onnx
+
+    return export_onnx(serve_model, tmp_path_factory.mktemp("serve_onnx") / "b", exporter="torchscript",
+                       token_check=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def serve_gguf_bundle(serve_model, tmp_path_factory) -> Path:
+    return tiny_gguf(serve_model, tmp_path_factory.mktemp("serve_gguf") / "b", ["f16"])

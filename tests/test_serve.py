@@ -22,8 +22,6 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
-from conftest import SMALL  # noqa: E402
-
 from edgevlm.runtime import Runtime  # noqa: E402
 from edgevlm.runtime.backends.base import Backend  # noqa: E402
 
@@ -128,18 +126,13 @@ def _serve(bundle, backend: str, tmp_path, *extra: str, slow: float = 0.0) -> Se
 
 
 @pytest.fixture(scope="module")
-def small_model():
-    from edgevlm import load_model
-
-    return load_model("tiny", **SMALL).float().eval()
+def small_model(serve_model):
+    return serve_model  # conftest: one per session, shared by test_serve*.py
 
 
 @pytest.fixture(scope="module")
-def onnx_bundle(small_model, tmp_path_factory):
-    from edgevlm.export.to_onnx import export_onnx
-
-    return export_onnx(small_model, tmp_path_factory.mktemp("serve_onnx") / "b", exporter="torchscript",
-                       token_check=0, progress=False)
+def onnx_bundle(serve_onnx_bundle):
+    return serve_onnx_bundle
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +145,8 @@ def gqa_bundle(small_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gguf_bundle(small_model, tmp_path_factory):
-    pytest.importorskip("gguf")
-    pytest.importorskip("llama_cpp")
-    from edgevlm.export.to_gguf import export_gguf
-
-    return export_gguf(small_model, tmp_path_factory.mktemp("serve_gguf") / "b", ["f16"], progress=False)
+def gguf_bundle(serve_gguf_bundle):
+    return serve_gguf_bundle
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +159,7 @@ def image_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ort_server(onnx_bundle, image_root):
     s = _serve(onnx_bundle, "ort", image_root, "--max-image-mb", "0.25", "--max-pixels", "300000",
-               "--max-queue", "2")
+               "--max-queue", "2", "--max-images", "1")
     yield s
     s.stop()
 

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import EdgeVLMError
 from . import responses as fmt
 from .errors import AuthError, ClientGone, error_body, to_http, validation_error
+from .limits import BodyLimits
 from .metrics import CONTENT_TYPE, Metrics
 from .requests import ChatJob, Limits, check_model, prepare_chat
 from .schema import SSE_DOC, ChatCompletion, ChatRequest, ErrorBody, Health, ModelList
@@ -33,6 +34,8 @@ class ServeConfig:
     api_key: str | None = None
     max_queue: int = 16  # requests that may wait behind the running one; more -> 429
     strict_model: bool = False  # True: a request naming another model gets 404 (default: served anyway)
+    max_body_bytes: int = 100 << 20  # larger request bodies get 413 (limits.BodyLimits)
+    body_timeout_s: float = 30.0  # a body not received this long after the request started: 408
     limits: Limits = field(default_factory=Limits)
     ui: bool = True  # the browser playground at / (ui.py; --no-ui: off)
 
@@ -120,7 +123,8 @@ def create_app(rt, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="edgevlm", summary="An OpenAI-compatible chat API over one edgevlm Runtime.",
                   lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(CountRequests, metrics=server.metrics)
+    app.add_middleware(BodyLimits, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    app.add_middleware(CountRequests, metrics=server.metrics)  # outermost: counts the 408/413s too
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception):

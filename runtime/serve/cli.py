@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video-frames", type=int, default=4, help="frames a video_url part is sampled to")
     p.add_argument("--max-video-mb", type=float, default=64.0, help="largest encoded video accepted")
     p.add_argument("--max-video-frames", type=int, default=18000, help="longest video accepted, in frames")
+    p.add_argument("--max-body-mb", type=float, default=100.0, help="largest request body accepted (413 above)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send its request body (408 after; slow clients)")
     p.add_argument("--image-root", type=Path, default=None, help="allow image paths under this directory")
     p.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--max-tokens-limit", type=int, default=None,
@@ -55,6 +58,8 @@ def build(args: argparse.Namespace):
     from .requests import Limits
     from .video import images_that_fit
 
+    if args.max_body_mb <= 0 or args.body_timeout <= 0:
+        raise EdgeVLMError("--max-body-mb and --body-timeout must be > 0")
     if args.max_queue < 0 or args.max_image_mb <= 0 or (args.max_images or 0) < 0:
         raise EdgeVLMError("--max-queue must be >= 0, --max-image-mb > 0 and --max-images >= 0")
     if args.video_frames < 1 or args.max_video_mb <= 0 or args.max_video_frames < 1:
@@ -72,7 +77,8 @@ def build(args: argparse.Namespace):
                     max_video_bytes=int(args.max_video_mb * (1 << 20)), max_video_frames=args.max_video_frames)
     config = ServeConfig(model_name=args.model_name or Path(args.bundle).resolve().name,
                          api_key=args.api_key, max_queue=args.max_queue, limits=limits, ui=not args.no_ui,
-                         strict_model=args.strict_model)
+                         strict_model=args.strict_model, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                         body_timeout_s=args.body_timeout)
     return create_app(rt, config), rt
 
 

@@ -27,6 +27,7 @@ from .video import DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_VIDEO_FRAMES, media_pixels,
 from .schema import NO_EFFECT, ChatRequest, Message
 
 log = logging.getLogger("edgevlm.serve")
+MIN_TEMPERATURE = 1e-4  # lower temperatures are greedy decoding
 
 
 @dataclass
@@ -143,6 +144,8 @@ def generation_config(req: ChatRequest, limits: Limits, vocab_size: int) -> Gene
         raise RequestError(f"{field} is {asked}, over this server's limit of {cap} (--max-tokens-limit)", field)
     max_tokens = asked or min(limits.default_max_tokens, cap or limits.default_max_tokens)
     temperature = req.temperature or 0.0
+    if temperature < MIN_TEMPERATURE:  # the limit of sampling as T -> 0; logits / a subnormal T overflow
+        temperature = 0.0
     stop = () if req.stop is None else (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
     sampling = dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
                     top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed or 0,
