@@ -224,6 +224,16 @@ def test_logprobs_are_sorted_normalised_and_greedy_picks_the_top(rt):
         assert e.token_id == tid == e.top[0].token_id and e.logprob == e.top[0].logprob
         assert bytes(e.bytes).decode("utf-8", "replace") == e.token
     assert rt.generate(prompt=PROMPT, max_new_tokens=4).logprobs is None
+    # the same numbers from the backend's own logits, computed here step by step
+    from edgevlm.runtime.fidelity import log_softmax
+    from edgevlm.runtime.generate import split_segments
+
+    logits = rt.backend.prefill(split_segments(rt.prompt_ids(PROMPT, with_image=False), None))
+    for e in r.logprobs[:3]:
+        want = log_softmax(np.asarray(logits, np.float64).reshape(-1))
+        assert int(np.argmax(want)) == e.token_id and abs(want[e.token_id] - e.logprob) < 1e-4
+        assert [t.token_id for t in e.top] == [int(i) for i in np.argsort(-want, kind="stable")[:5]]
+        logits = rt.backend.decode(e.token_id)
 
 
 def test_logprobs_under_a_constraint_cover_only_allowed_tokens(ort_rt):
