@@ -164,6 +164,9 @@ def test_fsdp_refuses_text_only_records_and_mixed_checkpoints(shapes_dir, tmp_pa
     cfg = one_stage(tmp_path / "mixed.json", tmp_path / "t", template="", max_length=320)
     with pytest.raises(EdgeVLMError, match="strategy fsdp needs an image in every record .1 are text-only"):
         run(cfg)
+    if not torch.cuda.is_available():
+        with pytest.raises(EdgeVLMError, match="fsdp.cpu_offload needs CUDA GPUs"):
+            run(one_stage(shapes_dir / "captions.json", tmp_path / "o", fsdp=FsdpConfig(cpu_offload=True)))
     # a ddp checkpoint is not resumed as fsdp (nor the other way round)
     ddp = one_stage(shapes_dir / "captions.json", tmp_path / "d", strategy="ddp", max_steps=2, save_every=1)
     run(ddp, stop_at_step=1)

@@ -16,6 +16,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.model.integrators.base import placement
 from edgevlm.model.load import build_model
 from edgevlm.train.lora import apply_lora, merge_lora
@@ -54,6 +55,9 @@ def shard(model, opts, device: torch.device, bf16: bool) -> None:
     if bf16 and device.type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if opts.cpu_offload:
+        if device.type != "cuda":  # PyTorch's offload policy copies shards to and from an accelerator
+            raise EdgeVLMError("fsdp.cpu_offload needs CUDA GPUs; a CPU run keeps everything in CPU memory "
+                               "already (drop fsdp.cpu_offload)")
         kw["offload_policy"] = CPUOffloadPolicy()
     if opts.activation_checkpointing:
         enable_activation_checkpointing(model)
