@@ -114,7 +114,7 @@ def run(env_root: Path, cls_name: str, argv: list[str], llama_lib: Path | None =
             env.update(LLAMA_CPP_LIB_PATH=str(llama_lib), MTMD_CPP_LIB=str(llama_lib))
         env.update(extra_env or {})
         proc = subprocess.run(command(env_root, cls, argv, cpuinfo), env=env, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, cwd=tmp)  # not the checkout: `-m` puts the cwd on sys.path
     if proc.returncode != 0:
         raise ArmEnvError(f"emulated {cls.name} ({cls.qemu_cpu}) run of {' '.join(map(str, argv[:3]))} exited "
                           f"{proc.returncode}:\n{(proc.stderr or proc.stdout)[-3000:]}")
