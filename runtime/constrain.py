@@ -231,7 +231,7 @@ class ConstraintState:
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` with every token the grammar does not allow set to -inf (a new array)."""
-        return np.where(self.allowed(logits.shape[-1]), logits, np.float32(-np.inf)).astype(np.float32)
+        return np.where(self.allowed(logits.shape[-1]), logits, np.float32(-np.inf)).astype(np.float32, copy=False)
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):
