@@ -28,7 +28,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from conftest import REPO, SMALL  # noqa: E402
+from conftest import REPO  # noqa: E402
 
 MODEL = "tiny-playground"
 KEY = "playground-key"
@@ -98,13 +98,9 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    from edgevlm import load_model
-    from edgevlm.export.to_onnx import export_onnx
-
-    model = load_model("tiny", **SMALL).float().eval()
-    return export_onnx(model, tmp_path_factory.mktemp("playground") / "b", exporter="torchscript",
-                       token_check=0, progress=False)
+def bundle(serve_onnx_bundle) -> Path:
+    """conftest's ONNX bundle of the small model, exported once per session for every serve test."""
+    return serve_onnx_bundle
 
 
 def serve(bundle: Path, *extra: str):

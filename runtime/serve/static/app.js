@@ -144,8 +144,13 @@ function addMessage(role, text, image) {
   p.textContent = text;
   li.append(p);
   $("log").append(li);
-  li.scrollIntoView({ block: "end" });
+  scrollLog();
   return li;
+}
+
+function scrollLog() {
+  const log = $("log");
+  log.scrollTop = log.scrollHeight;  // keep the newest text in view
 }
 
 function setBusy(busy) {
@@ -172,7 +177,7 @@ async function ask(event) {
   state.controller = new AbortController();
   setBusy(true);
   try {
-    const result = await chat(messages, { signal: state.controller.signal, onText: (t) => { text.textContent = t; } });
+    const result = await chat(messages, { signal: state.controller.signal, onText: (t) => { text.textContent = t; scrollLog(); } });
     state.messages = [...messages, { role: "assistant", content: result.text }];
     $("timings").textContent = describe(result);
     li.dataset.state = "done";
