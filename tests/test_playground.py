@@ -320,6 +320,21 @@ def test_watch_mode_answers_each_frame_without_queueing(server, page):
     save_screenshot(page, "playground-watch.png")
 
 
+def test_every_control_is_labelled_and_reached_by_keyboard(server, page):
+    open_page(page, server.url)
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, textarea, button')]
+        .filter(el => !el.hidden && !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                      && !el.textContent.trim())
+        .map(el => el.id)""")
+    assert unlabelled == []
+    reached = []
+    for _ in range(30):  # Tab through the page
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("document.activeElement.id"))
+    assert {"file", "camera-start", "video-file", "question", "json-mode", "max-tokens", "send", "new-chat",
+            "watch-prompt", "watch-interval", "watch-start"} <= set(reached)
+
+
 # --- --api-key and --no-ui ----------------------------------------------------------------------
 
 
