@@ -159,6 +159,10 @@ def build_export(case: dict, bundle: Path) -> None:
         from edgevlm.export.to_gguf import export_gguf
 
         export_gguf(model, bundle, spec["quants"], source=source, progress=False, token_check=0)
+    elif spec["target"] == "executorch":
+        from edgevlm.export.to_executorch import export_executorch
+
+        export_executorch(model, bundle, spec["quantize"], source=source, token_check=0)
     else:
         raise EdgeVLMError(f"no exporter wired for target {spec['target']!r} in the benchmark runner")
 
@@ -194,6 +198,9 @@ def bundle_facts(bundle: Path, case: dict) -> dict:
                                            if f.role in ("decoder", "decoder_data"))
         facts.update(kv_bits=16 if case["precision"] == "fp16" else 32,
                      vision_precision=onnx_vision_precision(case["export"]))
+    elif m.target == "executorch":  # one .pte: the decoder's weights dominate it
+        facts["decode_weight_bytes"] = (bundle / m.target_info.pte).stat().st_size
+        facts.update(kv_bits=32, vision_precision="fp32")
     return facts
 
 

@@ -35,6 +35,8 @@ TARGETS: dict[tuple[str, str], dict] = {
     ("ort", "int8"): _INT8, ("llamacpp", "q8_0"): {**_INT8, "vision_cosine_min": None}, ("trt", "int8"): _INT8,
     ("ort", "int4"): {**_Q4, "vision_cosine_min": 0.99}, ("llamacpp", "q4_k_m"): _Q4, ("llamacpp", "q4_0"): _Q4,
     ("llamacpp", "q5_k_m"): {**_Q4, "same_top_token": 0.95},
+    ("executorch", "fp32"): {"same_top_token": 1.0, "kl_mean": 1e-6, "vision_cosine_min": 0.99999},
+    ("executorch", "8da4w"): _Q4, ("executorch", "int8"): {**_INT8, "vision_cosine_min": 0.99999},
 }
 for _fmt in ("vnni", "reduce-range"):  # the other --int8-target formats: the same bars as portable's
     TARGETS[("ort", f"int8_{_fmt}")], TARGETS[("ort", f"int4_{_fmt}")] = TARGETS[("ort", "int8")], TARGETS[("ort", "int4")]

@@ -41,6 +41,7 @@ BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
     "ort": ("fp32", "fp16", "int8", "int4", "int8_vnni", "int4_vnni", "int8_reduce-range", "int4_reduce-range"),
     "llamacpp": ("f16", "q8_0", "q5_k_m", "q4_k_m", "q4_0"),
     "trt": ("fp16", "int8"),
+    "executorch": ("fp32", "8da4w", "int8"),  # export/to_executorch.py --quantize (the text decoder)
 }
 PEERS: dict[str, tuple[str, ...]] = {
     "hf_eager": ("fp32", "bf16"),  # Hugging Face generate() on the same weights (MobileVLM's path)
@@ -54,6 +55,7 @@ REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "llamacpp": ("llama_cpp", "edgevlm.runtime.backends.llamacpp", "edgevlm.export.to_gguf"),
     "llamacpp_raw": ("llama_cpp", "edgevlm.export.to_gguf"),
     "trt": ("tensorrt", "edgevlm.runtime.backends.trt", "edgevlm.export.to_trt"),
+    "executorch": ("executorch", "edgevlm.runtime.backends.executorch", "edgevlm.export.to_executorch"),
 }
 WORKLOAD_KEYS = ("images", "prompt_tokens", "new_tokens", "threads")
 DEFAULTS: dict[str, Any] = {"images": 1, "prompt_tokens": 32, "new_tokens": 32, "threads": 0, "warmup": 1,
@@ -204,6 +206,8 @@ def export_spec(backend: str, precision: str) -> dict | None:
         return {**spec, "int8_target": int8_target} if int8_target else spec
     if backend in ("llamacpp", "llamacpp_raw"):
         return {"target": "gguf", "quants": [precision]}
+    if backend == "executorch":
+        return {"target": "executorch", "quantize": precision}
     return {"target": backend, "precision": precision}
 
 

@@ -17,6 +17,8 @@ LEGEND = {
     "trt": "TensorRT engines: every op in TensorRT 10.3's ONNX parser list (tests/test_trt.py); engine parity runs where TensorRT exists",
     "gguf": "mmproj embeddings vs torch, cosine >= 0.999 (tests/test_llamacpp_backend.py)",
     "coreml": "conversion + spec checks on Linux (tests/test_coreml.py); predictions on macOS",
+    "executorch": "per-method checks vs PyTorch in ExecuTorch, ExecuTorch's MultimodalRunner = the executorch "
+                  "backend's greedy tokens (tests/test_executorch.py; token integrators: tests/test_executorch_integrators.py)",
 }
 
 

@@ -52,7 +52,19 @@ def method_layouts(model, max_seq_len: int) -> dict[str, dict]:
                              "outputs": {"logits": ["float32", 1, v]}, "seq_max": max_seq_len}}
 
 
-def _info(model, quantize: str, facts: dict, lowering: dict, report: dict, max_seq_len: int, **extra):
+def runner_tokenizer(files: list[str]) -> str:
+    """The tokenizer file to hand ExecuTorch's runner. Its loader (pytorch-tokenizers) tries HF
+    ``tokenizer.json`` first, but (1.5.0) rejects the Metaspace pre-tokenizer of LLaMA-family
+    tokenizers; it then reads SentencePiece's ``tokenizer.model``, which those tokenizers ship."""
+    if "tokenizer.model" in files:
+        return "tokenizer.model"
+    if "tokenizer.json" in files:
+        return "tokenizer.json"
+    raise EdgeVLMError("the model has neither tokenizer.model nor tokenizer.json for ExecuTorch's runner")
+
+
+def _info(model, quantize: str, facts: dict, lowering: dict, report: dict, max_seq_len: int, tokenizer: str,
+          **extra):
     import importlib.metadata
 
     from edgevlm.runtime.target_info import ExecutorchInfo, KvCache
@@ -62,7 +74,7 @@ def _info(model, quantize: str, facts: dict, lowering: dict, report: dict, max_s
     c = model.cfg.llm
     kv = KvCache(layout=["batch", "num_kv_heads", "max_seq_len", "head_dim"], num_layers=c.num_hidden_layers,
                  in_place=True, dtype="float32")
-    return ExecutorchInfo(pte=PTE, tokenizer="tokenizer.json", quantize=quantize, quantization=facts,
+    return ExecutorchInfo(pte=PTE, tokenizer=tokenizer, quantize=quantize, quantization=facts,
                           max_seq_len=max_seq_len, methods=method_layouts(model, max_seq_len),
                           constant_methods=constant_methods(model, max_seq_len), kv_cache=kv,
                           executorch=importlib.metadata.version("executorch"), validation=report,
@@ -94,7 +106,8 @@ def export_executorch(model, out: str | Path, quantize: str = "8da4w", max_seq_l
         report = validate_pte(writer.path(PTE), model, modules, quantize, n, judge)
         del modules
         files = [FileEntry(PTE, "pte"), *copy_tokenizer(model, writer)]
-        info = _info(model, quantize, facts, lowering, report, n, source=source or "",
+        info = _info(model, quantize, facts, lowering, report, n, runner_tokenizer([f.path for f in files]),
+                     source=source or "",
                      export_s=round(time.perf_counter() - t0, 1), validate=validate,
                      failed_checks=damage_report(report))
         manifest = base_manifest(model, "executorch", files, "edgevlm.export.to_executorch",

@@ -201,7 +201,7 @@ class ExecutorchInfo:
     """A ``.pte`` for ExecuTorch's multimodal runner (export/to_executorch.py, docs/executorch.md)."""
 
     pte: str  # the program file
-    tokenizer: str  # the file the runner's tokenizer loader reads (HF tokenizer.json)
+    tokenizer: str  # the file to hand the runner's tokenizer loader (tokenizer.model or tokenizer.json)
     quantize: str  # fp32 | 8da4w | int8 (the text decoder's linears)
     quantization: dict[str, Any]  # the torchao recipe and what it covered
     max_seq_len: int  # the static KV cache's positions (constant method get_max_seq_len)

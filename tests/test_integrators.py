@@ -87,7 +87,8 @@ def test_export_refusals_reach_matrix_and_exporters(monkeypatch, tmp_path):
     monkeypatch.setitem(INTEGRATORS._items, "refusing_test", _RefusingProjector)  # this test only
     cells = support_matrix.support("refusing_test")
     assert cells == {"onnx": "no: test reason one", "trt": "yes",
-                     "gguf": "no: llama.cpp has no projector type for it", "coreml": "no: test reason two"}
+                     "gguf": "no: llama.cpp has no projector type for it", "coreml": "no: test reason two",
+                     "executorch": "yes"}
     assert export_refusal("refusing_test", "trt") is None
     with pytest.raises(ValueError, match="unknown export target"):
         export_refusal("refusing_test", "tflite")

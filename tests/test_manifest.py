@@ -18,8 +18,8 @@ from edgevlm.runtime.manifest import (
 )
 from edgevlm.runtime.preprocess_config import PreprocessConfig
 from edgevlm.runtime.target_info import (
-    BUNDLE_TARGETS, TARGET_INFO, Calibration, CoremlEmbeddings, CoremlInfo, GgufInfo, Int4Info, Int8Info, KvCache,
-    LlamaCppUsage, OnnxGraph, OnnxInfo, OrtFormat, TokenCheck, TrtDevice, TrtInfo,
+    BUNDLE_TARGETS, TARGET_INFO, Calibration, CoremlEmbeddings, CoremlInfo, ExecutorchInfo, GgufInfo, Int4Info, Int8Info,
+    KvCache, LlamaCppUsage, OnnxGraph, OnnxInfo, OrtFormat, TokenCheck, TrtDevice, TrtInfo,
 )
 from edgevlm.runtime.tokenizer import TOKENIZER_FILES, TokenConfig
 
@@ -52,7 +52,13 @@ COREML = CoremlInfo(deployment={"target": "iOS18"}, weights="int4", max_context=
                     embed_tokens=CoremlEmbeddings("embed_tokens.npy", [1024, 256], "float16", "C", 128),
                     causal_mask={"visible": 0.0}, kv_cache={"dtype": "float16"}, coremltools="8.3",
                     validation={"skipped": "not macOS"}, source="", export_s=3.0)
-INFOS = {"onnx": ONNX, "gguf": GGUF, "trt": TRT, "coreml": COREML}
+EXECUTORCH = ExecutorchInfo(pte="model.pte", tokenizer="tokenizer.model", quantize="8da4w",
+                            quantization={"group_size": 32}, max_seq_len=256,
+                            methods={"text_decoder": {"inputs": {"input_pos": ["int64", 1]}}},
+                            constant_methods={"get_eos_ids": [2]},
+                            kv_cache=KvCache(["batch", "num_kv_heads", "max_seq_len", "head_dim"], 2, True, "float32"),
+                            executorch="1.5.1", token_check=TOKEN_CHECK)
+INFOS = {"onnx": ONNX, "gguf": GGUF, "trt": TRT, "coreml": COREML, "executorch": EXECUTORCH}
 
 
 def _manifest(target: str, template: ChatTemplate | None = None) -> Manifest:
