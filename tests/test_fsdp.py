@@ -61,14 +61,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(cfg: TrainConfig, tmp_path: Path, *extra: str, launcher=("--nproc_per_node", "2")) -> None:
+def torchrun(cfg: TrainConfig, tmp_path: Path, *extra: str, env=ENV) -> None:
     recipe = tmp_path / f"{Path(cfg.output_dir).name}.yaml"
     dump_yaml(cfg, recipe)
-    args = [sys.executable, "-m", "torch.distributed.run", *launcher, str(REPO / "train/train.py"),
-            "--recipe", str(recipe), *extra]
-    if "--nnodes" not in launcher:
-        args[3:3] = ["--master_port", str(free_port())]
-    done = subprocess.run(args, env=ENV, timeout=600, capture_output=True, text=True)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            str(REPO / "train/train.py"), "--recipe", str(recipe), *extra]
+    done = subprocess.run(args, env=env, timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -258,3 +256,16 @@ def test_plan_cli_prints_the_table(capsys):
     assert main(["train", "--plan", recipe, "--gpus", "0"]) == 2
     assert main(["train", "stages.0.lr=1"]) == 2  # neither --recipe nor --plan: one line, status 2
     assert "give --recipe RECIPE" in capsys.readouterr().err
+
+
+def test_deepspeed_zero2_on_cpu_processes_matches_one_process(long_captions, tmp_path):
+    """Opt-in (deepspeed is in no extra): DeepSpeed ZeRO-2 on its CPU accelerator, 2 gloo ranks x 2
+    samples == 1 process x 4 samples. Its first run JIT-builds DeepSpeed's shared-memory comm op."""
+    pytest.importorskip("deepspeed")
+    run(one_stage(long_captions, tmp_path / "single", batch_size=4, strategy="ddp", max_steps=3, save_every=0))
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}}')
+    cfg = one_stage(long_captions, tmp_path / "ds", strategy="deepspeed", max_steps=3, save_every=0)
+    cfg.deepspeed = str(tmp_path / "ds.json")
+    torchrun(cfg, tmp_path, env={**ENV, "DS_ACCELERATOR": "cpu"})
+    ref, got = losses(tmp_path / "single"), losses(tmp_path / "ds")
+    assert sorted(got) == [1, 2, 3] and all(got[s] == pytest.approx(ref[s], rel=1e-4, abs=1e-4) for s in ref), (got, ref)
