@@ -1,7 +1,13 @@
 """Per-token cost of constrained decoding (runtime.constrain) at MobileVLM-1.7B shape (32k Llama-style
 vocabulary), against a measured decode step of a 1.7B bundle.
 
-    python benchmarks/constrain_overhead.py --bundle BUNDLE_1.7B --out benchmarks/results/constrain_overhead/x.jsonl
+    python benchmarks/constrain_overhead.py --bundle BUNDLE_1.7B --llama-vocab-gguf ggml-vocab-llama-spm.gguf \
+        --out benchmarks/results/constrain_overhead/x.jsonl
+
+The vocabulary: ``--llama-vocab-gguf`` takes llama.cpp's ``models/ggml-vocab-llama-spm.gguf`` (Llama's own
+32,000-token SentencePiece vocabulary, MobileVLM's; it ships in llama-cpp-python's source distribution),
+converted once by transformers into a tokenizer.json and cached. Without it, the bundle's tokenizer: the
+random 1.7B preset's is a 1k-token BPE padded with 31k added tokens, which the mask never has to walk.
 
 Part 1 (every constraint kind): the loop's own pieces on seeded random logits [32000] -- ``adjust``,
 ``mask``, ``pick``, ``advance`` -- timed per token; the constraint's share is ``mask + advance`` (the
@@ -86,6 +92,20 @@ def time_kind(tok: TextTokenizer, make, n_tokens: int, seed: int) -> dict:
                 sampling_us_mean=round(float(np.mean(base) * 1e6), 2))
 
 
+def llama_tokenizer_dir(gguf: Path) -> Path:
+    """A tokenizer.json folder converted from a llama.cpp vocabulary GGUF (cached by content hash)."""
+    import hashlib
+
+    from edgevlm.model.load import cache_dir
+
+    out = cache_dir() / "tokenizers" / f"gguf-{hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]}"
+    if not (out / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer  # builds the BPE merges from the scores: ~2 min
+
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
+    return out
+
+
 def decode_row(bundle: Path, n: int, threads: int | None) -> dict:
     """Unconstrained and JSON-schema decode speed of ``bundle`` (text prompt, greedy)."""
     from edgevlm.runtime import Runtime
@@ -108,19 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, help="a 1.7B bundle: its tokenizer, and its decode step for the ratio")
     p.add_argument("--tokenizer", type=Path, help="a tokenizer folder (default: the bundle's)")
+    p.add_argument("--llama-vocab-gguf", type=Path, help="llama.cpp's ggml-vocab-llama-spm.gguf (see above)")
     p.add_argument("--tokens", type=int, default=2000, help="tokens per constraint kind (part 1)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="JSONL file to append to")
     args = p.parse_args(argv)
-    folder = args.tokenizer or args.bundle
+    folder = llama_tokenizer_dir(args.llama_vocab_gguf) if args.llama_vocab_gguf else args.tokenizer or args.bundle
     if folder is None:
         p.error("give --bundle or --tokenizer")
     tok = TextTokenizer.from_dir(folder, bos_id=1, eos_id=2)
     t = time.perf_counter()
     _engine(tok)
-    common = dict(vocab_size=tok.vocab_size, tokenizer=str(folder), tokenizer_view_s=round(time.perf_counter() - t, 3),
+    common = dict(vocab_size=tok.vocab_size, tokenizer=str(args.llama_vocab_gguf or folder), tokenizer_view_s=round(time.perf_counter() - t, 3),
                   cpu=cpu_model(), cpu_class=cpu_class(), libraries=library_versions(), git=git_state(),
                   time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     import llguidance
