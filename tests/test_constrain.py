@@ -10,7 +10,6 @@ import re
 import numpy as np
 import pytest
 
-from conftest import SMALL
 from edgevlm.runtime import Runtime
 from edgevlm.runtime import constrain
 from edgevlm.runtime.constrain import Constraint, ConstraintViolation, compiled_count
@@ -50,27 +49,13 @@ def validate(text: str, schema: dict = SCHEMA) -> dict:
 
 
 @pytest.fixture(scope="module")
-def small_model():
-    from edgevlm import load_model
-
-    return load_model("tiny", **SMALL).float().eval()
+def onnx_bundle(serve_onnx_bundle):
+    return serve_onnx_bundle  # conftest's session export of the small random model, shared with test_serve*.py
 
 
 @pytest.fixture(scope="module")
-def onnx_bundle(small_model, tmp_path_factory):
-    from edgevlm.export.to_onnx import export_onnx
-
-    return export_onnx(small_model, tmp_path_factory.mktemp("constrain_onnx") / "b", exporter="torchscript",
-                       token_check=0, progress=False)
-
-
-@pytest.fixture(scope="module")
-def gguf_bundle(small_model, tmp_path_factory):
-    pytest.importorskip("gguf")
-    pytest.importorskip("llama_cpp")
-    from edgevlm.export.to_gguf import export_gguf
-
-    return export_gguf(small_model, tmp_path_factory.mktemp("constrain_gguf") / "b", ["f16"], progress=False)
+def gguf_bundle(serve_gguf_bundle):
+    return serve_gguf_bundle
 
 
 @pytest.fixture(scope="module", params=["ort", "llamacpp"])
