@@ -118,6 +118,14 @@ def test_recipe_overrides_and_validation(tmp_path):
         load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.0.train=[vision]"])
     with pytest.raises(EdgeVLMError, match="template 'vicuna'; valid: vicuna_v1, llamacpp_vicuna, plain"):
         load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.1.template=vicuna"])
+    with pytest.raises(EdgeVLMError, match="strategy 'zero3'; valid: auto, ddp, fsdp, deepspeed"):
+        load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.1.strategy=zero3"])
+    with pytest.raises(EdgeVLMError, match="strategy deepspeed needs the recipe's deepspeed=CONFIG.json"):
+        load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.1.strategy=deepspeed"])
+    with pytest.raises(EdgeVLMError, match="deepspeed=CONFIG applies to every stage"):
+        load_recipe(str(REPO / "train/configs/tiny.yaml"), ["deepspeed=ds.json", "stages.1.strategy=fsdp"])
+    fsdp = load_recipe(str(REPO / "train/configs/tiny.yaml"), ["stages.1.strategy=fsdp", "stages.1.fsdp.cpu_offload=true"])
+    assert fsdp.stages[1].fsdp.cpu_offload and not fsdp.stages[0].fsdp.cpu_offload
 
 
 def test_ddp_two_processes_gloo(shapes_dir, tmp_path):
