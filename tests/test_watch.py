@@ -4,7 +4,10 @@ written with PyAV from ShapesVQA frames (the shapes change colour every 0.5 s): 
 under a slow backend, K-frame questions, the caches reused. No timing assertions."""
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 import time
 
 import numpy as np
@@ -174,14 +177,13 @@ def _client(url):
 
 
 def _data_uri(data: bytes, media: str) -> str:
-    import base64
-
     return f"data:{media};base64,{base64.b64encode(data).decode()}"
 
 
 def _ask(client, question: str, *parts: dict):
-    return client.chat.completions.create(
-        model=MODEL, max_tokens=TOKENS, messages=[{"role": "user", "content": [*parts, {"type": "text", "text": question}]}])
+    content = [*parts, {"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    return client.chat.completions.create(model=MODEL, max_tokens=TOKENS, messages=messages)
 
 
 def test_server_answers_about_a_video_as_its_sampled_frames(server, rt, clip):
@@ -198,7 +200,6 @@ def test_server_answers_about_a_video_as_its_sampled_frames(server, rt, clip):
     two = [Image.fromarray(frames[0]), Image.fromarray(frames[10])]
     pngs = []
     for img in two:
-        import io
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         pngs.append({"type": "image_url", "image_url": {"url": _data_uri(buf.getvalue(), "image/png")}})
@@ -224,7 +225,7 @@ def test_server_refuses_bad_video_clearly_and_keeps_serving(server, clip, tmp_pa
         with pytest.raises(openai.APIStatusError) as e:
             _ask(client, "What changed?", {"type": "video_url", "video_url": {"url": url}})
         assert 400 <= e.value.status_code < 500, url[:40]
-        assert __import__("re").search(message, e.value.body["message"]), (url[:40], e.value.body["message"])
+        assert re.search(message, e.value.body["message"]), (url[:40], e.value.body["message"])
     video = {"type": "video_url", "video_url": {"url": clip[0].name}}
     with pytest.raises(openai.BadRequestError, match="at most 6"):  # 2 videos = 8 frames > 6 that fit 1024
         _ask(client, "What changed?", video, video)
