@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import subprocess
+import time
+from contextlib import contextmanager
 from itertools import accumulate
 from pathlib import Path
 
@@ -92,9 +94,33 @@ class Served:
                     out.append(text)
         return out
 
+    @contextmanager
+    def slow(self, delay: float):
+        """Each decode step ``delay`` s longer while inside (to stop an answer half-way)."""
+        inner = self.rt.backend
+        self.rt.backend = SlowDecode(inner, delay)
+        try:
+            yield
+        finally:
+            self.rt.backend = inner
+
     def stop(self) -> None:
         self.background.stop()
         self.rt.close()
+
+
+class SlowDecode:
+    """A real backend whose decode steps sleep first; everything else is the backend's own."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def decode(self, token_id):
+        time.sleep(self.delay)
+        return self.inner.decode(token_id)
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +292,22 @@ def test_a_corrupt_image_shows_the_servers_error(server, page, tmp_path):
     assert page.text_content("#error") == message
     # nothing was answered: no messages left, the question is back in the box for another try
     assert assistant_texts(page) == [] and page.input_value("#question") == "What is in the image?"
+
+
+def test_escape_stops_an_answer_and_keeps_what_came(server, page, tmp_path):
+    open_page(page, server.url, max_tokens=200)
+    page.set_input_files("#file", str(png(tmp_path / "a.png", seed=5)))
+    with server.slow(0.05):  # 200 steps: ten seconds to stop it in
+        body = ask(page, "What is in the image?")
+        page.wait_for_selector("#log li.assistant[data-state=streaming] .text:not(:empty)")
+        page.keyboard.press("Escape")
+        page.wait_for_selector("#log li.assistant[data-state=stopped]")
+    partial = assistant_texts(page)[0]
+    full = server.answer(body).json()["choices"][0]["message"]["content"]
+    assert partial and full.startswith(partial) and len(partial) < len(full)
+    follow_up = ask(page, "Go on.")  # the partial answer is the conversation's assistant turn
+    assert follow_up["messages"][1] == {"role": "assistant", "content": partial}
+    page.wait_for_selector(DONE)
 
 
 def test_json_mode_sends_response_format(server, page, tmp_path):
