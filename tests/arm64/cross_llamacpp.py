@@ -1,5 +1,5 @@
 """llama.cpp for aarch64: ``libllama``/``libmtmd`` (shared, loaded by llama-cpp-python's ctypes
-layer) and ``llama-mtmd-cli``, cross-compiled from the llama.cpp sources vendored in the pinned
+layer; ``llama-mtmd-cli`` too with ``EDGEVLM_ARM64_CLI=1``), cross-compiled from the llama.cpp sources vendored in the pinned
 llama-cpp-python sdist (the same sources ``tests/llamacpp_tools.py`` builds the x86 tools from) with
 Debian's aarch64 cross toolchain, once per Arm level:
 
@@ -7,7 +7,7 @@ Debian's aarch64 cross toolchain, once per Arm level:
 - ``armv8.2-a+dotprod``: the dot-product kernels (Orin's Cortex-A78AE, most phones, and newer cores)
 
 Cached under ``<arm64 cache>/llama.cpp-<version>-<level>/lib`` (``lib/.complete`` stamps a finished
-build; anything else is rebuilt). No host (x86) object goes in: the compiler is
+build; anything else is rebuilt; an interrupted build's objects are reused). No host (x86) object goes in: the compiler is
 ``aarch64-linux-gnu-gcc`` (``apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu``, as root).
 About 15-20 minutes per level on 2 shared cores.
 
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paths import ArmEnvError, arm64_cache, llama_cpp_python_version  # noqa: E402
 
 LEVELS = ("armv8-a", "armv8.2-a+dotprod")
-TARGETS = ("llama", "mtmd", "llama-mtmd-cli")
+TARGETS = ("llama", "mtmd")  # what llama-cpp-python's ctypes layer loads
+CLI = "llama-mtmd-cli"  # also built with EDGEVLM_ARM64_CLI=1 (pulls in llama.cpp's common/: slower)
 CC, CXX = "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++"
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_CCACHE=OFF", "-DGGML_NATIVE=OFF",
@@ -112,14 +113,15 @@ def build(level: str, jobs: int = 2) -> Path:
         log, bdir = root / "build.log", root / "build"
         src = sources(version, log) / "vendor" / "llama.cpp"
         start = time.monotonic()
-        shutil.rmtree(bdir, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted build's objects in bdir are reused
+        targets = [*TARGETS, CLI] if os.environ.get("EDGEVLM_ARM64_CLI") else list(TARGETS)
         _run([cmake, "-S", str(src), "-B", str(bdir), *CMAKE_FLAGS, f"-DGGML_CPU_ARM_ARCH={level}"], log)
-        _run([cmake, "--build", str(bdir), "--target", *TARGETS, "-j", str(jobs)], log)
+        _run([cmake, "--build", str(bdir), "--target", *targets, "-j", str(jobs)], log)
         out.mkdir()
         for so in (bdir / "bin").glob("lib*.so*"):
             shutil.copy2(so, out / so.name, follow_symlinks=True)
-        shutil.copy2(bdir / "bin" / "llama-mtmd-cli", out / "llama-mtmd-cli")
+        if CLI in targets:
+            shutil.copy2(bdir / "bin" / CLI, out / CLI)
         _check_aarch64(out)
         (root / "build-seconds.txt").write_text(f"{time.monotonic() - start:.0f}\n")
         shutil.rmtree(bdir, ignore_errors=True)
