@@ -81,7 +81,8 @@ def train_stage(model, stage: StageConfig, cfg: TrainConfig, info, stage_dir: Pa
     groups = set_trainable(model, stage)
     n_train = {name: sum(p.numel() for p in ps) for name, ps in groups}
     names_of = {id(p): n for n, p in model.named_parameters()}
-    model.to(info.device)
+    if stage_strategy(stage, cfg) != "fsdp":
+        model.to(info.device)  # fully_shard moves each unit's shard itself (never the whole model at once)
     engine = make_engine(model, [(g, [names_of[id(p)] for p in ps]) for g, ps in groups], cfg, stage, info)
     optim = engine.optimizer
     base_lrs = [g["lr"] for g in optim.param_groups]

@@ -19,7 +19,8 @@ layer keeps 24h + 8i + 4·heads bytes, a CLIP block 16h + 6i + 4·heads (its 577
 only when the vision tower trains); the LM head's logits and loss peak at 10 bytes per token and
 vocabulary entry. With ``fsdp.activation_checkpointing`` (fsdp rows) a layer keeps only its bf16
 input and one layer is recomputed at a time. A configuration fits when its total is at most 90% of
-the GPU's memory (CUDA context, allocator fragmentation and temporaries take the rest).
+the GPU's memory (CUDA context, allocator fragmentation and temporaries take the rest); a GPU sold as
+24/40/80 GB has that many GiB.
 """
 from __future__ import annotations
 
