@@ -5,6 +5,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const el = (tag, props = {}) => Object.assign(document.createElement(tag), props);
 const MAX_WATCH_ENTRIES = 20;
 const state = {
   model: null,       // the id /v1/models names
@@ -127,22 +128,10 @@ async function connect() {
 // --- chat about one image ----------------------------------------------------------------------
 
 function addMessage(role, text, image) {
-  const li = document.createElement("li");
-  li.className = role;
-  const who = document.createElement("span");
-  who.className = "who";
-  who.textContent = role === "user" ? "You" : "Model";
-  li.append(who);
-  if (image) {
-    const img = document.createElement("img");
-    img.src = image;
-    img.alt = "the image asked about";
-    li.append(img);
-  }
-  const p = document.createElement("p");
-  p.className = "text";
-  p.textContent = text;
-  li.append(p);
+  const li = el("li", { className: role });
+  li.append(el("span", { className: "who", textContent: role === "user" ? "You" : "Model" }));
+  if (image) li.append(el("img", { src: image, alt: "the image asked about" }));
+  li.append(el("p", { className: "text", textContent: text }));
   $("log").append(li);
   scrollLog();
   return li;
@@ -339,15 +328,10 @@ async function watchTick() {
   w.inFlight = true;
   w.sent += 1;
   watchStatus();
-  const li = document.createElement("li");
-  const img = document.createElement("img");
-  img.src = url;
-  img.alt = `frame ${w.sent}`;
-  const text = document.createElement("p");
-  text.className = "text";
-  const info = document.createElement("p");
-  info.className = "muted";
-  li.append(img, text, info);
+  const li = el("li");
+  const text = el("p", { className: "text" });
+  const info = el("p", { className: "muted" });
+  li.append(el("img", { src: url, alt: `frame ${w.sent}` }), text, info);
   li.dataset.state = "streaming";
   $("watch-log").prepend(li);
   while ($("watch-log").children.length > MAX_WATCH_ENTRIES) $("watch-log").lastChild.remove();
