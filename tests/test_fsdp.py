@@ -117,7 +117,12 @@ def test_two_nodes_lora_under_fsdp_consolidates_and_exports(long_captions, tmp_p
          "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
          "--rdzv-id", "edgevlm-test", str(REPO / "train/train.py"), "--recipe", str(_dump(cfg, tmp_path))],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    errs = [n.communicate(timeout=600)[1] for n in nodes]
+    try:
+        errs = [n.communicate(timeout=600)[1] for n in nodes]
+    finally:
+        for n in nodes:  # one node failing leaves the other waiting at the rendezvous
+            if n.poll() is None:
+                n.kill()
     assert [n.returncode for n in nodes] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     log = [json.loads(line) for line in (tmp_path / "lora" / "pretrain" / "log.jsonl").read_text().splitlines()]
     assert log[0]["world_size"] == 2 and set(log[0]["trainable_by_group"]) == {"integrator", "lora"}
