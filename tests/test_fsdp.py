@@ -2,6 +2,7 @@
 consolidation + ONNX export, a two-node launch on 127.0.0.1; the memory planner."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -116,13 +117,14 @@ def test_two_nodes_lora_under_fsdp_consolidates_and_exports(long_captions, tmp_p
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
          "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
          "--rdzv-id", "edgevlm-test", str(REPO / "train/train.py"), "--recipe", str(_dump(cfg, tmp_path))],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for r in (0, 1)]
     try:
         errs = [n.communicate(timeout=600)[1] for n in nodes]
     finally:
         for n in nodes:  # one node failing leaves the other waiting at the rendezvous
             if n.poll() is None:
-                n.kill()
+                os.killpg(n.pid, signal.SIGKILL)  # torchrun and its worker
     assert [n.returncode for n in nodes] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     log = [json.loads(line) for line in (tmp_path / "lora" / "pretrain" / "log.jsonl").read_text().splitlines()]
     assert log[0]["world_size"] == 2 and set(log[0]["trainable_by_group"]) == {"integrator", "lora"}
