@@ -93,7 +93,7 @@ arm64-env: install
 # every runtime kernel (ONNX fp32/fp16/int8 formats/int4, GGUF f16/q8_0/q4_k_m) on every Arm class
 # vs x86, the damaged-bundle check and the on-target benchmark flow
 test-arm64: arm64-env
-	EDGEVLM_ARM64_FULL=1 $(BIN)/python -m pytest tests/arm64 tests/test_arm64_smoke.py -s
+	EDGEVLM_ARM_FULL=1 $(BIN)/python -m pytest tests/arm64 tests/test_arm64_smoke.py -s
 
 clean:
 	rm -rf $(RUN) $(DATA) $(BUNDLES)

@@ -5,7 +5,7 @@ here on x86, run by the torch-free runtime's aarch64 build under qemu-user as a 
 target, format and Arm class, llama.cpp) runs with ``make test-arm64`` (tests/arm64/).
 
 Builds the Arm environment on first use (about a minute of Debian/PyPI downloads, cached under
-~/.cache/edgevlm/arm64); ``EDGEVLM_SKIP_ARM64=1`` skips it where it is not built. Emulation measures
+~/.cache/edgevlm/arm64); ``EDGEVLM_SKIP_ARM=1`` skips it where it is not built. Emulation measures
 correctness only: nothing here is timed.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The Arm-vs-x86 table of docs/arm64.md from the records ``make test-arm64`` appends to
-``$EDGEVLM_ARM64_RECORD``:
+``$EDGEVLM_ARM_RECORD``:
 
     python tests/arm64/arm_table.py benchmarks/results/arm64/arm64.jsonl
 """

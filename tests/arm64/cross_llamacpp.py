@@ -1,5 +1,5 @@
 """llama.cpp for aarch64: ``libllama``/``libmtmd`` (shared, loaded by llama-cpp-python's ctypes
-layer; ``llama-mtmd-cli`` too with ``EDGEVLM_ARM64_CLI=1``), cross-compiled from the llama.cpp sources vendored in the pinned
+layer; ``llama-mtmd-cli`` too with ``EDGEVLM_ARM_CLI=1``), cross-compiled from the llama.cpp sources vendored in the pinned
 llama-cpp-python sdist (the same sources ``tests/llamacpp_tools.py`` builds the x86 tools from) with
 Debian's aarch64 cross toolchain, once per Arm level:
 
@@ -29,7 +29,7 @@ from paths import ArmEnvError, arm64_cache, llama_cpp_python_version  # noqa: E4
 
 LEVELS = ("armv8-a", "armv8.2-a+dotprod")
 TARGETS = ("llama", "mtmd")  # what llama-cpp-python's ctypes layer loads
-CLI = "llama-mtmd-cli"  # also built with EDGEVLM_ARM64_CLI=1 (pulls in llama.cpp's common/: slower)
+CLI = "llama-mtmd-cli"  # also built with EDGEVLM_ARM_CLI=1 (pulls in llama.cpp's common/: slower)
 CC, CXX = "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++"
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_CCACHE=OFF", "-DGGML_NATIVE=OFF",
@@ -114,7 +114,7 @@ def build(level: str, jobs: int = 2) -> Path:
         src = sources(version, log) / "vendor" / "llama.cpp"
         start = time.monotonic()
         shutil.rmtree(out, ignore_errors=True)  # an interrupted build's objects in bdir are reused
-        targets = [*TARGETS, CLI] if os.environ.get("EDGEVLM_ARM64_CLI") else list(TARGETS)
+        targets = [*TARGETS, CLI] if os.environ.get("EDGEVLM_ARM_CLI") else list(TARGETS)
         _run([cmake, "-S", str(src), "-B", str(bdir), *CMAKE_FLAGS, f"-DGGML_CPU_ARM_ARCH={level}"], log)
         _run([cmake, "--build", str(bdir), "--target", *targets, "-j", str(jobs)], log)
         out.mkdir()

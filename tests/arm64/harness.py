@@ -1,5 +1,5 @@
 """What the Arm64 tests share: the environment as a test fixture (a failure to build it fails the
-test, unless ``EDGEVLM_SKIP_ARM64`` opts out), the cross-built llama.cpp likewise, the questions, and
+test, unless ``EDGEVLM_SKIP_ARM`` opts out), the cross-built llama.cpp likewise, the questions, and
 one call that runs bundles on x86 and under emulation and returns the Arm-vs-x86 metrics."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import emulate  # noqa: E402
 import parity  # noqa: E402
 from paths import SKIP_ENV, ArmEnvError  # noqa: E402
 
-FULL_ENV = "EDGEVLM_ARM64_FULL"  # set by `make test-arm64`
+FULL_ENV = "EDGEVLM_ARM_FULL"  # set by `make test-arm64`
 PROMPTS = ("How many shapes are there?", "What colour is the circle?")
 
 
@@ -80,10 +80,10 @@ def report(backend: str, cls: str, results: dict) -> dict:
 
 
 def record(cls: str, backend: str, results: dict) -> None:
-    """Append the metrics to ``$EDGEVLM_ARM64_RECORD`` (a JSONL file) when it is set (docs/arm64.md)."""
+    """Append the metrics to ``$EDGEVLM_ARM_RECORD`` (a JSONL file) when it is set (docs/arm64.md)."""
     import json
 
-    path = os.environ.get("EDGEVLM_ARM64_RECORD")
+    path = os.environ.get("EDGEVLM_ARM_RECORD")
     if not path:
         return
     with open(path, "a") as f:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-SKIP_ENV = "EDGEVLM_SKIP_ARM64"
+SKIP_ENV = "EDGEVLM_SKIP_ARM"
 
 
 class ArmEnvError(RuntimeError):
@@ -12,10 +12,10 @@ class ArmEnvError(RuntimeError):
 
 
 def arm64_cache() -> Path:
-    """``$XDG_CACHE_HOME/edgevlm/arm64`` (default ``~/.cache/edgevlm/arm64``); ``EDGEVLM_ARM64_CACHE``
+    """``$XDG_CACHE_HOME/edgevlm/arm64`` (default ``~/.cache/edgevlm/arm64``); ``EDGEVLM_ARM_CACHE``
     overrides it."""
-    if os.environ.get("EDGEVLM_ARM64_CACHE"):
-        return Path(os.environ["EDGEVLM_ARM64_CACHE"])
+    if os.environ.get("EDGEVLM_ARM_CACHE"):
+        return Path(os.environ["EDGEVLM_ARM_CACHE"])
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "edgevlm" / "arm64"
 
