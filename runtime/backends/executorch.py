@@ -95,6 +95,9 @@ class ExecutorchBackend(Backend):
         return np.concatenate([self._run("vision_encoder", x[i:i + 1]) for i in range(x.shape[0])])  # [B, M, D]
 
     def _embed_segments(self, segments: Sequence[np.ndarray]) -> np.ndarray:
+        total = self._pos + sum(len(s) for s in segments)
+        if total > self.n_ctx:  # before any method runs: the methods' token axis ends at max_seq_len
+            raise EdgeVLMError(f"{total} positions exceed the {self.n_ctx} the .pte's KV cache holds")
         parts = [s if is_visual_segment(s) else self._run("token_embedding", np.asarray(s, np.int64)[None])[0]
                  for s in segments]
         return np.concatenate([p.astype(np.float32, copy=False) for p in parts])[None]  # [1, T, D]
@@ -109,7 +112,7 @@ class ExecutorchBackend(Backend):
         return np.asarray(logits[0], dtype=np.float32)
 
     def prefill(self, segments: Sequence[np.ndarray]) -> np.ndarray:
-        self._pos = 0
+        self._pos, self._started = 0, False
         return self._step(self._embed_segments(segments))
 
     @property
