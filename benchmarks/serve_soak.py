@@ -1,7 +1,7 @@
 """Soak of ``edgevlm serve``: thousands of requests with mixed images (new, repeated, none), lengths,
 streaming, sampling, response_format and logprobs from a few concurrent clients, the process's RSS
-sampled throughout; after warm-up its slope must be ~0, and the threads and open file descriptors
-must be back to where they were. The server runs in this process (uvicorn in a thread on
+sampled throughout; after warm-up (the first quarter of the requests, which fills the caches and
+thread pools) its slope must be ~0 and the threads and open file descriptors must not grow. The server runs in this process (uvicorn in a thread on
 127.0.0.1), so RSS covers the server, the runtime and its caches.
 
     python benchmarks/serve_soak.py --requests 3000 --clients 4 --out runs/reliability/soak.json
@@ -60,6 +60,13 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def cache_mb(url: str) -> float:
+    """The image-embedding cache's size (it fills up to --image-cache-mb: growth, not a leak)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    line = next(x for x in text.splitlines() if x.startswith("edgevlm_image_cache_bytes "))
+    return float(line.split()[1]) / 2**20
+
+
 def image_uri(seed: int) -> str:
     from PIL import Image
 
@@ -92,13 +99,16 @@ def request_body(i: int, rng: random.Random, images: list[str]) -> dict:
 
 def soak(url: str, n: int, clients: int, seed: int = 0, sample_every_s: float = 1.0) -> dict:
     images = [image_uri(s) for s in range(8)]
-    samples: list[tuple[float, float, int]] = []  # (seconds, RSS MB, requests done)
+    samples: list[tuple[float, float, int, float]] = []  # (seconds, RSS MB, requests done, image cache MB)
     done, statuses, lock, stop = [0], {}, threading.Lock(), threading.Event()
+    warm: dict = {}  # threads, fds and RSS when a quarter of the requests are done (pools filled)
     t0 = time.perf_counter()
 
     def sampler():
         while not stop.wait(sample_every_s):
-            samples.append((time.perf_counter() - t0, rss_mb(), done[0]))
+            samples.append((time.perf_counter() - t0, rss_mb(), done[0], cache_mb(url)))
+            if not warm and done[0] >= n // 4:
+                warm.update(threads=threading.active_count(), fds=open_fds(), rss_mb=samples[-1][1])
 
     def client(k: int):
         rng = random.Random(seed * 1000 + k)
@@ -126,18 +136,22 @@ def soak(url: str, n: int, clients: int, seed: int = 0, sample_every_s: float = 
     time.sleep(1.0)  # keep-alive connections closed, handler threads back in their pools
     after = {"threads": threading.active_count(), "fds": open_fds(), "rss_mb": rss_mb()}
     return {"requests": n, "clients": clients, "seconds": round(time.perf_counter() - t0, 1), "statuses": statuses,
-            "before": before, "after": after, **rss_slope(samples, n)}
+            "before": before, "warm": warm, "after": after, **rss_slope(samples, n)}
 
 
-def rss_slope(samples: list[tuple[float, float, int]], n: int) -> dict:
-    """RSS growth per 1000 requests after warm-up (the first quarter of the requests), by least squares."""
-    warm = [(done, mb) for _, mb, done in samples if done >= n // 4]
+def rss_slope(samples: list[tuple[float, float, int, float]], n: int) -> dict:
+    """RSS growth per 1000 requests after warm-up (the first quarter of the requests), by least
+    squares; also of RSS less the image cache (which grows until --image-cache-mb is reached)."""
+    warm = [(done, mb, cache) for _, mb, done, cache in samples if done >= n // 4]
     if len(warm) < 3:
         return {"rss_slope_mb_per_1k": None, "rss_samples": len(samples)}
-    x, y = np.array([d for d, _ in warm], float), np.array([m for _, m in warm], float)
-    slope = float(np.polyfit(x, y, 1)[0]) * 1000
-    return {"rss_slope_mb_per_1k": round(slope, 3), "rss_after_warmup_mb": [round(y.min(), 1), round(y.max(), 1)],
-            "rss_samples": len(samples)}
+    x, y, c = (np.array(v, float) for v in zip(*warm))
+    slope = lambda v: round(float(np.polyfit(x, v, 1)[0]) * 1000, 3)  # noqa: E731
+    half = x >= np.median(x)
+    return {"rss_slope_mb_per_1k": slope(y), "rss_less_cache_slope_mb_per_1k": slope(y - c),
+            "rss_slope_second_half_mb_per_1k": round(float(np.polyfit(x[half], y[half], 1)[0]) * 1000, 3),
+            "rss_after_warmup_mb": [round(y.min(), 1), round(y.max(), 1)],
+            "image_cache_mb": [round(c.min(), 1), round(c.max(), 1)], "rss_samples": len(samples)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     bad = [s for s in report["statuses"] if s != "200"]
-    return 1 if bad or (report["rss_slope_mb_per_1k"] or 0) > 5 else 0
+    leaked = report["after"]["threads"] > report["warm"].get("threads", 0) or \
+        report["after"]["fds"] > report["warm"].get("fds", 0)
+    return 1 if bad or leaked or (report.get("rss_less_cache_slope_mb_per_1k") or 0) > 5 else 0
 
 
 if __name__ == "__main__":

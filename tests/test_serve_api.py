@@ -138,6 +138,7 @@ def test_json_object_parses_whenever_it_ends_and_free_text_does_not(ort_server):
     client = ort_server.client()
     ask = dict(model=MODEL, messages=[_user("Answer in JSON.")], temperature=1.0, max_tokens=60)
     free, finished = [], 0
+    constrained = ort_server.metric("edgevlm_constrained_requests_total")
     for seed in range(6):
         r = client.chat.completions.create(**ask, seed=seed, response_format={"type": "json_object"})
         text, finish = r.choices[0].message.content, r.choices[0].finish_reason
@@ -147,6 +148,7 @@ def test_json_object_parses_whenever_it_ends_and_free_text_does_not(ort_server):
             finished += 1
         free.append(client.chat.completions.create(**ask, seed=seed).choices[0].message.content)
     assert finished >= 1
+    assert ort_server.metric("edgevlm_constrained_requests_total") == constrained + 6
     parsed = 0
     for text in free:  # the same requests unconstrained: the check above would have failed
         try:
@@ -221,3 +223,29 @@ def test_logit_bias_stop_seed_and_penalties_reach_the_runtime(ort_server, onnx_b
     sampled = [client.chat.completions.create(**{**ask, "temperature": 1.0}, seed=s).choices[0].message.content
                for s in (7, 7)]
     assert sampled[0] == sampled[1]
+
+
+# --- the trained tiny model (conftest's trained_tiny; the make-demo model is not in the suite) ---------
+
+
+def test_parse_on_the_trained_tiny_model(trained_tiny, trained_data, tmp_path_factory, image_root):
+    """The model trained in this session, served from its GGUF bundle: .parse() on ShapesVQA images."""
+    _needs_constraints()
+    from conftest import split_records, tiny_gguf
+    from test_serve import _data_uri
+
+    from edgevlm import load_model
+
+    bundle = tiny_gguf(load_model(str(trained_tiny)).float().eval(), tmp_path_factory.mktemp("trained_gguf") / "b",
+                       ["f16"])
+    s = _serve(bundle, "llamacpp", image_root)
+    try:
+        client = s.client()
+        for rec in split_records(trained_data, "test")[:3]:
+            question = rec.turns[0][0].replace("<image>", "").strip()
+            image = _data_uri(open(rec.image_path, "rb").read())
+            r = client.chat.completions.parse(model=MODEL, messages=[_user(question, image)], response_format=Scene,
+                                              temperature=0.7, seed=1, max_tokens=60)
+            assert isinstance(r.choices[0].message.parsed, Scene), r.choices[0].message.content
+    finally:
+        s.stop()

@@ -61,6 +61,8 @@ class Server:
         job = Job(lambda: self.rt.stream_ids(spec.prompt_ids, spec.pixels, spec.config),
                   asyncio.get_running_loop(), self.metrics.observe, spec.logprobs)
         self.worker.submit(job)
+        if spec.config.constraint is not None:
+            self.metrics.constrained.inc()
         return job
 
     async def next_event(self, job: Job, request: Request) -> tuple[str, object]:
