@@ -31,11 +31,9 @@ TOKENS = 5
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_model, tmp_path_factory):
-    from edgevlm.export.to_onnx import export_onnx
-
-    return export_onnx(tiny_model.float().eval(), tmp_path_factory.mktemp("watch") / "b", exporter="torchscript",
-                       token_check=0, progress=False)
+def bundle(serve_onnx_bundle):
+    """conftest's session ONNX bundle of the small tiny model (one export shared with test_serve*.py)."""
+    return serve_onnx_bundle
 
 
 @pytest.fixture(scope="module")
