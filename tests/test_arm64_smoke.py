@@ -27,6 +27,12 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
+def arm_env():
+    """Built (or its one-line failure, or the opt-out's skip) before anything is exported."""
+    return harness.env_for_tests()
+
+
+@pytest.fixture(scope="module")
 def smoke_bundles(tiny_model, shapes_dir, tmp_path_factory):
     from edgevlm.export.to_onnx import export_fp32_graphs, export_onnx
 
@@ -41,8 +47,9 @@ def smoke_bundles(tiny_model, shapes_dir, tmp_path_factory):
     return out, damaged
 
 
-def test_onnx_bundles_on_emulated_arm_match_x86_and_a_damaged_one_does_not(smoke_bundles, shapes_dir, tmp_path):
-    env_root = harness.env_for_tests()
+def test_onnx_bundles_on_emulated_arm_match_x86_and_a_damaged_one_does_not(arm_env, smoke_bundles, shapes_dir,
+                                                                          tmp_path):
+    env_root = arm_env
     bundles, damaged = smoke_bundles
     cases = harness.cases(shapes_dir, n_images=1)[:1]
     # the manifest's sha256 would refuse the damaged file at load: read it unverified, to test the comparison

@@ -83,7 +83,7 @@ def goal_misses(backend: str, precision: str, m: dict) -> list[str]:
     ``benchmarks/fidelity.TARGETS``, and tokenizer/preprocessing parity."""
     from edgevlm.benchmarks.fidelity import TARGETS
 
-    atol, kl_max = ARM_GOALS[precision.split("_")[0]]
+    atol, kl_max = ARM_GOALS[precision if precision in ARM_GOALS else precision.split("_")[0]]  # int8_vnni: int8
     out = [p for c in m["comparisons"] for p in c.problems(atol)][:2]
     if not m["kl_mean"] <= kl_max:
         out.append(f"mean KL {m['kl_mean']:.3g} > {kl_max:g}")
