@@ -178,6 +178,7 @@ def test_multimodal_runner_gives_the_backends_greedy_tokens(et_bundle):
             got = _runner_pieces(runner, rt, image, question)
             assert got[:len(ids)] == _pieces(sp, ids), question  # the runner continues past EOS only if we stop
             answers.append(got)
-        # the check can fail: the runner shown another prompt's image answers differently somewhere
-        swapped = [_runner_pieces(runner, rt, prompts[(i + 1) % PROMPTS][0], q) for i, (_, q) in enumerate(prompts)]
+        # the check can fail: asked the next prompt's question (question types rotate), the runner
+        # answers differently somewhere
+        swapped = [_runner_pieces(runner, rt, image, prompts[(i + 1) % PROMPTS][1]) for i, (image, _) in enumerate(prompts)]
     assert swapped != answers
