@@ -23,7 +23,8 @@ def rows(records: list[dict]) -> list[str]:
     for k in key:
         r = latest[k]
         vis = "-" if r["vision_cosine_min"] is None else f"{r['vision_cosine_min']:.6f}"
-        goals = "met" if not r["misses"] else "**missed**: " + "; ".join(r["misses"])
+        kinds = {m.split(" by ")[0].split(" > ")[0]: m for m in reversed(r["misses"])}  # one per kind
+        goals = "met" if not r["misses"] else "**missed**: " + "; ".join(reversed(list(kinds.values())))
         out.append(f"| {r['backend']} {r['precision']} | {r['arm_class']} (`{r['qemu_cpu']}`) | {r['kl_mean']:.2g} | "
                    f"{r['kl_p99']:.2g} | {r['same_top_token']:.0%} | {r['max_abs_logit_diff']:.2g} | {vis} | {goals} |")
     return out
