@@ -29,7 +29,7 @@ import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paths import ArmEnvError, arm64_cache, llama_cpp_python_version  # noqa: E402
+from paths import ArmEnvError, arm64_cache, llama_cpp_python_version, non_aarch64_elfs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = "python3.11"
@@ -188,6 +188,9 @@ def build() -> Path:
         log = root / "build.log"
         debian_parts(root, log)
         wheels(root, log)
+        bad = non_aarch64_elfs(root / "sysroot") + non_aarch64_elfs(root / "site")
+        if bad:
+            raise ArmEnvError(f"non-aarch64 binaries in the Arm environment: {', '.join(map(str, bad[:5]))}")
         shutil.rmtree(root / "wheels", ignore_errors=True)
         shutil.rmtree(root / "apt" / "archives", ignore_errors=True)
         (root / STAMP).write_text(env_key() + "\n")

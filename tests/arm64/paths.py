@@ -28,3 +28,14 @@ def llama_cpp_python_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         raise ArmEnvError("llama-cpp-python is not installed on the host (pip install 'edgevlm[llamacpp]'): "
                           "its version picks the llama.cpp sources to cross-compile") from None
+
+
+def non_aarch64_elfs(root: Path) -> list[Path]:
+    """ELF files under ``root`` built for another machine than aarch64 (the Arm path runs no x86 code)."""
+    bad = []
+    for f in root.rglob("*"):
+        if f.is_file() and not f.is_symlink() and (f.suffix == ".so" or ".so." in f.name or f.parent.name == "bin"):
+            head = f.read_bytes()[:20]
+            if head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") != 183:  # EM_AARCH64
+                bad.append(f)
+    return bad
