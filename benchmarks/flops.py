@@ -22,6 +22,7 @@ BITS_PER_WEIGHT: dict[str, float] = {
     "int8_vnni": 8.0, "int4_vnni": 5.0,  # the same weights; only the int8 format differs
     "int8_reduce-range": 8.0, "int4_reduce-range": 5.0,
     "q3_k_m": 3.91, "q2_k": 3.35,
+    "8da4w": 5.0,  # ExecuTorch/torchao: int4 weights, group 32, one fp32 scale per group
 }
 
 
