@@ -7,6 +7,11 @@ of every step, on every backend.
     x = state.mask(logits)           # disallowed tokens -> -inf; EOS allowed iff the grammar is complete
     state.advance(token)             # after the token is chosen
     state.done                       # nothing but EOS can follow
+    state.budget_token(left), state.fits(token, left)   # close the answer within the tokens left
+
+Budget: a closing plan (runtime.closing) is searched once the tokens left come within
+``CLOSE_MARGIN`` of the last plan's need; the loop then forces the plan when the tokens left equal its
+length plus EOS, and ``fits`` refuses a free token after which the answer could not be finished.
 
 Compiling: the grammar text is built and checked once per constraint (``ConstraintError`` names the
 problem); the matcher is built once per (constraint, tokenizer) and kept in a bounded LRU; each run
@@ -30,11 +35,13 @@ from typing import Sequence
 
 import numpy as np
 
+from .closing import JSON_START, Planner, json_scan
 from .errors import ConstraintError, EdgeVLMError
 from .tokenizer import TextTokenizer
 
 KINDS = ("json_schema", "json_object", "regex", "choices")
 MATCHER_CACHE_SIZE = 64  # compiled matchers kept per tokenizer (LRU)
+CLOSE_MARGIN = 16  # closing plans are searched once the budget left is within this many tokens of the last one
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -99,7 +106,8 @@ class Constraint:
 
     def start(self, tokenizer: TextTokenizer) -> "ConstraintState":
         """A fresh matcher for one run (compiled once per tokenizer, then copied)."""
-        return ConstraintState(_engine(tokenizer).matcher(self), tokenizer.eos_id)
+        eng = _engine(tokenizer)
+        return ConstraintState(eng.matcher(self), tokenizer.eos_id, eng.planner(self.kind in ("json_schema", "json_object")))
 
     def describe(self) -> str:
         return f"{self.kind} {self.source if len(self.source) < 60 else self.source[:57] + '...'}"
@@ -153,12 +161,22 @@ class _Engine:
 
     def __init__(self, tokenizer: TextTokenizer):
         llg = _llg()
-        self.vocab_size = tokenizer.vocab_size
+        self.vocab_size, self.eos_id = tokenizer.vocab_size, tokenizer.eos_id
         self.lltok = llg.LLTokenizer(tokenizer.tokenizer.to_str(), n_vocab=self.vocab_size,
                                      eos_token=tokenizer.eos_id)
         self.matchers: OrderedDict[Constraint, object] = OrderedDict()
         self.lock = threading.Lock()
         self.compiles = 0  # how many matchers were built (the cache test reads it)
+        self.planners: dict[bool, Planner] = {}
+
+    def planner(self, json_kind: bool) -> Planner:
+        with self.lock:
+            p = self.planners.get(json_kind)
+        if p is None:
+            p = Planner(self.token_bytes, self.vocab_size, self.eos_id, json_kind)
+            with self.lock:
+                p = self.planners.setdefault(json_kind, p)
+        return p
 
     def matcher(self, c: Constraint):
         with self.lock:
@@ -220,12 +238,18 @@ def allowed_tokens(bitmask: np.ndarray, n_logits: int) -> np.ndarray:
 
 
 class ConstraintState:
-    """One run's matcher: ``mask`` the logits, ``advance`` with the chosen token."""
+    """One run's matcher: ``mask`` the logits, ``advance`` with the chosen token; ``budget_token`` and
+    ``fits`` keep the answer closable within the tokens left (runtime.closing)."""
 
-    def __init__(self, matcher, eos_id: int):
+    def __init__(self, matcher, eos_id: int, planner: Planner | None = None):
         self.matcher = matcher
         self.eos_id = eos_id
         self.bitmask: np.ndarray | None = None
+        self.planner = planner
+        self.scan = JSON_START  # open JSON brackets/strings of the text so far (the planner's ranking)
+        self.plan: list[int] | None = None  # a closing plan from the current state (None: not known)
+        self.need: int | None = None  # tokens the last known plan needed, its EOS included
+        self._next: tuple[int, list[int]] | None = None  # (token, plan after it) from ``fits``
 
     def allowed(self, n_logits: int) -> np.ndarray:
         """Boolean [n_logits]: the tokens the grammar allows next (EOS only once it is complete)."""
@@ -240,9 +264,64 @@ class ConstraintState:
         """``logits`` with every token the grammar does not allow set to -inf (a new array)."""
         return np.where(self.allowed(logits.shape[-1]), logits, np.float32(-np.inf)).astype(np.float32, copy=False)
 
+    def _in_zone(self, left: int) -> bool:
+        return self.planner is not None and (self.need is None or left <= self.need + CLOSE_MARGIN)
+
+    def _current_plan(self) -> list[int] | None:
+        if self.plan is None:
+            self.plan = self.planner.plan(self.matcher, self.scan)
+            self.need = len(self.plan) + 1 if self.plan is not None else (self.need or 1)
+        return self.plan
+
+    def budget_token(self, left: int) -> int | None:
+        """The token the budget forces now (``left``: tokens the run may still select, this one
+        included): the closing plan's next token, or EOS once complete, when the plan and its EOS
+        need all that is left. None: a free choice."""
+        if not self._in_zone(left):
+            return None
+        plan = self._current_plan()
+        if plan is None or left > len(plan) + 1:
+            return None
+        return plan[0] if plan else self.eos_id
+
+    def fits(self, token: int, left: int) -> bool:
+        """Whether, after ``token``, the answer can still be completed in the ``left - 1`` tokens after
+        it (always True outside the closing zone, where no plan is searched)."""
+        if not self._in_zone(left) or token == self.eos_id or self.plan is None:
+            return True
+        if self.plan and token == self.plan[0]:
+            return True  # the rest of the plan fits: budget_token forced nothing
+        probe = self.matcher.deep_copy()
+        if not probe.consume_token(int(token)):
+            return True  # not the budget's business: ``advance`` reports the refused token
+        after = self.planner.plan(probe, self._scan_after(token))
+        if after is None or len(after) + 1 > left - 1:
+            return False
+        self._next = (int(token), after)
+        return True
+
+    def fallback(self) -> int:
+        """The token to take instead of one that ``fits`` refused."""
+        return self.plan[0] if self.plan else self.eos_id
+
+    def _scan_after(self, token: int):
+        return json_scan(self.scan, self.planner.token_bytes(token)) if self.planner.json else self.scan
+
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):
             raise ConstraintViolation(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        if self.planner is None:
+            return
+        self.scan = self._scan_after(token)
+        if self._next is not None and self._next[0] == token:
+            self.plan = self._next[1]
+        elif self.plan and self.plan[0] == token:
+            self.plan = self.plan[1:]
+        else:
+            self.plan = None
+        self._next = None
+        if self.plan is not None:
+            self.need = len(self.plan) + 1
 
     @property
     def done(self) -> bool:

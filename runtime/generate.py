@@ -19,7 +19,11 @@ Constrained decoding (``GenerationConfig.constraint``, runtime.constrain): each 
 adjusted (penalties, ``logit_bias``), masked to the tokens the grammar allows, then sampled. EOS is
 allowed only where the grammar is complete; once nothing but EOS can follow, the run ends at once
 with that EOS (no decode step for it), ``finish_reason`` ``"eos"``, even with ``ignore_eos``.
-A run that reaches ``max_new_tokens`` first ends with ``"length"`` and its text is incomplete.
+Budget: once the tokens left (``max_new_tokens`` clamped to the context) are only just enough for the
+shortest closing found from the grammar's state (runtime.closing) plus its EOS, the loop takes that
+closing's tokens (and refuses a free pick that would leave too few), so the answer completes and ends
+with ``"eos"``. Only when the budget cannot hold any complete answer does a run end with ``"length"``
+and incomplete text.
 Stop strings still cut the text. ``logprobs``: runtime.logprobs.
 """
 from __future__ import annotations
@@ -343,9 +347,15 @@ def _decode(
     finish, paused, t_first = "length", 0.0, 0.0
     for step in range(max_new):
         x = sampler.adjust(logits, context, generated)
+        forced = None
         if guide is not None:
             x = guide.mask(x)
+            forced = guide.budget_token(max_new - step)
+            x = x if forced is None else _only(x, forced)
         token = sampler.pick(x)
+        if forced is None and guide is not None and not guide.fits(token, max_new - step):
+            x = _only(x, guide.fallback())  # the free pick would leave too few tokens to finish
+            token = sampler.pick(x)
         if recorder is not None:
             recorder.record(x, token)
         generated.append(token)
@@ -380,3 +390,10 @@ def _decode(
             if prefix is not None:
                 prefix.keys.append(token)  # the KV cache now holds this token too
     return generated, finish, t_first, paused
+
+
+def _only(x: np.ndarray, token: int) -> np.ndarray:
+    """``x`` with every logit but ``token``'s set to -inf (the budget's choice, still under the mask)."""
+    out = np.full_like(x, -np.inf)
+    out[token] = x[token]
+    return out

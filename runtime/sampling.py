@@ -4,7 +4,9 @@ Order of operations: ``adjust_logits`` -- repetition penalty (Hugging Face's, ov
 presence and frequency penalties (OpenAI's, over the generated tokens only), ``logit_bias`` -- then
 the loop's constraint mask (runtime.constrain), then ``pick``: greedy, or (sampling) temperature,
 top-k, top-p and a draw from the softmax with a seeded ``np.random.Generator``.
-Greedy picks the argmax; ties go to the lowest id.
+Greedy picks the argmax; ties go to the lowest id. Any temperature > 0 and repetition_penalty > 0 work:
+temperature scaling is done in float64 after subtracting the best logit (a tiny temperature is
+greedy in effect), and a penalised logit saturates at float32's largest value instead of overflowing.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from .errors import EdgeVLMError
+
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -58,8 +62,9 @@ def apply_repetition_penalty(
     ids = np.unique(np.asarray(context, dtype=np.int64))
     ids = ids[(ids >= 0) & (ids < logits.shape[-1])]  # e.g. IMAGE_TOKEN_INDEX is not a vocab id
     out = logits.copy()
-    vals = out[ids]
-    out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    vals = out[ids].astype(np.float64)
+    scaled = np.where(vals > 0, vals / penalty, vals * penalty)
+    out[ids] = np.clip(scaled, -F32_MAX, F32_MAX)  # a tiny or huge penalty saturates, never inf/NaN
     return out
 
 
@@ -124,6 +129,14 @@ def top_p_mask(logits: np.ndarray, p: float) -> np.ndarray:
     return keep
 
 
+def temperature_scaled(x: np.ndarray, temperature: float) -> np.ndarray:
+    """``x / temperature`` in float64 after subtracting the largest finite logit: the best token is 0 and
+    the rest <= 0, so any temperature > 0 (1e-40 included) gives finite or -inf values, never NaN."""
+    z = np.asarray(x, dtype=np.float64)
+    with np.errstate(over="ignore"):  # (below the best) / a subnormal temperature -> -inf: probability 0
+        return (z - np.max(z[np.isfinite(z)])) / float(temperature)
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax in float64 (masked entries may be -inf)."""
     z = np.asarray(x, dtype=np.float64)
@@ -160,7 +173,7 @@ def pick(x: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator | None = N
         return int(np.argmax(x))  # first maximum: ties go to the lowest id
     if rng is None:
         raise ValueError("sampling needs a np.random.Generator")
-    x = x / np.float32(cfg.temperature)
+    x = temperature_scaled(x, cfg.temperature)
     x = np.where(top_k_mask(x, cfg.top_k), x, -np.inf)  # top-p sees the top-k distribution
     ids = np.flatnonzero(top_p_mask(x, cfg.top_p) & np.isfinite(x))
     probs = softmax(x[ids])

@@ -163,6 +163,90 @@ def test_streamed_pieces_and_logprobs_match_the_whole_run(rt):
     validate(whole.text)
 
 
+# --- the token budget: a constrained answer completes whenever the budget can hold one -----------------
+
+FREE = {  # free strings and arrays: a random model could write one endless string
+    "type": "object",
+    "properties": {"a": {"type": "string"}, "b": {"type": "array", "items": {"type": "string"}}},
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+FREE_MIN = '{"a": "", "b": []}'  # its shortest answer
+
+
+def _budget_runs(rt, **kw):
+    for max_new in (12, 24, 48):
+        for seed in range(4):
+            r = rt.generate(prompt=PROMPT, max_new_tokens=max_new, do_sample=True, temperature=1.0, seed=seed, **kw)
+            yield max_new, seed, r
+
+
+def test_budget_closes_json_object_every_try(rt):
+    texts = set()
+    for max_new, seed, r in _budget_runs(rt, json_object=True):
+        assert r.finish_reason == "eos" and len(r.token_ids) <= max_new, (max_new, seed, r.finish_reason, r.text)
+        assert isinstance(json.loads(r.text), dict) and r.token_ids[-1] == rt.tokenizer.eos_id
+        texts.add(r.text)
+    assert len(texts) > 3  # sampling stays free until the budget runs short
+
+
+def test_budget_closes_a_schema_with_free_strings_every_try(rt):
+    st = Constraint.json_schema(FREE).start(rt.tokenizer)
+    n_min = len(st.planner.plan(st.matcher)) + 1  # the shortest closing from the start + EOS (17 here)
+    longer = 0
+    for max_new, seed, r in _budget_runs(rt, json_schema=FREE):
+        if max_new < n_min:
+            continue
+        assert r.finish_reason == "eos" and len(r.token_ids) <= max_new, (max_new, seed, r.finish_reason, r.text)
+        validate(r.text, FREE)
+        longer += len(r.text) > len(FREE_MIN)
+    assert longer  # the model's own tokens, not only the shortest closing
+    # a regex with an unbounded repeat, streamed: the budget closes it too
+    for seed in range(3):
+        s = rt.stream(prompt=PROMPT, max_new_tokens=6, regex=r'"[a-z ]+"', do_sample=True, seed=seed)
+        text = "".join(s)
+        assert re.fullmatch(r'"[a-z ]+"', text) and s.result.finish_reason == "eos", text
+
+
+def test_budget_below_the_shortest_answer_ends_with_length(ort_rt):
+    """The shortest closing from the start, plus its EOS, is the least budget that completes."""
+    st = Constraint.json_schema(FREE).start(ort_rt.tokenizer)
+    plan = st.planner.plan(st.matcher)
+    assert ort_rt.tokenizer.decode(plan) == FREE_MIN
+    exact = ort_rt.generate(prompt=PROMPT, max_new_tokens=len(plan) + 1, json_schema=FREE, do_sample=True, seed=1)
+    assert exact.finish_reason == "eos" and exact.text == FREE_MIN
+    no_eos = ort_rt.generate(prompt=PROMPT, max_new_tokens=len(plan), json_schema=FREE, do_sample=True, seed=1)
+    assert no_eos.finish_reason == "length" and no_eos.text == FREE_MIN  # no room for the EOS: OpenAI's "length"
+    short = ort_rt.generate(prompt=PROMPT, max_new_tokens=len(plan) - 1, json_schema=FREE, do_sample=True, seed=1)
+    assert short.finish_reason == "length" and FREE_MIN.startswith(short.text) and short.text != FREE_MIN
+
+
+def test_closing_plans_complete_any_prefix(ort_rt):
+    """From states cut in a key, a string, an escape, a number or a nested array, the plan completes JSON."""
+    tok = ort_rt.tokenizer
+    for prefix in ('{"ke', '{"a": "x\\', '{"a": [1, {"b": -1.', '{"a": [[], "', '{"a": tr'):
+        st = Constraint.json_object().start(tok)
+        ids = constrain._engine(tok).lltok.tokenize_str(prefix)  # no leading "▁"
+        assert all(st.matcher.consume_token(i) for i in ids), prefix
+        plan = st.planner.plan(st.matcher.deep_copy())
+        assert plan is not None and st.matcher.consume_tokens(plan) and st.matcher.is_accepting(), prefix
+        assert isinstance(json.loads(tok.decode(ids + plan)), dict), tok.decode(ids + plan)
+
+
+def test_damaged_closing_leaves_answers_that_do_not_parse(ort_rt, monkeypatch):
+    """With the budget rule switched off, the same runs as above end cut off: the checks would fail."""
+    monkeypatch.setattr(constrain.ConstraintState, "budget_token", lambda self, left: None)
+    monkeypatch.setattr(constrain.ConstraintState, "fits", lambda self, token, left: True)
+    cut = 0
+    for _, _, r in _budget_runs(ort_rt, json_object=True):
+        try:
+            json.loads(r.text)
+        except ValueError:
+            cut += 1
+            assert r.finish_reason == "length"
+    assert cut >= 3
+
+
 # --- a damaged mask must be caught --------------------------------------------------------------------
 
 

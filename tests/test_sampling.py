@@ -132,3 +132,24 @@ def test_pick_refuses_when_nothing_is_allowed():
         pick(np.full(3, -np.inf, np.float32), SamplingConfig())
     assert pick(np.array([-np.inf, 0.0, -np.inf], np.float32), SamplingConfig(do_sample=True, top_k=2),
                 np.random.default_rng(0)) == 1
+
+
+@pytest.mark.parametrize("temperature", [1e-4, 1e-40, 5e-324])
+def test_tiny_temperature_and_penalty_stay_finite(temperature, monkeypatch):
+    """A tiny temperature is greedy in effect (no overflow, no NaN); a tiny repetition penalty saturates."""
+    from edgevlm.runtime import sampling
+
+    logits = np.random.default_rng(3).standard_normal(64).astype(np.float32) * 20
+    logits[5] = -np.inf  # a masked token stays out
+    cfg = SamplingConfig(do_sample=True, temperature=temperature, top_p=0.9, top_k=10)
+    with np.errstate(all="raise", under="ignore"):  # underflow to 0 probability is fine
+        picks = {pick(logits, cfg, np.random.default_rng(s)) for s in range(5)}
+        assert picks == {int(np.argmax(logits))}
+        x = apply_repetition_penalty(logits, [7], 1e-40)
+        assert np.isfinite(x[7]) and (x[7] > 0) == (logits[7] > 0)
+    # the plain float32 division this replaces overflows (the check above would have failed)
+    if temperature > 1e-38:  # float32 division overflows below its smallest normal number
+        return
+    monkeypatch.setattr(sampling, "temperature_scaled", lambda x, t: x / np.float32(t))
+    with np.errstate(all="raise", under="ignore"), pytest.raises(FloatingPointError):
+        pick(logits, cfg, np.random.default_rng(0))

@@ -1,0 +1,104 @@
+"""Finishing a constrained answer inside its token budget: the shortest way found from the grammar's
+current state to a complete answer (a "closing plan"), so that the loop can steer a run to finish.
+
+A plan is a list of token ids that the grammar accepts one after another and after which it is
+complete (EOS allowed). It is found by a small bounded beam search over llguidance's own matcher:
+from each state, the tokens the grammar forces (``compute_ff_tokens``) are one move; otherwise the
+moves are the allowed "closer" tokens (``"``, ``}``, ``]``, ``0``, ``null``, ... in that order of
+preference) and a few more allowed tokens (lowest ids: byte tokens on byte-fallback vocabularies),
+checked against the mask. For JSON the beam ranks states by how many brackets and strings are still
+open in the text so far (``json_depth``). The grammar stays the judge: every plan token was accepted
+by a copy of the run's matcher, and the loop still applies the mask when it emits it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CLOSERS = ('"', "}", "]", '"}', '"]', "}}", "]}", "}]", "0", '""', "{}", "[]", "null", ", ", ",", ": ", ":",
+           " ", "1", "a")
+BEAM = 6  # states kept per depth
+DEPTH = 48  # moves tried before giving up (then no plan: the run may end with "length")
+EXTRA = 3  # allowed non-closer tokens tried per state
+
+JsonScan = tuple  # (stack of open brackets, in a string, after a backslash)
+JSON_START: JsonScan = ("", False, False)
+
+
+def json_scan(st: JsonScan, data: bytes) -> JsonScan:
+    """The open brackets and strings after ``data`` (JSON text, possibly cut anywhere)."""
+    stack, in_str, esc = st
+    for ch in data:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == 0x5C:  # backslash
+                esc = True
+            elif ch == 0x22:
+                in_str = False
+        elif ch == 0x22:
+            in_str = True
+        elif ch in (0x7B, 0x5B):  # { [
+            stack += chr(ch)
+        elif ch in (0x7D, 0x5D) and stack:
+            stack = stack[:-1]
+    return stack, in_str, esc
+
+
+def json_depth(st: JsonScan) -> int:
+    return len(st[0]) + int(st[1]) + int(st[2])
+
+
+class Planner:
+    """Closing plans for one tokenizer (``closer_ids`` found once) and one constraint kind."""
+
+    def __init__(self, token_bytes, n_vocab: int, eos_id: int, json: bool):
+        self.token_bytes, self.n_vocab, self.eos_id, self.json = token_bytes, n_vocab, eos_id, json
+        by_bytes: dict[bytes, int] = {}
+        for i in range(n_vocab):
+            if i != eos_id:
+                by_bytes.setdefault(token_bytes(i), i)
+        self.closers = [by_bytes[c.encode()] for c in CLOSERS if c.encode() in by_bytes]
+
+    def _moves(self, matcher) -> tuple[bytes, list[list[int]]]:
+        """(a key of the state's next-step options, the moves to try from it)."""
+        ff = matcher.compute_ff_tokens()
+        if ff:
+            return repr(ff).encode(), [list(ff)]
+        raw = matcher.compute_bitmask()
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        allowed = bits[: self.n_vocab].astype(bool)
+        if self.eos_id < allowed.size:
+            allowed[self.eos_id] = False
+        moves = [[t] for t in self.closers if allowed[t]]
+        extra = [int(t) for t in np.flatnonzero(allowed)[: EXTRA + len(moves)] if int(t) not in self.closers]
+        return raw, moves + [[t] for t in extra[:EXTRA]]
+
+    def plan(self, matcher, scan: JsonScan = JSON_START) -> list[int] | None:
+        """Tokens that take ``matcher`` (not changed) to a complete answer; [] if it is complete now;
+        None if the bounded search finds none. States with the same open brackets and the same next-step
+        options count as one (the first, shortest path to them is kept)."""
+        if matcher.is_accepting():
+            return []
+        key, moves = self._moves(matcher)
+        frontier, seen = [(matcher, [], scan, moves)], {(scan, key)}
+        for _ in range(DEPTH):
+            children = []
+            for m, path, sc, moves in frontier:
+                for move in moves:
+                    child = m.deep_copy()
+                    if child.try_consume_tokens(move) != len(move) or child.is_error():
+                        continue
+                    if child.is_accepting():
+                        return path + move
+                    nsc = json_scan(sc, b"".join(self.token_bytes(t) for t in move)) if self.json else sc
+                    key, next_moves = self._moves(child)
+                    if (nsc, key) in seen or not next_moves:
+                        continue
+                    seen.add((nsc, key))
+                    children.append((json_depth(nsc) if self.json else 0, len(path) + len(move), len(children),
+                                     (child, path + move, nsc, next_moves)))
+            if not children:
+                return None
+            children.sort(key=lambda c: c[:3])
+            frontier = [c[3] for c in children[:BEAM]]
+        return None
