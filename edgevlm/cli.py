@@ -8,10 +8,16 @@ User mistakes (EdgeVLMError) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from edgevlm.runtime.errors import EdgeVLMError
 from edgevlm.runtime.subcommands import add_subcommands, run_command
+
+# Libraries that log at import time: torchao (pulled in by transformers' quantizer table when
+# installed with ExecuTorch) warns about CUDA kernels it cannot load and torch about deprecated
+# pytree registrations. Neither concerns a command, and a user's mistake should stay one line.
+QUIET_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
 
 COMMANDS: dict[str, str] = {
     "list": "edgevlm.train.listing",
@@ -36,6 +42,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for name in QUIET_IMPORT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     only = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(only)

@@ -39,13 +39,14 @@ def test_export_targets_come_from_a_registry_in_help_order():
     from edgevlm.export.cli import EXPORTERS
     from edgevlm.runtime.errors import EdgeVLMError
 
-    assert [name for name, _ in EXPORTERS.items()] == ["onnx", "gguf", "trt", "coreml"]
+    targets = ["onnx", "gguf", "trt", "coreml", "executorch"]
+    assert [name for name, _ in EXPORTERS.items()] == targets
     assert EXPORTERS.get("gguf") == "edgevlm.export.to_gguf"
-    with pytest.raises(EdgeVLMError, match="valid: coreml, gguf, onnx, trt"):
+    with pytest.raises(EdgeVLMError, match="valid: coreml, executorch, gguf, onnx, trt"):
         EXPORTERS.get("tflite")
     out = run("export", "--help")
     listed = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("    ") and line.split()[0] in EXPORTERS]
-    assert out.returncode == 0 and listed == ["onnx", "gguf", "trt", "coreml"]
+    assert out.returncode == 0 and listed == targets
 
 
 def test_list_integrators_prints_tokens_and_params():
