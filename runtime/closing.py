@@ -20,28 +20,44 @@ BEAM = 6  # states kept per depth
 DEPTH = 48  # moves tried before giving up (then no plan: the run may end with "length")
 EXTRA = 3  # allowed non-closer tokens tried per state
 
-JsonScan = tuple  # (stack of open brackets, in a string, after a backslash)
-JSON_START: JsonScan = ("", False, False)
+JsonScan = tuple  # (open brackets, in a string, after a backslash, text outside strings, open string's length, in a number)
+JSON_START: JsonScan = ("", False, False, b"", 0, False)
+NUMBER = frozenset(b"0123456789.eE+-")
 
 
 def json_scan(st: JsonScan, data: bytes) -> JsonScan:
-    """The open brackets and strings after ``data`` (JSON text, possibly cut anywhere)."""
-    stack, in_str, esc = st
+    """The scan state after ``data`` (JSON text, possibly cut anywhere). Two states with the same scan
+    differ only in the contents of strings and numbers (a number is one ``0`` in the outside text)."""
+    stack, in_str, esc, outside, n, in_num = st
+    out = bytearray(outside)
     for ch in data:
         if in_str:
+            n += 1
             if esc:
                 esc = False
             elif ch == 0x5C:  # backslash
                 esc = True
             elif ch == 0x22:
-                in_str = False
-        elif ch == 0x22:
+                in_str, n = False, 0
+                out.append(ch)
+            continue
+        in_num = in_num and ch in NUMBER
+        if in_num:
+            continue
+        in_num = ch in NUMBER
+        out.append(0x30 if in_num else ch)
+        if ch == 0x22:
             in_str = True
         elif ch in (0x7B, 0x5B):  # { [
             stack += chr(ch)
         elif ch in (0x7D, 0x5D) and stack:
             stack = stack[:-1]
-    return stack, in_str, esc
+    return stack, in_str, esc, bytes(out), n, in_num
+
+
+def rebase(st: JsonScan) -> JsonScan:
+    """``st`` with its outside text dropped (a search counts text from its own start)."""
+    return st[:3] + (b"",) + st[4:]
 
 
 def json_depth(st: JsonScan) -> int:
@@ -75,30 +91,35 @@ class Planner:
 
     def plan(self, matcher, scan: JsonScan = JSON_START) -> list[int] | None:
         """Tokens that take ``matcher`` (not changed) to a complete answer; [] if it is complete now;
-        None if the bounded search finds none. States with the same open brackets and the same next-step
-        options count as one (the first, shortest path to them is kept)."""
+        None if the bounded search finds none. For JSON, states with the same text outside strings, the
+        same open string length and the same next-step options count as one (the first, shortest path
+        is kept): a string's contents rarely matter to what may follow, and this keeps the search from
+        filling its beam with strings that differ only in their characters."""
         if matcher.is_accepting():
             return []
+        scan = rebase(scan) if self.json else b""  # text is counted from here
         key, moves = self._moves(matcher)
-        frontier, seen = [(matcher, [], scan, moves)], {(scan, key)}
+        frontier, seen = [(matcher, [], scan, moves, 0)], {(scan, key)}
         for _ in range(DEPTH):
             children = []
-            for m, path, sc, moves in frontier:
+            for m, path, sc, moves, forced in frontier:
                 for move in moves:
                     child = m.deep_copy()
                     if child.try_consume_tokens(move) != len(move) or child.is_error():
                         continue
                     if child.is_accepting():
                         return path + move
-                    nsc = json_scan(sc, b"".join(self.token_bytes(t) for t in move)) if self.json else sc
+                    data = b"".join(self.token_bytes(t) for t in move)
+                    nsc = json_scan(sc, data) if self.json else sc + data
                     key, next_moves = self._moves(child)
                     if (nsc, key) in seen or not next_moves:
                         continue
                     seen.add((nsc, key))
-                    children.append((json_depth(nsc) if self.json else 0, len(path) + len(move), len(children),
-                                     (child, path + move, nsc, next_moves)))
+                    n_forced = forced + (len(move) if len(moves) == 1 and len(move) > 1 else 0)
+                    children.append((json_depth(nsc) if self.json else 0, -n_forced, len(path) + len(move),
+                                     len(children), (child, path + move, nsc, next_moves, n_forced)))
             if not children:
                 return None
-            children.sort(key=lambda c: c[:3])
-            frontier = [c[3] for c in children[:BEAM]]
+            children.sort(key=lambda c: c[:4])  # fewest open brackets, then most forced progress, then shortest
+            frontier = [c[4] for c in children[:BEAM]]
         return None

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .closing import JSON_START, Planner, json_scan
+from .closing import JSON_START, Planner, json_scan, rebase
 from .errors import ConstraintError, EdgeVLMError
 from .tokenizer import TextTokenizer
 
@@ -305,7 +305,9 @@ class ConstraintState:
         return self.plan[0] if self.plan else self.eos_id
 
     def _scan_after(self, token: int):
-        return json_scan(self.scan, self.planner.token_bytes(token)) if self.planner.json else self.scan
+        if not self.planner.json:
+            return self.scan
+        return rebase(json_scan(self.scan, self.planner.token_bytes(token)))  # outside text: the planner's own
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):
