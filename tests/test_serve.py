@@ -21,9 +21,9 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
+from slow_backend import SlowBackend  # noqa: E402
 
 from edgevlm.runtime import Runtime  # noqa: E402
-from edgevlm.runtime.backends.base import Backend  # noqa: E402
 
 KEY = "test-key"
 MODEL = "tiny-test"
@@ -52,31 +52,6 @@ def _user(text: str, *urls: str) -> dict:
                                         {"type": "text", "text": text}]}
 
 
-class SlowBackend(Backend):
-    """A real backend whose decode steps take ``delay`` seconds longer (to catch a run mid-way)."""
-
-    def __init__(self, inner: Backend, delay: float):
-        self.inner, self.delay = inner, delay
-        self.name, self.n_ctx, self.supports_prefix = inner.name, inner.n_ctx, inner.supports_prefix
-
-    def encode_image(self, pixel_values):
-        return self.inner.encode_image(pixel_values)
-
-    def prefill(self, segments):
-        return self.inner.prefill(segments)
-
-    def prefill_from(self, keep, segments):
-        return self.inner.prefill_from(keep, segments)
-
-    def decode(self, token_id):
-        time.sleep(self.delay)
-        return self.inner.decode(token_id)
-
-    @property
-    def n_past(self):
-        return self.inner.n_past
-
-
 class Served:
     """``edgevlm serve`` arguments, parsed and built as the CLI does, served in a thread by uvicorn on a
     free loopback port (runtime.serve.background)."""
@@ -89,7 +64,7 @@ class Served:
         args = build_parser("serve").parse_args(["serve", *argv])
         self.app, self.rt = build(args)
         if slow:
-            self.rt.backend = SlowBackend(self.rt.backend, slow)
+            self.rt.backend = SlowBackend(self.rt.backend, decode_delay=slow)
         self.background = BackgroundServer(self.app).start()
         self.url = self.background.url
 

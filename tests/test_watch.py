@@ -18,9 +18,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("av")
 
 from PIL import Image  # noqa: E402
+from slow_backend import SlowBackend  # noqa: E402
 
 from edgevlm.runtime import Runtime  # noqa: E402
-from edgevlm.runtime.backends.base import Backend  # noqa: E402
 from edgevlm.runtime.errors import ContextLengthError  # noqa: E402
 from edgevlm.runtime.video import exact_frames  # noqa: E402
 from edgevlm.train.data.shapes_video import write_video  # noqa: E402
@@ -54,24 +54,6 @@ def decoded(clip) -> list[np.ndarray]:
     return [f.image for f in exact_frames(str(clip[0]))]
 
 
-class SlowBackend(Backend):
-    """The real backend, each prefill ``delay`` seconds longer (the model cannot keep up with the video)."""
-
-    def __init__(self, inner: Backend, delay: float):
-        self.inner, self.delay = inner, delay
-        self.name, self.n_ctx, self.supports_prefix = inner.name, inner.n_ctx, inner.supports_prefix
-
-    def encode_image(self, pixel_values):
-        return self.inner.encode_image(pixel_values)
-
-    def prefill(self, segments):
-        time.sleep(self.delay)
-        return self.inner.prefill(segments)
-
-    def decode(self, token_id):
-        return self.inner.decode(token_id)
-
-
 def test_each_answer_equals_generate_on_the_same_frame(rt, bundle, clip):
     results = list(rt.watch(str(clip[0]), clip[1], every_s=HOLD, max_new_tokens=TOKENS))
     assert [r.index for r in results] == [0, 5, 10, 15] and all(r.asked and r.dropped == 0 for r in results)
@@ -100,7 +82,7 @@ def test_unchanged_frames_are_not_asked_again(rt, clip):
 
 def test_stale_frames_are_dropped_under_a_slow_backend(rt, clip):
     inner = rt.backend
-    rt.backend = SlowBackend(inner, delay=0.35)  # ~3.5 frame intervals per answer at 10 fps
+    rt.backend = SlowBackend(inner, prefill_delay=0.35)  # ~3.5 frame intervals per answer at 10 fps
     try:
         results = list(rt.watch(str(clip[0]), clip[1], realtime=True, max_new_tokens=2))
     finally:
