@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import re
-import time
 
 import numpy as np
 import pytest
