@@ -18,9 +18,10 @@ CLOSERS = ('"', "}", "]", '"}', '"]', "}}", "]}", "}]", "0", '""', "{}", "[]", "
            " ", "1", "a")
 BEAM = 6  # states kept per depth
 DEPTH = 48  # moves tried before giving up (then no plan: the run may end with "length")
-EXTRA = 3  # allowed non-closer tokens tried per state
+EXTRA = 12  # allowed non-closer tokens tried per state: the lowest id for each first byte
 
-JsonScan = tuple  # (open brackets, in a string, after a backslash, text outside strings, open string's length, in a number)
+JsonScan = tuple  # (open brackets, in a string, after a backslash, text outside strings and numbers,
+#                    the open string's or number's length so far, in a number)
 JSON_START: JsonScan = ("", False, False, b"", 0, False)
 NUMBER = frozenset(b"0123456789.eE+-")
 
@@ -43,8 +44,10 @@ def json_scan(st: JsonScan, data: bytes) -> JsonScan:
             continue
         in_num = in_num and ch in NUMBER
         if in_num:
+            n += 1
             continue
         in_num = ch in NUMBER
+        n = int(in_num)
         out.append(0x30 if in_num else ch)
         if ch == 0x22:
             in_str = True
@@ -69,40 +72,43 @@ class Planner:
 
     def __init__(self, token_bytes, n_vocab: int, eos_id: int, json: bool):
         self.token_bytes, self.n_vocab, self.eos_id, self.json = token_bytes, n_vocab, eos_id, json
+        data = [token_bytes(i) for i in range(n_vocab)]
         by_bytes: dict[bytes, int] = {}
-        for i in range(n_vocab):
+        for i, b in enumerate(data):
             if i != eos_id:
-                by_bytes.setdefault(token_bytes(i), i)
+                by_bytes.setdefault(b, i)
         self.closers = [by_bytes[c.encode()] for c in CLOSERS if c.encode() in by_bytes]
+        self.first_byte = np.array([b[0] if b else -1 for b in data], dtype=np.int16)
 
-    def _moves(self, matcher) -> tuple[bytes, list[list[int]]]:
-        """(a key of the state's next-step options, the moves to try from it)."""
+    def _moves(self, matcher) -> tuple[bool, list[list[int]]]:
+        """(whether the grammar forces the one move, the moves to try from this state)."""
         ff = matcher.compute_ff_tokens()
         if ff:
-            return repr(ff).encode(), [list(ff)]
-        raw = matcher.compute_bitmask()
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+            return True, [list(ff)]
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
         allowed = bits[: self.n_vocab].astype(bool)
         if self.eos_id < allowed.size:
             allowed[self.eos_id] = False
         moves = [[t] for t in self.closers if allowed[t]]
-        extra = [int(t) for t in np.flatnonzero(allowed)[: EXTRA + len(moves)] if int(t) not in self.closers]
-        return raw, moves + [[t] for t in extra[:EXTRA]]
+        others = np.flatnonzero(allowed)
+        others = others[~np.isin(others, self.closers)]
+        _, first = np.unique(self.first_byte[others], return_index=True)  # one token per first byte
+        return False, moves + [[int(t)] for t in np.sort(others[first])[:EXTRA]]
 
     def plan(self, matcher, scan: JsonScan = JSON_START) -> list[int] | None:
         """Tokens that take ``matcher`` (not changed) to a complete answer; [] if it is complete now;
-        None if the bounded search finds none. For JSON, states with the same text outside strings, the
-        same open string length and the same next-step options count as one (the first, shortest path
-        is kept): a string's contents rarely matter to what may follow, and this keeps the search from
-        filling its beam with strings that differ only in their characters."""
+        None if the bounded search finds none. For JSON, states with the same scan (the text outside
+        strings and numbers, the open string's or number's length) count as one, the first (shortest)
+        path kept: the characters inside rarely matter to what may follow, and this keeps the search from
+        filling its beam with strings that differ only in their characters. Other kinds: the same text."""
         if matcher.is_accepting():
             return []
         scan = rebase(scan) if self.json else b""  # text is counted from here
-        key, moves = self._moves(matcher)
-        frontier, seen = [(matcher, [], scan, moves, 0)], {(scan, key)}
+        frontier, seen = [(matcher, [], scan, 0)], {scan}
         for _ in range(DEPTH):
             children = []
-            for m, path, sc, moves, forced in frontier:
+            for m, path, sc, forced in frontier:
+                is_ff, moves = self._moves(m)
                 for move in moves:
                     child = m.deep_copy()
                     if child.try_consume_tokens(move) != len(move) or child.is_error():
@@ -111,15 +117,14 @@ class Planner:
                         return path + move
                     data = b"".join(self.token_bytes(t) for t in move)
                     nsc = json_scan(sc, data) if self.json else sc + data
-                    key, next_moves = self._moves(child)
-                    if (nsc, key) in seen or not next_moves:
+                    if nsc in seen:
                         continue
-                    seen.add((nsc, key))
-                    n_forced = forced + (len(move) if len(moves) == 1 and len(move) > 1 else 0)
-                    children.append((json_depth(nsc) if self.json else 0, -n_forced, len(path) + len(move),
-                                     len(children), (child, path + move, nsc, next_moves, n_forced)))
+                    seen.add(nsc)
+                    n_forced = forced + (len(move) if is_ff else 0)
+                    rank = (json_depth(nsc), -n_forced, nsc[4]) if self.json else (0, -n_forced, 0)
+                    children.append((rank, len(path) + len(move), len(children), (child, path + move, nsc, n_forced)))
             if not children:
                 return None
-            children.sort(key=lambda c: c[:4])  # fewest open brackets, then most forced progress, then shortest
-            frontier = [c[4] for c in children[:BEAM]]
+            children.sort(key=lambda c: c[:3])  # fewest open brackets, most forced progress, least inside, shortest
+            frontier = [c[3] for c in children[:BEAM]]
         return None

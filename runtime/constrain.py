@@ -41,7 +41,7 @@ from .tokenizer import TextTokenizer
 
 KINDS = ("json_schema", "json_object", "regex", "choices")
 MATCHER_CACHE_SIZE = 64  # compiled matchers kept per tokenizer (LRU)
-CLOSE_MARGIN = 16  # closing plans are searched once the budget left is within this many tokens of the last one
+CLOSE_MARGIN = 8  # closing plans are searched once the budget left is within this many tokens of the last one
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 

@@ -216,11 +216,12 @@ def test_budget_closes_a_schema_with_free_strings_every_try(rt):
             r = rt.generate(prompt=PROMPT, max_new_tokens=n_hard + extra, json_schema=HARD, do_sample=True, seed=seed)
             assert r.finish_reason == "eos", (extra, seed, r.text)
             validate(r.text, HARD)
-    # a regex with an unbounded repeat, streamed: the budget closes it too
-    for seed in range(3):
-        s = rt.stream(prompt=PROMPT, max_new_tokens=6, regex=r'"[a-z ]+"', do_sample=True, seed=seed)
-        text = "".join(s)
-        assert re.fullmatch(r'"[a-z ]+"', text) and s.result.finish_reason == "eos", text
+    # regexes with an unbounded repeat before a required end, streamed: the budget closes them too
+    for pattern in (r'"[a-z ]+"', r"[0-9]+x"):
+        for seed in range(3):
+            s = rt.stream(prompt=PROMPT, max_new_tokens=6, regex=pattern, do_sample=True, seed=seed)
+            text = "".join(s)
+            assert re.fullmatch(pattern, text) and s.result.finish_reason == "eos", (pattern, text)
 
 
 def test_budget_below_the_shortest_answer_ends_with_length(ort_rt):
