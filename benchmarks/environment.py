@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgevlm.runtime.bench_target import library_versions as installed_versions
 from edgevlm.runtime.hostcpu import cpu_class, cpu_flags
 
 LIBRARIES = ("edgevlm", "numpy", "torch", "transformers", "onnxruntime", "onnx", "llama_cpp_python", "gguf",
@@ -90,13 +91,7 @@ def jetson_info() -> dict | None:
 
 
 def library_versions() -> dict[str, str]:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
+    return installed_versions(LIBRARIES)
 
 
 def git_state(repo: Path = REPO) -> dict:

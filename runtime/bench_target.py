@@ -54,9 +54,10 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _libraries() -> dict:
+def library_versions(names=LIBRARIES) -> dict[str, str]:
+    """Installed versions of those of ``names`` that are installed (benchmarks/environment.py too)."""
     out = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -74,7 +75,7 @@ def environment(note: str | None = None) -> dict:
            "python": sys.version.split()[0], "cpu": _cpu_model(), "cpu_flags": cpu_flags(), "cpu_class": cpu_class(),
            "cores": {"logical": os.cpu_count() or 1, "usable": usable_cpus()}, "ram_gb": round(pages / 2**30, 1),
            "gpus": [], "jetson": {"release": tegra.read_text().splitlines()[0]} if tegra.is_file() else None,
-           "libraries": _libraries(), "git": {},
+           "libraries": library_versions(), "git": {},
            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     if note:
         env["note"] = note

@@ -65,14 +65,16 @@ def cache_dir(version: str) -> Path:
     return base / "edgevlm" / f"llama.cpp-{version}-{flags}"
 
 
-def _run(cmd: list, log: Path, **kw) -> None:
+def run_logged(cmd: list, log: Path, error: type[Exception] = None, **kw) -> None:
+    """Run ``cmd`` with its output appended to ``log``; a failure raises ``error`` (default
+    ToolsUnavailable) with the log's tail."""
     with open(log, "ab") as f:
         f.write(f"\n$ {' '.join(map(str, cmd))}\n".encode())
         f.flush()
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kw).returncode
     if rc != 0:
         tail = log.read_text(errors="replace")[-2000:]
-        raise ToolsUnavailable(f"{Path(cmd[0]).name} {cmd[1]} failed (exit {rc}); log {log}:\n{tail}")
+        raise (error or ToolsUnavailable)(f"{Path(cmd[0]).name} {cmd[1]} failed (exit {rc}); log {log}:\n{tail}")
 
 
 def _cmake() -> str:
@@ -86,24 +88,27 @@ def _cmake() -> str:
     raise ToolsUnavailable("building llama.cpp's tools needs cmake (apt-get install cmake, or pip install cmake)")
 
 
-def _sources(root: Path, version: str, log: Path) -> Path:
-    """The vendored llama.cpp of the llama-cpp-python ``version`` sdist, unpacked under root/src."""
+def sdist_sources(root: Path, version: str, log: Path, error: type[Exception] = None) -> Path:
+    """The vendored llama.cpp of the llama-cpp-python ``version`` sdist, unpacked under root/src
+    (shared with the aarch64 cross build, tests/arm64/cross_llamacpp.py)."""
+    error = error or ToolsUnavailable
     src = root / "src"
     vendored = src / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
     if (vendored / "CMakeLists.txt").is_file():
         return vendored
     dl = root / "sdist"
     dl.mkdir(parents=True, exist_ok=True)
-    _run([sys.executable, "-m", "pip", "download", f"llama_cpp_python=={version}", "--no-deps",
-          "--no-binary", ":all:", "-d", str(dl)], log)
+    if not list(dl.glob(f"llama_cpp_python-{version}.tar.gz")):
+        run_logged([sys.executable, "-m", "pip", "download", f"llama_cpp_python=={version}", "--no-deps",
+                    "--no-binary", ":all:", "-d", str(dl)], log, error)
     sdists = sorted(dl.glob(f"llama_cpp_python-{version}.tar.gz"))
     if not sdists:
-        raise ToolsUnavailable(f"pip download left no llama_cpp_python-{version}.tar.gz in {dl}")
+        raise error(f"pip download left no llama_cpp_python-{version}.tar.gz in {dl}")
     shutil.rmtree(src, ignore_errors=True)
     with tarfile.open(sdists[0]) as tar:
         tar.extractall(src, filter="data")
     if not (vendored / "CMakeLists.txt").is_file():
-        raise ToolsUnavailable(f"the llama-cpp-python {version} sdist has no vendor/llama.cpp")
+        raise error(f"the llama-cpp-python {version} sdist has no vendor/llama.cpp")
     return vendored
 
 
@@ -113,8 +118,8 @@ def build(src: Path, root: Path, jobs: int = 2) -> Path:
     cmake = _cmake()
     log, out, bindir = root / "build.log", root / "build", root / "bin"
     start = time.monotonic()
-    _run([cmake, "-S", str(src), "-B", str(out), *CMAKE_FLAGS], log)
-    _run([cmake, "--build", str(out), "--target", *TARGETS, "-j", str(jobs)], log)
+    run_logged([cmake, "-S", str(src), "-B", str(out), *CMAKE_FLAGS], log)
+    run_logged([cmake, "--build", str(out), "--target", *TARGETS, "-j", str(jobs)], log)
     bindir.mkdir(exist_ok=True)
     for t in TARGETS:
         shutil.copy2(out / "bin" / t, bindir / t)
@@ -141,7 +146,7 @@ def tools(jobs: int = 2) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build per cache dir, other processes wait for it
         if built(root):
             return root / "bin"
-        return build(_sources(root, llama_cpp_python_version(), root / "build.log"), root, jobs)
+        return build(sdist_sources(root, llama_cpp_python_version(), root / "build.log"), root, jobs)
 
 
 def tools_for_tests(find=tools) -> Path:

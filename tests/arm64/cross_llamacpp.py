@@ -18,13 +18,13 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llamacpp_tools import run_logged, sdist_sources  # noqa: E402
 from paths import ArmEnvError, arm64_cache, llama_cpp_python_version  # noqa: E402
 
 LEVELS = ("armv8-a", "armv8.2-a+dotprod")
@@ -54,13 +54,7 @@ def built(level: str) -> Path | None:
 
 
 def _run(cmd: list, log: Path, **kw) -> None:
-    with open(log, "ab") as f:
-        f.write(f"\n$ {' '.join(map(str, cmd))}\n".encode())
-        f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, **kw).returncode
-    if rc != 0:
-        tail = log.read_text(errors="replace")[-2000:]
-        raise ArmEnvError(f"{Path(cmd[0]).name} {cmd[1]} failed (exit {rc}); log {log}:\n{tail}")
+    run_logged(cmd, log, ArmEnvError, **kw)
 
 
 def _toolchain() -> str:
@@ -75,24 +69,8 @@ def _toolchain() -> str:
 
 
 def sources(version: str, log: Path) -> Path:
-    """The unpacked llama-cpp-python ``version`` sdist (shared by every level)."""
-    root = arm64_cache() / f"llama-cpp-python-{version}"
-    tree = root / "src" / f"llama_cpp_python-{version}"
-    if (tree / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file() and (tree / STAMP).is_file():
-        return tree
-    dl = root / "sdist"
-    dl.mkdir(parents=True, exist_ok=True)
-    if not list(dl.glob(f"llama_cpp_python-{version}.tar.gz")):
-        _run([sys.executable, "-m", "pip", "download", f"llama_cpp_python=={version}", "--no-deps",
-              "--no-binary", ":all:", "-d", str(dl)], log)
-    sdists = sorted(dl.glob(f"llama_cpp_python-{version}.tar.gz"))
-    if not sdists:
-        raise ArmEnvError(f"pip download left no llama_cpp_python-{version}.tar.gz in {dl}")
-    shutil.rmtree(root / "src", ignore_errors=True)
-    with tarfile.open(sdists[0]) as tar:
-        tar.extractall(root / "src", filter="data")
-    (tree / STAMP).touch()
-    return tree
+    """llama.cpp as vendored in the llama-cpp-python ``version`` sdist (shared by every level)."""
+    return sdist_sources(arm64_cache() / f"llama-cpp-python-{version}", version, log, ArmEnvError)
 
 
 def build(level: str, jobs: int = 2) -> Path:
@@ -111,7 +89,7 @@ def build(level: str, jobs: int = 2) -> Path:
         if built(level):
             return out
         log, bdir = root / "build.log", root / "build"
-        src = sources(version, log) / "vendor" / "llama.cpp"
+        src = sources(version, log)
         start = time.monotonic()
         shutil.rmtree(out, ignore_errors=True)  # an interrupted build's objects in bdir are reused
         targets = [*TARGETS, CLI] if os.environ.get("EDGEVLM_ARM_CLI") else list(TARGETS)
