@@ -13,6 +13,13 @@ from edgevlm.runtime.tokenizer import copy_tokenizer_files
 from edgevlm.model.summary import base_manifest, library_versions, model_summary  # noqa: F401 (exporters' API)
 
 
+def add_model_out_arguments(p) -> None:
+    """The two arguments every exporter takes: the model to read and the bundle to write."""
+    p.add_argument("--model", required=True, help="model dir or preset")
+    p.add_argument("--out", required=True, help="bundle directory to write (written to a temp dir, "
+                   "then renamed)")
+
+
 def load_for_export(model: str, cli_overrides: Sequence[str] = (), **overrides: Any):
     """A model dir or preset, in fp32 eval mode, LoRA already merged (checkpoints store merged weights).
 

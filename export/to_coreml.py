@@ -253,8 +253,9 @@ def validate_predictions(model, vision_path: Path, decoder_path: Path, prompt_to
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model dir or preset")
-    p.add_argument("--out", required=True, help="bundle directory to write")
+    from edgevlm.export.common import add_model_out_arguments
+
+    add_model_out_arguments(p)
     p.add_argument("--weights", choices=WEIGHTS, default="fp16",
                    help="weight format: fp16, int8 (per channel) or int4 (blocks of 32; vision encoder int8) "
                         "(default: %(default)s)")

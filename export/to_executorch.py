@@ -130,8 +130,9 @@ def _token_check(model, writer, manifest, prompts: int, atol: float | None, judg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model dir or preset")
-    p.add_argument("--out", required=True, help="bundle directory to write")
+    from edgevlm.export.common import add_model_out_arguments
+
+    add_model_out_arguments(p)
     p.add_argument("--quantize", choices=QUANTIZE, default="8da4w",
                    help="text decoder linears: fp32, 8da4w (int8 dynamic activations, int4 grouped weights; "
                         "the default) or int8 (int8 dynamic activations, int8 per-channel weights)")

@@ -20,8 +20,9 @@ DEFAULT_QUANTS = ("q4_k_m", "f16")  # the first is the bundle's default_quant
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model dir or preset")
-    p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
+    from edgevlm.export.common import add_model_out_arguments
+
+    add_model_out_arguments(p)
     p.add_argument("--quant", nargs="+", default=list(DEFAULT_QUANTS),
                    help="LLM quant types: f16 q8_0 q5_k_m q4_k_m q4_0 (default: %(default)s)")
     p.add_argument("--cls", choices=("omit", "keep"), default="omit",

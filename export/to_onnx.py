@@ -309,8 +309,9 @@ def _graph_of(path: Path, specs: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model dir or preset")
-    p.add_argument("--out", required=True, help="bundle directory to write")
+    from edgevlm.export.common import add_model_out_arguments
+
+    add_model_out_arguments(p)
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--quantize", choices=QUANTIZE, default="none")
     p.add_argument("--ort-format", action="store_true", help="also write .ort files for ONNX Runtime Mobile")
