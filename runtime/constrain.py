@@ -264,6 +264,20 @@ class ConstraintState:
         """``logits`` with every token the grammar does not allow set to -inf (a new array)."""
         return np.where(self.allowed(logits.shape[-1]), logits, np.float32(-np.inf)).astype(np.float32, copy=False)
 
+    def select(self, logits: np.ndarray, pick, left: int) -> tuple[np.ndarray, int]:
+        """Mask ``logits``, apply the budget rule for ``left`` tokens, ``pick`` a token; returns the
+        logits picked from (the logprobs are theirs) and the token."""
+        x = self.mask(logits)
+        forced = self.budget_token(left)
+        if forced is not None:
+            x = _only(x, forced)
+            return x, pick(x)
+        token = pick(x)
+        if not self.fits(token, left):
+            x = _only(x, self.fallback())  # the free pick would leave too few tokens to finish
+            token = pick(x)
+        return x, token
+
     def _in_zone(self, left: int) -> bool:
         return self.planner is not None and (self.need is None or left <= self.need + CLOSE_MARGIN)
 
@@ -333,3 +347,10 @@ class ConstraintState:
     @property
     def accepting(self) -> bool:
         return self.matcher.is_accepting()
+
+
+def _only(x: np.ndarray, token: int) -> np.ndarray:
+    """``x`` with every logit but ``token``'s set to -inf (the budget's choice, still under the mask)."""
+    out = np.full_like(x, -np.inf)
+    out[token] = x[token]
+    return out

@@ -347,15 +347,7 @@ def _decode(
     finish, paused, t_first = "length", 0.0, 0.0
     for step in range(max_new):
         x = sampler.adjust(logits, context, generated)
-        forced = None
-        if guide is not None:
-            x = guide.mask(x)
-            forced = guide.budget_token(max_new - step)
-            x = x if forced is None else _only(x, forced)
-        token = sampler.pick(x)
-        if forced is None and guide is not None and not guide.fits(token, max_new - step):
-            x = _only(x, guide.fallback())  # the free pick would leave too few tokens to finish
-            token = sampler.pick(x)
+        x, token = (x, sampler.pick(x)) if guide is None else guide.select(x, sampler.pick, max_new - step)
         if recorder is not None:
             recorder.record(x, token)
         generated.append(token)
@@ -391,9 +383,3 @@ def _decode(
                 prefix.keys.append(token)  # the KV cache now holds this token too
     return generated, finish, t_first, paused
 
-
-def _only(x: np.ndarray, token: int) -> np.ndarray:
-    """``x`` with every logit but ``token``'s set to -inf (the budget's choice, still under the mask)."""
-    out = np.full_like(x, -np.inf)
-    out[token] = x[token]
-    return out
