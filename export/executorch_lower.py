@@ -26,20 +26,8 @@ import warnings
 
 import torch
 
-from edgevlm.runtime.errors import EdgeVLMError
-
 from .executorch_graphs import METHODS, export_method, method_modules
-
-QUANTIZE = ("fp32", "8da4w", "int8")
-GROUP_SIZE = 32  # 8da4w weight group (every LLaMA width here is a multiple of it)
-
-
-def check_quantize(quantize: str, group_size: int = GROUP_SIZE) -> str:
-    if quantize not in QUANTIZE:
-        raise EdgeVLMError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
-    if group_size < 1 or group_size & (group_size - 1):
-        raise EdgeVLMError(f"--group-size must be a power of two, got {group_size}")
-    return quantize
+from .executorch_options import GROUP_SIZE
 
 
 def quantize_decoder(decoder: torch.nn.Module, quantize: str, group_size: int = GROUP_SIZE) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from edgevlm.runtime.errors import EdgeVLMError
 
-from edgevlm.export.executorch_lower import GROUP_SIZE, QUANTIZE, check_quantize
+from edgevlm.export.executorch_options import GROUP_SIZE, QUANTIZE, check_quantize
 from edgevlm.export.onnx_checks import VALIDATE, validate_mode, warn_failed_checks
 from edgevlm.export.token_check import PROMPTS, check_prompt_count
 from edgevlm.export.token_check import add_argument as add_token_check_argument

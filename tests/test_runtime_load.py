@@ -80,7 +80,7 @@ def test_a_model_dir_with_a_bundle_backend_is_refused(model_dir):
 def test_a_path_that_is_neither_says_so(tmp_path):
     with pytest.raises(BundleError, match="not a bundle .*as a model dir or preset \\(torch backend\\)"):
         Runtime.load(tmp_path / "nothing-here")
-    with pytest.raises(EdgeVLMError, match="unknown backend 'nope'; valid: llamacpp, ort, torch, trt"):
+    with pytest.raises(EdgeVLMError, match="unknown backend 'nope'; valid: executorch, llamacpp, ort, torch, trt"):
         Runtime.load(tmp_path, backend="nope")
 
 
